@@ -1,0 +1,94 @@
+"""DiT / SiT: class-conditional transformer with AdaLN-Zero blocks (Peebles & Xie 2023; SiT, Ma et al. 2024)."""
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .layers import (Attention, FeedForward, FinalLayer, PatchEmbed, TimestepEmbedder, adaln_zero, modulate,
+                     sincos_pos_embed_2d, unpatchify)
+
+PREDICTIONS = ("epsilon", "flow")
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    sample_size: int = 32  # latent height = width
+    in_channels: int = 4
+    patch_size: int = 2
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000  # label num_classes is the null (unconditional) class
+    learn_sigma: bool = True  # output 2·C channels; the step graph keeps the first C
+    freq_shift: int = 0  # timestep sinusoid: 0 = original DiT, 1 = diffusers DiTTransformer2DModel
+    mlp_norm_eps: float = 1e-6  # diffusers uses 1e-5 for the MLP LayerNorm
+    prediction: str = "epsilon"  # "epsilon" (DDPM DiT) or "flow" (velocity = noise − x0, SiT/rectified flow)
+
+    def __post_init__(self):
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"DiTConfig.prediction={self.prediction!r}; choose from {', '.join(PREDICTIONS)}")
+        if self.sample_size % self.patch_size:
+            raise ValueError(f"DiTConfig.sample_size={self.sample_size} is not a multiple of patch_size={self.patch_size}")
+        if self.hidden_size % self.num_heads or self.hidden_size % 4:
+            raise ValueError(f"DiTConfig.hidden_size={self.hidden_size} must divide by num_heads={self.num_heads} and 4")
+
+    @property
+    def out_channels(self) -> int:
+        return 2 * self.in_channels if self.learn_sigma else self.in_channels
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        D = cfg.hidden_size
+        self.mlp_norm_eps = cfg.mlp_norm_eps
+        self.adaLN = nn.Linear(D, 6 * D)
+        self.attn = Attention(D, cfg.num_heads)
+        self.ff = FeedForward(D, int(D * cfg.mlp_ratio))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        msa, mlp = adaln_zero(self.adaLN, c)
+        x = x + msa.gate[:, None] * self.attn(modulate(x, msa))
+        return x + mlp.gate[:, None] * self.ff(modulate(x, mlp, self.mlp_norm_eps))
+
+
+class DiT(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        D, grid = cfg.hidden_size, cfg.sample_size // cfg.patch_size
+        self.x_embedder = PatchEmbed(cfg.in_channels, D, cfg.patch_size)
+        self.t_embedder = TimestepEmbedder(D, freq_shift=cfg.freq_shift)
+        self.y_embedder = nn.Embedding(cfg.num_classes + 1, D)
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(D, grid, grid, base_size=grid)[None], persistent=False)
+        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
+        self.final = FinalLayer(D, cfg.patch_size, cfg.out_channels)
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        """x (B, C, H, W) latents, t (B,) model timesteps, y (B,) int class labels -> (B, C_out, H, W)."""
+        p = self.cfg.patch_size
+        h, w = x.shape[-2] // p, x.shape[-1] // p
+        tokens = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # (B, h·w, D)
+        c = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
+        for block in self.blocks:
+            tokens = block(tokens, c)
+        return unpatchify(self.final(tokens, c), h, w, p, self.cfg.out_channels)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> "DiT":
+        """Random init (seeded) for training and tests; AdaLN-Zero layers start at zero, as in DiT."""
+        g = torch.Generator().manual_seed(seed)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                bound = (6.0 / (m.weight[0].numel() + m.weight.shape[0])) ** 0.5
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 2 * bound - bound)
+                m.bias.zero_()
+            elif isinstance(m, nn.Embedding):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.02)
+        for block in self.blocks:
+            block.adaLN.weight.zero_()
+        self.final.adaLN.weight.zero_()
+        self.final.linear.weight.zero_()
+        return self

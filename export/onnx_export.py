@@ -1,0 +1,43 @@
+"""torch -> ONNX through torch.onnx.export(dynamo=True), symbolic axes taken from the graph's IOSpecs."""
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .graphs import IOSpec, sample_inputs
+from .ops import lowering
+
+LOWERINGS = {"portable": "reference", "plugin": "plugin"}  # manifest name -> ops.lowering mode
+DEFAULT_OPSET = 18
+
+
+def export_onnx(module: nn.Module, inputs: list[IOSpec], outputs: list[IOSpec], path: Path,
+                lowering_name: str = "portable", opset: int = DEFAULT_OPSET, external_data: bool = False,
+                max_dim: int = 1024) -> None:
+    """Write module as ONNX at path. Symbolic axes (e.g. "B") become dynamic dims named after them."""
+    dims = {d: torch.export.Dim(d, min=1, max=max_dim) for s in inputs for d in s.shape if isinstance(d, str)}
+    dynamic = {s.name: {i: dims[d] for i, d in enumerate(s.shape) if isinstance(d, str)} or None for s in inputs}
+    args = sample_inputs(inputs, {d: 2 for d in dims})
+    log = io.StringIO()
+    quiet = logging.getLogger("torch.onnx")
+    level, quiet.level = quiet.level, logging.ERROR  # the exporter's progress chatter is not for our users
+    try:
+        with lowering(LOWERINGS[lowering_name]), torch.no_grad(), contextlib.redirect_stdout(log), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(module.eval(), args, dynamic_shapes=dynamic, dynamo=True,
+                                        opset_version=opset, input_names=[s.name for s in inputs],
+                                        output_names=[s.name for s in outputs], verbose=False, optimize=True)
+    finally:
+        quiet.setLevel(level)
+    for value in program.model.graph.inputs:  # the exporter may specialise a dim instead of failing
+        spec = next(s for s in inputs if s.name == value.name)
+        got = tuple(d if isinstance(d, int) else str(d) for d in value.shape)
+        if got != tuple(spec.shape):
+            raise RuntimeError(f"export specialised input {value.name!r} to shape {got}, declared {spec.shape}")
+    program.save(str(path), external_data=external_data)

@@ -1,0 +1,79 @@
+"""dit-run: generate images from an engine folder written by dit-export."""
+
+import json
+import sys
+import time
+
+import click
+
+from .errors import DitError
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("engines", type=click.Path())
+@click.option("-c", "--class-label", "class_label", help="Class to generate (class-conditional models), e.g. 7.")
+@click.option("--steps", type=int, default=None, help="Sampling steps (default: the model's, from the manifest).")
+@click.option("-g", "--guidance", "--cfg-scale", "guidance", type=float, default=None,
+              help="Classifier-free guidance scale; 1 = no guidance (default: the model's).")
+@click.option("-s", "--seed", type=int, default=-1, show_default=True,
+              help="Seed; negative picks a random one. Image i of a batch uses seed + i.")
+@click.option("-b", "--batch-size", type=int, default=1, show_default=True, help="Images to generate at once.")
+@click.option("-o", "--output", default="output.png", show_default=True,
+              help="PNG path; a batch writes NAME-0000.png, NAME-0001.png, ...")
+@click.option("--force", is_flag=True, help="Overwrite existing output files.")
+@click.option("--no-metadata", is_flag=True, help="Leave the generation parameters out of the PNG.")
+@click.option("--backend", default="onnxruntime", show_default=True, help="Engine backend.")
+@click.option("--threads", type=int, default=None, help="CPU threads for ONNX Runtime (default: all cores).")
+@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the engine files at load.")
+@click.option("--json", "as_json", is_flag=True, help="Print outputs, seeds and per-stage timings as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def main(engines, class_label, steps, guidance, seed, batch_size, output, force, no_metadata, backend, threads,
+         no_verify, as_json, quiet, debug):
+    """Generate images with the engine folder ENGINES (written by dit-export).
+
+    Progress goes to stderr; the written paths (or, with --json, one JSON object) go to stdout.
+    Errors are one line on stderr with exit code 2.
+    """
+    from .pipeline import Pipeline, output_paths
+
+    try:
+        label = int(class_label) if class_label is not None and class_label.lstrip("-").isdigit() else class_label
+        output_paths(output, batch_size if batch_size >= 1 else 1, force)  # fail before the work, not after it
+        with Pipeline.load(engines, backend=backend, verify=not no_verify, threads=threads) as pipe:
+            show = not (quiet or as_json) and sys.stderr.isatty()
+            with click.progressbar(length=steps or pipe.manifest.scheduler.default_steps, label="denoising",
+                                   file=sys.stderr) if show else _NoBar() as bar:
+                result = pipe(class_label=label, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,
+                              on_step=lambda i, n: bar.update(1))
+            start = time.perf_counter()
+            paths = result.save(output, overwrite=force, metadata=not no_metadata)
+            timings = dict(result.timings_ms, png_encode=(time.perf_counter() - start) * 1e3)
+    except DitError as e:
+        if debug:
+            raise
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    m = pipe.manifest
+    if as_json:
+        click.echo(json.dumps({"outputs": [str(p) for p in paths], "seeds": result.seeds, "model": m.model,
+                               "family": m.family, "backend": backend, "steps": steps or m.scheduler.default_steps,
+                               "guidance": m.scheduler.default_guidance if guidance is None else guidance,
+                               "size": [m.latent.width, m.latent.height],
+                               "timings_ms": {k: round(v, 3) for k, v in timings.items()}}))
+    else:
+        if not quiet:
+            click.echo(f"seed {result.seeds[0]}, {timings['total']:.0f} ms", err=True)
+        for p in paths:
+            click.echo(str(p))
+
+
+class _NoBar:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n):
+        pass

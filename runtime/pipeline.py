@@ -1,0 +1,187 @@
+"""The embeddable generator: load an engine folder once, generate many times, from any thread.
+
+    pipe = Pipeline.load("engines/digits")
+    result = pipe(class_label=7, seed=0)
+    result.save("seven.png")
+"""
+
+import math
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .backends import open_backend
+from .errors import InputError, ManifestError
+from .manifest import Manifest, load_manifest, resolve_inside
+from .schedules import SCHEDULERS, STEP_SCALARS
+
+MAX_BATCH = 64
+MAX_STEPS = 1000
+SAMPLER_NAMES = {"flow_euler": "Euler"}
+
+
+@dataclass(frozen=True)
+class Result:
+    images: list[np.ndarray]  # uint8, (H, W) for one channel, (H, W, 3) for RGB
+    seeds: list[int]  # image i was generated from seeds[i]
+    parameters: list[str]  # A1111-style generation parameters, one per image
+    timings_ms: dict[str, float]
+
+    def save(self, path: str | os.PathLike, overwrite: bool = False, metadata: bool = True) -> list[Path]:
+        """Write the images as PNG: `path` for one image, `stem-0000.png`, `stem-0001.png`, ... for several.
+
+        Each file is written to a temporary name and renamed, so no half-written PNG is ever left behind.
+        """
+        from PIL import Image, PngImagePlugin
+
+        paths = output_paths(path, len(self.images), overwrite)
+        for img, params, out in zip(self.images, self.parameters, paths):
+            info = PngImagePlugin.PngInfo()
+            if metadata:
+                info.add_text("parameters", params)
+            tmp = out.with_name(f".{out.name}.tmp")
+            try:
+                Image.fromarray(img).save(tmp, format="PNG", pnginfo=info)
+                os.replace(tmp, out)
+            finally:
+                tmp.unlink(missing_ok=True)
+        return paths
+
+
+def output_paths(path: str | os.PathLike, n: int, overwrite: bool = False) -> list[Path]:
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise InputError(f"output {str(path)!r} must end in .png")
+    if not path.parent.is_dir():
+        raise InputError(f"output folder {str(path.parent)!r} does not exist; create it first")
+    paths = [path] if n == 1 else [path.with_name(f"{path.stem}-{i:04d}{path.suffix}") for i in range(n)]
+    if not overwrite:
+        taken = [str(p) for p in paths if p.exists()]
+        if taken:
+            raise InputError(f"output {taken[0]!r} already exists; choose another path or allow overwriting (--force)")
+    return paths
+
+
+class Pipeline:
+    """A loaded engine folder. Immutable after load; each call keeps its state local, so calls may overlap."""
+
+    def __init__(self, folder: Path, manifest: Manifest, engines: dict, load_ms: float):
+        self.folder, self.manifest, self.engines, self.load_ms = folder, manifest, engines, load_ms
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike, backend: str = "onnxruntime", verify: bool = True,
+             threads: int | None = None) -> "Pipeline":
+        """Check the folder (schema, paths, sizes, sha256 when verify) and open every component's engine."""
+        start = time.perf_counter()
+        folder = Path(folder)
+        manifest = load_manifest(folder, verify=verify)
+        if "denoiser" not in manifest.components:
+            raise ManifestError(f"{str(folder)!r} has no denoiser component")
+        if manifest.scheduler.name not in SCHEDULERS:
+            raise ManifestError(f"scheduler {manifest.scheduler.name!r} is unknown to this runtime; "
+                                f"known: {', '.join(SCHEDULERS)}")
+        engines = {name: open_backend(backend, resolve_inside(folder, c.file), c, threads)
+                   for name, c in manifest.components.items()}
+        return cls(folder, manifest, engines, (time.perf_counter() - start) * 1e3)
+
+    def close(self) -> None:
+        for engine in self.engines.values():
+            engine.close()
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __call__(self, *, class_label: int | str | None = None, steps: int | None = None,
+                 guidance: float | None = None, seed: int | None = None, batch_size: int = 1,
+                 on_step: Callable[[int, int], None] | None = None) -> Result:
+        """Generate `batch_size` images of `class_label`. Image i uses seed + i; seed None or < 0 picks one."""
+        m, sched = self.manifest, self.manifest.scheduler
+        label = self._class_index(class_label)
+        steps = sched.default_steps if steps is None else steps
+        guidance = sched.default_guidance if guidance is None else guidance
+        _check_int("steps", steps, 1, MAX_STEPS)
+        _check_int("batch_size", batch_size, 1, MAX_BATCH)
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance) \
+                or guidance < 0:
+            raise InputError(f"guidance {guidance!r} is not allowed; use a finite number >= 0")
+        if seed is None or (isinstance(seed, int) and not isinstance(seed, bool) and seed < 0):
+            seed = secrets.randbelow(2**31)
+        _check_int("seed", seed, 0, 2**63 - 1 - batch_size)
+        timings = {"load": self.load_ms}
+
+        t0 = time.perf_counter()
+        seeds = [seed + i for i in range(batch_size)]
+        x = initial_noise(seeds, (m.latent.channels, m.latent.height, m.latent.width))
+        labels = np.full((batch_size,), label, dtype=np.int64)
+        t1 = time.perf_counter()
+        x = self._denoise(x, labels, steps, float(guidance), on_step, timings)
+        t2 = time.perf_counter()
+        images = to_uint8(x / m.latent.scaling_factor + m.latent.shift_factor)
+        t3 = time.perf_counter()
+        timings.update(noise=(t1 - t0) * 1e3, denoise_total=(t2 - t1) * 1e3, denoise_per_step=(t2 - t1) * 1e3 / steps,
+                       decode=(t3 - t2) * 1e3, total=(t3 - t0) * 1e3)
+        params = [self._parameters(label, steps, guidance, s) for s in seeds]
+        return Result(images, seeds, params, timings)
+
+    def _denoise(self, x: np.ndarray, labels: np.ndarray, steps: int, guidance: float,
+                 on_step: Callable[[int, int], None] | None, timings: dict) -> np.ndarray:
+        sched = self.manifest.scheduler
+        plan = SCHEDULERS[sched.name](steps, sched.shift, sched.num_train_timesteps)
+        per_step = [{k: np.asarray(plan[k][i], dtype=np.float32) for k in STEP_SCALARS} for i in range(steps)]
+        feeds = {"x": x, "x0_prev": np.zeros_like(x), "class_labels": labels,
+                 "guidance": np.asarray(guidance, dtype=np.float32)}
+        engine, engine_s = self.engines["denoiser"], 0.0
+        for i, scalars in enumerate(per_step):
+            feeds.update(scalars)
+            start = time.perf_counter()
+            out = engine.run(feeds)
+            engine_s += time.perf_counter() - start
+            feeds["x"], feeds["x0_prev"] = out["x_next"], out["x0"]
+            if on_step is not None:
+                on_step(i + 1, steps)
+        timings["denoise_engine"] = engine_s * 1e3
+        return feeds["x"]
+
+    def _class_index(self, class_label: int | str | None) -> int:
+        names = self.manifest.class_names
+        if self.manifest.conditioning != "class":
+            raise InputError(f"model {self.manifest.model!r} is not class-conditional")
+        if class_label is None:
+            raise InputError(f"model {self.manifest.model!r} needs a class label: 0..{len(names) - 1}")
+        if isinstance(class_label, str) and class_label in names:
+            return names.index(class_label)
+        if isinstance(class_label, bool) or not isinstance(class_label, int) or not 0 <= class_label < len(names):
+            raise InputError(f"class label {class_label!r} is out of range; model {self.manifest.model!r} "
+                             f"has classes 0..{len(names) - 1}")
+        return class_label
+
+    def _parameters(self, label: int, steps: int, guidance: float, seed: int) -> str:
+        m = self.manifest
+        return (f"class {label} ({m.class_names[label]})\n"
+                f"Steps: {steps}, Sampler: {SAMPLER_NAMES.get(m.scheduler.name, m.scheduler.name)}, "
+                f"CFG scale: {guidance:g}, Seed: {seed}, Size: {m.latent.width}x{m.latent.height}, Model: {m.model}")
+
+
+def _check_int(name: str, value, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
+        raise InputError(f"{name} {value!r} is not allowed; use an integer in {lo}..{hi}")
+
+
+def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> np.ndarray:
+    """Standard normal noise, one PCG64 stream per image, so image i depends only on seeds[i]."""
+    return np.stack([np.random.Generator(np.random.PCG64(s)).standard_normal(shape, dtype=np.float32)
+                     for s in seeds])
+
+
+def to_uint8(x: np.ndarray) -> list[np.ndarray]:
+    """(B, C, H, W) in [-1, 1] -> list of uint8 images, (H, W) for C = 1 and (H, W, 3) for C = 3."""
+    x = np.clip(np.rint((x + 1) * 127.5), 0, 255).astype(np.uint8)
+    return [img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0) for img in x]

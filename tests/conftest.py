@@ -1,0 +1,35 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def digits_engine(tmp_path_factory) -> Path:
+    """The built-in digits model exported once per test session (read-only for tests)."""
+    from ditrt.export.folder import export_builtin
+
+    out = tmp_path_factory.mktemp("engines") / "digits"
+    export_builtin("digits", out)
+    return out
+
+
+@pytest.fixture
+def engine_copy(digits_engine, tmp_path) -> Path:
+    """A private copy of the digits engine folder that a test may damage."""
+    dst = tmp_path / "digits"
+    shutil.copytree(digits_engine, dst)
+    return dst
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run a console script the way a user does, in a subprocess."""
+    scripts = Path(sys.executable).parent
+    env = dict(os.environ, COLUMNS="120")
+    return subprocess.run([str(scripts / args[0]), *args[1:]], cwd=cwd, capture_output=True, text=True, env=env,
+                          timeout=600)

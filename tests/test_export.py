@@ -1,0 +1,119 @@
+from dataclasses import replace
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from ditrt.export import folder as folder_mod
+from ditrt.export.folder import export_builtin
+from ditrt.export.graphs import ClassStepGraph, class_step_io, sample_inputs
+from ditrt.export.models.dit import DiT, DiTConfig
+from ditrt.export.onnx_export import export_onnx
+from ditrt.export.presets import get_builtin, load_builtin
+from ditrt.runtime.errors import ConfigError, InputError
+from ditrt.runtime.manifest import load_manifest
+
+TINY = DiTConfig(sample_size=8, in_channels=4, patch_size=2, hidden_size=32, depth=2, num_heads=4, num_classes=5)
+# fp32 end to end; ORT fuses and reorders reductions (LayerNorm, Gemm), so a few ulps of O(1) outputs differ
+ATOL = 1e-5
+
+
+def random_model(cfg: DiTConfig) -> DiT:
+    model = DiT(cfg).init_weights(0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():  # no zero-init layers: every weight must matter
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model.eval()
+
+
+def assert_engine_matches_torch(model: DiT, path, batches=(1, 3)):
+    graph = ClassStepGraph(model)
+    inputs, _ = class_step_io(model)
+    session = ort.InferenceSession(str(path))
+    for B in batches:
+        args = sample_inputs(inputs, {"B": B}, seed=B)
+        args = tuple(torch.randint(0, model.cfg.num_classes, a.shape) if s.name == "class_labels" else a
+                     for s, a in zip(inputs, args))
+        with torch.no_grad():
+            ref = graph(*args)
+        out = session.run(None, {s.name: a.numpy() for s, a in zip(inputs, args)})
+        for r, o in zip(ref, out):
+            assert o.shape == tuple(r.shape)
+            np.testing.assert_allclose(o, r.numpy(), rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("cfg", [TINY, replace(TINY, learn_sigma=False, freq_shift=1, mlp_norm_eps=1e-5, prediction="flow"),
+                                 replace(TINY, patch_size=4, in_channels=1)], ids=["learn-sigma", "diffusers-quirks", "p4"])
+def test_step_engine_matches_torch(cfg, tmp_path):
+    model = random_model(cfg)
+    graph = ClassStepGraph(model)
+    inputs, outputs = class_step_io(model)
+    export_onnx(graph, inputs, outputs, tmp_path / "step.onnx")
+    assert_engine_matches_torch(model, tmp_path / "step.onnx")
+
+
+def test_shipped_digits_engine_matches_torch(digits_engine):
+    model = load_builtin(get_builtin("digits"))
+    assert_engine_matches_torch(model, digits_engine / "denoiser" / "model.onnx", batches=(1, 5))
+
+
+def test_step_graph_guidance_and_update_algebra():
+    model = random_model(TINY)
+    graph = ClassStepGraph(model)
+    inputs, _ = class_step_io(model)
+    x, x0_prev, labels, t, g, p, q, a, b, c = sample_inputs(inputs, {"B": 2})
+    labels = labels % 5
+    with torch.no_grad():
+        cond = model(x, t.expand(2), labels)
+        uncond = model(x, t.expand(2), torch.full_like(labels, 5))
+        x_next, x0 = graph(x, x0_prev, labels, t, g, p, q, a, b, c)
+    guided = uncond[:, :4] + g * (cond[:, :4] - uncond[:, :4])
+    torch.testing.assert_close(x0, p * x + q * guided, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x_next, a * x + b * x0 + c * x0_prev, atol=1e-5, rtol=1e-5)
+
+
+def test_export_folder_contents(digits_engine):
+    m = load_manifest(digits_engine)
+    assert sorted(p.relative_to(digits_engine).as_posix() for p in digits_engine.rglob("*") if p.is_file()) == \
+        ["denoiser/model.onnx", "manifest.json"]
+    spec = {s.name: s.shape for s in m.components["denoiser"].inputs}
+    assert spec["x"] == ["B", 1, 16, 16] and spec["class_labels"] == ["B"] and spec["t"] == []
+    assert m.family == "dit" and m.conditioning == "class" and not m.random_weights
+    assert m.scheduler.prediction == "flow" and m.latent.channels == 1
+
+
+def test_failed_export_leaves_nothing_behind(tmp_path, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("exporter crashed")
+
+    monkeypatch.setattr("ditrt.export.onnx_export.export_onnx", boom)
+    with pytest.raises(RuntimeError, match="exporter crashed"):
+        export_builtin("digits", tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_folder_needs_force(digits_engine, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(InputError, match="already exists; pass --force"):
+        export_builtin("digits", out)
+    assert (out / "keep.txt").read_text() == "mine"
+    export_builtin("digits", out, force=True)
+    assert not (out / "keep.txt").exists() and (out / "manifest.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp or old folders left
+
+
+def test_unknown_model_name():
+    with pytest.raises(ConfigError, match="unknown model 'dit-xxl'; built-in models: digits"):
+        get_builtin("dit-xxl")
+
+
+def test_staging_cleans_up_on_error(tmp_path):
+    with pytest.raises(ValueError):
+        with folder_mod.staging_folder(tmp_path / "x") as tmp:
+            (tmp / "half.onnx").write_bytes(b"12")
+            raise ValueError
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,130 @@
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ditrt.runtime import InputError, Pipeline
+from ditrt.runtime.pipeline import initial_noise
+
+
+@pytest.fixture(scope="module")
+def pipe(digits_engine):
+    with Pipeline.load(digits_engine) as p:
+        yield p
+
+
+def test_same_seed_same_image_across_loads(pipe, digits_engine):
+    a = pipe(class_label=3, seed=123, steps=6)
+    with Pipeline.load(digits_engine) as other:
+        b = other(class_label=3, seed=123, steps=6)
+    assert np.array_equal(a.images[0], b.images[0]) and a.seeds == b.seeds == [123]
+    c = pipe(class_label=3, seed=124, steps=6)
+    assert not np.array_equal(a.images[0], c.images[0])
+
+
+def test_batch_image_i_equals_single_image_with_seed_plus_i(pipe):
+    batch = pipe(class_label=5, seed=40, steps=6, batch_size=3)
+    assert batch.seeds == [40, 41, 42] and len(batch.images) == 3
+    single = pipe(class_label=5, seed=42, steps=6)
+    # batch and single runs use different GEMM shapes, hence last-bit differences before rounding to uint8
+    assert np.abs(batch.images[2].astype(int) - single.images[0].astype(int)).max() <= 1
+
+
+def test_random_seed_is_reported(pipe):
+    r = pipe(class_label=1, seed=-1, steps=2)
+    assert 0 <= r.seeds[0] < 2**31 and f"Seed: {r.seeds[0]}," in r.parameters[0]
+
+
+def test_matches_diffusers_scheduler_loop_over_the_torch_model(pipe):
+    """The whole engine loop equals a diffusers FlowMatchEulerDiscreteScheduler loop over our torch model."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from ditrt.export.presets import get_builtin, load_builtin
+
+    model, steps, g = load_builtin(get_builtin("digits")), 8, 3.0
+    sched = FlowMatchEulerDiscreteScheduler(shift=pipe.manifest.scheduler.shift)
+    sched.set_timesteps(steps)
+    x = torch.from_numpy(initial_noise([7, 8], (1, 16, 16)))
+    y = torch.tensor([4, 4, 10, 10])
+    with torch.no_grad():
+        for t in sched.timesteps:
+            cond, uncond = model(torch.cat([x, x]), t.expand(4), y).chunk(2)
+            x = sched.step(uncond + g * (cond - uncond), t, x).prev_sample
+    ours = pipe._denoise(initial_noise([7, 8], (1, 16, 16)), np.array([4, 4]), steps, g, None, {})
+    # fp32; 8 steps of O(1) latents, ORT vs torch kernels differ by rounding only
+    np.testing.assert_allclose(ours, x.numpy(), rtol=0, atol=1e-4)
+
+
+def test_concurrent_calls_are_independent(pipe):
+    expected = {label: pipe(class_label=label, seed=label, steps=4).images[0] for label in range(4)}
+    results, errors = {}, []
+
+    def work(label):
+        try:
+            results[label] = pipe(class_label=label, seed=label, steps=4).images[0]
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(label,)) for label in range(4) for _ in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+    for label in range(4):
+        assert np.array_equal(results[label], expected[label])
+
+
+def test_timings_and_defaults(pipe):
+    r = pipe(class_label="7", seed=0)
+    m = pipe.manifest.scheduler
+    assert f"Steps: {m.default_steps}," in r.parameters[0] and f"CFG scale: {m.default_guidance:g}," in r.parameters[0]
+    for k in ("load", "noise", "denoise_total", "denoise_per_step", "denoise_engine", "decode", "total"):
+        assert r.timings_ms[k] >= 0
+    assert r.timings_ms["denoise_engine"] <= r.timings_ms["denoise_total"]
+    assert r.images[0].dtype == np.uint8 and r.images[0].shape == (16, 16)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"class_label": 10}, "class label 10 is out of range.*0..9"),
+    ({"class_label": -1}, "class label -1 is out of range"),
+    ({"class_label": "seven"}, "class label 'seven' is out of range"),
+    ({}, "needs a class label"),
+    ({"class_label": 1, "steps": 0}, "steps 0 is not allowed"),
+    ({"class_label": 1, "steps": 2.5}, "steps 2.5 is not allowed"),
+    ({"class_label": 1, "guidance": -0.5}, "guidance -0.5 is not allowed"),
+    ({"class_label": 1, "guidance": float("nan")}, "guidance nan is not allowed"),
+    ({"class_label": 1, "batch_size": 0}, "batch_size 0 is not allowed"),
+    ({"class_label": 1, "batch_size": 1000}, "batch_size 1000 is not allowed"),
+])
+def test_bad_requests(pipe, kwargs, match):
+    with pytest.raises(InputError, match=match):
+        pipe(**kwargs)
+
+
+def test_png_parameters_and_naming(pipe, tmp_path):
+    r = pipe(class_label=2, seed=9, steps=3, guidance=2.5, batch_size=2)
+    paths = r.save(tmp_path / "two.png")
+    assert [p.name for p in paths] == ["two-0000.png", "two-0001.png"]
+    text = Image.open(paths[1]).text["parameters"]
+    assert text == "class 2 (2)\nSteps: 3, Sampler: Euler, CFG scale: 2.5, Seed: 10, Size: 16x16, Model: digits"
+    assert np.array_equal(np.asarray(Image.open(paths[0])), r.images[0])
+    single = pipe(class_label=2, seed=9, steps=3).save(tmp_path / "one.png", metadata=False)
+    assert single == [tmp_path / "one.png"] and "parameters" not in Image.open(single[0]).text
+
+
+def test_save_refuses_to_overwrite_and_bad_paths(pipe, tmp_path):
+    r = pipe(class_label=2, seed=9, steps=2, batch_size=2)
+    (tmp_path / "x-0001.png").write_bytes(b"precious")
+    with pytest.raises(InputError, match="x-0001.png' already exists"):
+        r.save(tmp_path / "x.png")
+    assert not (tmp_path / "x-0000.png").exists()  # checked before anything is written
+    with pytest.raises(InputError, match="must end in .png"):
+        r.save(tmp_path / "x.jpg")
+    with pytest.raises(InputError, match="does not exist"):
+        r.save(tmp_path / "missing" / "x.png")
+    r.save(tmp_path / "x.png", overwrite=True)
+    assert (tmp_path / "x-0001.png").read_bytes() != b"precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x-0000.png", "x-0001.png"]  # no temp files
