@@ -37,6 +37,16 @@ def time_ms(fn, iters: int, warmup: int = 10) -> float:
     return statistics.median(samples)
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def bench(engines: Path, iters: int, steps: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     model = load_builtin(get_builtin("digits"))
@@ -63,7 +73,7 @@ def bench(engines: Path, iters: int, steps: int, threads: int) -> dict:
                      "loop_step_ms": round(loop, 4), "engine_step_ms": round(engine, 4),
                      "host_overhead_step_ms": round(loop - engine, 4),
                      "host_overhead_pct": round(100 * (loop - engine) / loop, 2)})
-    return {"device": f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    return {"device": f"CPU: {cpu_name()}, {os.cpu_count()} cores",
             "threads": threads, "iters": iters, "pipeline_steps": steps,
             "versions": {"onnxruntime": ort.__version__, "torch": torch.__version__, "numpy": np.__version__,
                          "python": platform.python_version()}, "rows": rows}

@@ -92,3 +92,22 @@ class DiT(nn.Module):
         self.final.adaLN.weight.zero_()
         self.final.linear.weight.zero_()
         return self
+
+
+def config_from_diffusers(d: dict) -> DiTConfig:
+    """diffusers DiTTransformer2DModel config.json -> DiTConfig (diffusers' freq shift 1 and MLP LayerNorm eps)."""
+    from ditrt.runtime.errors import ConfigError
+
+    fixed = {"norm_type": "ada_norm_zero", "activation_fn": "gelu-approximate", "attention_bias": True,
+             "norm_elementwise_affine": False}
+    for key, want in fixed.items():
+        if d.get(key, want) != want:
+            raise ConfigError(f"DiT config {key}={d[key]!r} is not supported (only {want!r})")
+    in_ch, out_ch = d.get("in_channels", 4), d.get("out_channels") or d.get("in_channels", 4)
+    if out_ch not in (in_ch, 2 * in_ch):
+        raise ConfigError(f"DiT config out_channels={out_ch} must be in_channels ({in_ch}) or twice it")
+    heads, head_dim = d.get("num_attention_heads", 16), d.get("attention_head_dim", 72)
+    return DiTConfig(sample_size=d.get("sample_size", 32), in_channels=in_ch, patch_size=d.get("patch_size", 2),
+                     hidden_size=heads * head_dim, depth=d.get("num_layers", 28), num_heads=heads,
+                     num_classes=d.get("num_embeds_ada_norm", 1000), learn_sigma=out_ch == 2 * in_ch, freq_shift=1,
+                     mlp_norm_eps=d.get("norm_eps", 1e-5), prediction="epsilon")
