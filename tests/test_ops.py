@@ -79,3 +79,81 @@ def test_portable_lowering_uses_standard_ops_only(tmp_path):
     model = _export(tmp_path, "portable")
     assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
     assert "LayerNormalization" in {n.op_type for n in model.graph.node}
+
+
+def padded_linear_attention(q, k, v, eps=1e-15):
+    """diffusers' SanaLinearAttnProcessor2_0 formulation (ones row appended to V), in float64."""
+    q = torch.relu(q).double().transpose(-1, -2)  # (B, H, d, N)
+    k = torch.relu(k).double()  # (B, H, N, d)
+    v = torch.nn.functional.pad(v.double().transpose(-1, -2), (0, 0, 0, 1), value=1.0)  # (B, H, d+1, N)
+    o = (v @ k) @ q  # (B, H, d+1, N)
+    return (o[:, :, :-1] / (o[:, :, -1:] + eps)).transpose(-1, -2)
+
+
+@pytest.mark.parametrize("mode", ["op", "reference"])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 4), (2, 3, 17, 8), (1, 2, 1024, 32), (1, 1, 64, 64)])
+def test_linear_attention_matches_padded_formulation(mode, shape):
+    from ditrt.export.ops import linear_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(shape, generator=g) for _ in range(3))
+    with lowering(mode):
+        out = linear_attention(q, k, v)
+    assert out.shape == shape and out.dtype == torch.float32
+    # fp32 sums over N tokens of O(1) products, divided by an O(N) normaliser: relative error ~1e-6
+    torch.testing.assert_close(out.double(), padded_linear_attention(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def test_linear_attention_fp16_io_keeps_fp32_state():
+    from ditrt.export.ops import linear_attention
+
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 4096, 32, generator=g).half() * 4 for _ in range(3))
+    out = linear_attention(q, k, v)  # an fp16 K/V state would overflow at 4096 tokens of magnitude ~16
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), padded_linear_attention(q, k, v), atol=2e-2, rtol=1e-2)
+
+
+def test_linear_attention_all_zero_keys_stay_finite():
+    from ditrt.export.ops import linear_attention
+
+    q, v = torch.randn(1, 1, 5, 4), torch.randn(1, 1, 5, 4)
+    out = linear_attention(q, -torch.ones(1, 1, 5, 4), v)  # ReLU zeroes every key: 0 / (0 + eps)
+    assert torch.isfinite(out).all() and out.abs().max() == 0
+
+
+def test_linear_attention_opcheck():
+    shape = (2, 2, 6, 4)
+    torch.library.opcheck(torch.ops.dit.linear_attention.default,
+                          (torch.randn(shape), torch.randn(shape), torch.randn(shape), 1e-15))
+
+
+class _LinearAttn(torch.nn.Module):
+    def forward(self, q, k, v):
+        from ditrt.export.ops import linear_attention
+
+        return linear_attention(q, k, v) + 1
+
+
+def test_linear_attention_lowerings(tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+
+    from ditrt.export.graphs import IOSpec
+    from ditrt.export.onnx_export import export_onnx
+    from ditrt.export.ops.linear_attention import PLUGIN_NAME
+
+    specs = [IOSpec(n, "float32", ("B", 2, "N", 8)) for n in "qkv"]
+    out = [IOSpec("o", "float32", ("B", 2, "N", 8))]
+    export_onnx(_LinearAttn(), specs, out, tmp_path / "p.onnx", "plugin")
+    model = onnx.load(str(tmp_path / "p.onnx"))
+    nodes = [n for n in model.graph.node if n.op_type == PLUGIN_NAME]
+    assert len(nodes) == 1 and nodes[0].domain == "dit" and list(nodes[0].input) == ["q", "k", "v"]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
+    assert attrs["eps"] == pytest.approx(1e-15) and attrs["plugin_namespace"] == b"dit"
+
+    export_onnx(_LinearAttn(), specs, out, tmp_path / "s.onnx", "portable")
+    q, k, v = (np.random.default_rng(i).standard_normal((3, 2, 50, 8)).astype(np.float32) for i in range(3))
+    got = ort.InferenceSession(str(tmp_path / "s.onnx")).run(None, {"q": q, "k": k, "v": v})[0]
+    want = padded_linear_attention(*(torch.from_numpy(a) for a in (q, k, v))).numpy() + 1
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)

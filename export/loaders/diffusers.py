@@ -119,11 +119,15 @@ def load_transformer(folder: str | Path, variant: str | None = None) -> nn.Modul
 
 def _families() -> dict[str, tuple[Callable, type, list[KeyRule]]]:
     """diffusers `_class_name` -> (config converter, our module, key table)."""
-    from ..models import dit
+    from ..models import dit, flux, mmdit, pixart, sana
 
     return {
         "DiTTransformer2DModel": (dit.config_from_diffusers, dit.DiT, keymaps.DIT),
         "Transformer2DModel": (dit.config_from_diffusers, dit.DiT, keymaps.DIT),  # legacy name of the same class
+        "PixArtTransformer2DModel": (pixart.config_from_diffusers, pixart.PixArt, keymaps.PIXART),
+        "SanaTransformer2DModel": (sana.config_from_diffusers, sana.Sana, keymaps.SANA),
+        "SD3Transformer2DModel": (mmdit.config_from_diffusers, mmdit.MMDiT, keymaps.MMDIT),
+        "FluxTransformer2DModel": (flux.config_from_diffusers, flux.Flux, keymaps.FLUX),
     }
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import adaln_modulate
+from ..ops import adaln_modulate, linear_attention
 
 
 def timestep_embedding(t: Tensor, dim: int, freq_shift: float = 0.0, max_period: float = 10000.0) -> Tensor:
@@ -84,9 +84,14 @@ def adaln_zero(linear: nn.Linear, c: Tensor) -> tuple[Modulation, Modulation]:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with SDPA (softmax in the math kernel, fp32 on CPU)."""
+    """Multi-head self-attention with SDPA (softmax in the math kernel, fp32 on CPU).
 
-    def __init__(self, dim: int, num_heads: int, bias: bool = True):
+    qk_norm: per-head RMSNorm on q and k (SD3.5, Flux); out_proj=False leaves the heads unprojected (Flux single
+    blocks project attention and MLP together; the last SD3 block discards its text output).
+    """
+
+    def __init__(self, dim: int, num_heads: int, bias: bool = True, qk_norm: bool = False, eps: float = 1e-6,
+                 out_proj: bool = True):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
@@ -94,13 +99,17 @@ class Attention(nn.Module):
         self.to_q = nn.Linear(dim, dim, bias=bias)
         self.to_k = nn.Linear(dim, dim, bias=bias)
         self.to_v = nn.Linear(dim, dim, bias=bias)
-        self.to_out = nn.Linear(dim, dim, bias=bias)
+        self.norm_q = RMSNorm(dim // num_heads, eps) if qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim // num_heads, eps) if qk_norm else nn.Identity()
+        self.to_out = nn.Linear(dim, dim, bias=bias) if out_proj else nn.Identity()
 
-    def forward(self, x: Tensor) -> Tensor:
-        B, N, C = x.shape
-        q, k, v = (proj(x).view(B, N, self.num_heads, -1).transpose(1, 2) for proj in (self.to_q, self.to_k, self.to_v))
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim)
-        return self.to_out(out.transpose(1, 2).reshape(B, N, C))
+    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, N, D) -> q, k, v as (B, heads, N, head_dim), q and k normalised per head."""
+        q, k, v = (split_heads(proj(x), self.num_heads) for proj in (self.to_q, self.to_k, self.to_v))
+        return self.norm_q(q), self.norm_k(k), v
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        return self.to_out(attention(*self.qkv(x), rope))
 
 
 class FeedForward(nn.Module):
@@ -126,3 +135,173 @@ class FinalLayer(nn.Module):
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         shift, scale = self.adaLN(F.silu(c)).chunk(2, dim=-1)
         return self.linear(modulate(x, Modulation(shift, scale)))
+
+
+# --- adaLN-single, cross-attention, linear attention (PixArt, Sana) ---------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """x·rsqrt(mean(x²) + eps)·weight, statistics in fp32 (diffusers RMSNorm)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, affine: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return y * self.weight if self.weight is not None else y
+
+
+def adaln_single(table: Tensor, t6: Tensor) -> tuple[Modulation, Modulation]:
+    """adaLN-single: a block's learned table (6, D) plus the shared t6 (B, 6D), in AdaLN-Zero chunk order."""
+    s1, c1, g1, s2, c2, g2 = (table[None] + t6.view(t6.shape[0], 6, -1)).unbind(1)
+    return Modulation(s1, c1, g1), Modulation(s2, c2, g2)
+
+
+def final_adaln_single(table: Tensor, emb: Tensor) -> Modulation:
+    """PixArt/Sana output norm: table (2, D) plus the *un-projected* timestep embedding (B, D): shift, scale."""
+    shift, scale = (table[None] + emb[:, None]).unbind(1)
+    return Modulation(shift, scale)
+
+
+class CaptionProjection(nn.Module):
+    """Text features -> model width: Linear -> GELU(tanh) -> Linear (PixArtAlphaTextProjection)."""
+
+    def __init__(self, in_features: int, hidden_size: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_features, hidden_size)
+        self.linear_2 = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, y: Tensor) -> Tensor:
+        return self.linear_2(F.gelu(self.linear_1(y), approximate="tanh"))
+
+
+def mask_to_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B, T) keep-mask (1 = token, 0 = padding) -> additive (B, 1, 1, T) bias, −10000 on padding (diffusers)."""
+    return ((1 - mask.to(dtype)) * -10000.0)[:, None, None, :]
+
+
+class CrossAttention(Attention):
+    """Queries from the image tokens, keys/values from the text; padded text masked by an additive bias."""
+
+    def __init__(self, dim: int, context_dim: int, num_heads: int, bias: bool = True):
+        super().__init__(dim, num_heads, bias)
+        self.to_k = nn.Linear(context_dim, dim, bias=bias)
+        self.to_v = nn.Linear(context_dim, dim, bias=bias)
+
+    def forward(self, x: Tensor, context: Tensor, bias: Tensor | None = None) -> Tensor:
+        B, N, C = x.shape
+        q = self.to_q(x).view(B, N, self.num_heads, -1).transpose(1, 2)  # (B, heads, N, d)
+        k, v = (p(context).view(B, context.shape[1], self.num_heads, -1).transpose(1, 2) for p in (self.to_k, self.to_v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.to_out(out.transpose(1, 2).reshape(B, N, C))
+
+
+class LinearAttention(Attention):
+    """Sana's ReLU linear attention through the dit::linear_attention op; q/k/v without bias, output with."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__(dim, num_heads, bias=False)
+        self.to_out = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, N, C = x.shape
+        q, k, v = (p(x).view(B, N, self.num_heads, -1).transpose(1, 2) for p in (self.to_q, self.to_k, self.to_v))
+        out = linear_attention(q, k, v)  # (B, heads, N, d)
+        return self.to_out(out.transpose(1, 2).reshape(B, N, C))
+
+
+class GLUMBConv(nn.Module):
+    """Sana's Mix-FFN on the token grid: 1×1 expand -> SiLU -> depthwise 3×3 -> GLU (x·SiLU(gate)) -> 1×1."""
+
+    def __init__(self, dim: int, ratio: float):
+        super().__init__()
+        hidden = int(dim * ratio)
+        self.conv_inverted = nn.Conv2d(dim, 2 * hidden, 1)
+        self.conv_depth = nn.Conv2d(2 * hidden, 2 * hidden, 3, padding=1, groups=2 * hidden)
+        self.conv_point = nn.Conv2d(hidden, dim, 1, bias=False)
+
+    def forward(self, x: Tensor, h: int, w: int) -> Tensor:
+        B, N, C = x.shape
+        grid = x.transpose(1, 2).reshape(B, C, h, w)  # tokens are row-major
+        y, gate = self.conv_depth(F.silu(self.conv_inverted(grid))).chunk(2, dim=1)
+        return self.conv_point(y * F.silu(gate)).flatten(2).transpose(1, 2)
+
+
+# --- joint attention, RoPE, pooled-text embedding (SD3/SD3.5 MMDiT, Flux) ------------------------------------------
+
+
+def adaln_mods(linear: nn.Linear, c: Tensor, n: int) -> list[Modulation]:
+    """Linear(SiLU(c)) as n (shift, scale, gate) triples, diffusers' chunk order: n=1 AdaLayerNormZeroSingle,
+    n=2 AdaLayerNormZero (msa, mlp), n=3 SD35AdaLayerNormZeroX (msa, mlp, msa2)."""
+    chunks = linear(F.silu(c)).chunk(3 * n, dim=-1)
+    return [Modulation(*chunks[i:i + 3]) for i in range(0, 3 * n, 3)]
+
+
+class MLPEmbedder(nn.Module):
+    """Linear -> SiLU -> Linear: the pooled-text projection of SD3/Flux (PixArtAlphaTextProjection, act "silu")."""
+
+    def __init__(self, in_features: int, hidden_size: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_features, hidden_size)
+        self.linear_2 = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, y: Tensor) -> Tensor:
+        return self.linear_2(F.silu(self.linear_1(y)))
+
+
+def split_heads(x: Tensor, num_heads: int) -> Tensor:
+    """(B, N, heads·d) -> (B, heads, N, d)."""
+    return x.view(x.shape[0], x.shape[1], num_heads, -1).transpose(1, 2)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """SDPA over q, k, v (B, heads, S, d), RoPE on q and k first if given -> (B, S, heads·d)."""
+    if rope is not None:
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+
+
+class JointAttention(nn.Module):
+    """MMDiT attention: image and text keep their own projections and qk-norms; one SDPA over [text; image].
+
+    No mask: padded text tokens are attended (SD3, Flux). Token order matters only for RoPE ids; [text; image] is
+    Flux's, and SD3 (no RoPE) gives the same result as diffusers' [image; text] up to float summation order.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False, context_out: bool = True):
+        super().__init__()
+        self.img = Attention(dim, num_heads, qk_norm=qk_norm)
+        self.txt = Attention(dim, num_heads, qk_norm=qk_norm, out_proj=context_out)
+
+    def forward(self, x: Tensor, c: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """x (B, N, D) image and c (B, T, D) text tokens -> their attention outputs, same shapes."""
+        T = c.shape[1]
+        q, k, v = (torch.cat(pair, dim=2) for pair in zip(self.txt.qkv(c), self.img.qkv(x)))  # (B, heads, T+N, d)
+        out = attention(q, k, v, rope)  # (B, T+N, D)
+        return self.img.to_out(out[:, T:]), self.txt.to_out(out[:, :T])
+
+
+def rope_freqs(ids: Tensor, axes_dims: tuple[int, ...], theta: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """Flux RoPE tables: ids (S, n_axes) -> cos, sin (S, sum(axes_dims)) in fp32, each angle repeated for its pair.
+
+    Axis a turns pair j by pos_a·theta^(−2j/d_a) (diffusers FluxPosEmbed). diffusers takes the frequencies in
+    fp64; TensorRT has none, and in fp32 the angle error stays ~1e-5 rad at position 128.
+    """
+    angles = []
+    for i, d in enumerate(axes_dims):
+        omega = theta ** (-torch.arange(0, d, 2, dtype=torch.float32, device=ids.device) / d)  # (d/2,)
+        angles.append(ids[:, i].float()[:, None] * omega[None])  # (S, d/2)
+    angles = torch.cat(angles, dim=-1)
+    angles = torch.stack([angles, angles], dim=-1).flatten(-2)  # (S, head_dim): a0 a0 a1 a1 ...
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) of x (B, heads, S, d) by the angles in cos/sin (S, d), in fp32."""
+    xf = x.float()
+    x0, x1 = xf.unflatten(-1, (-1, 2)).unbind(-1)  # (B, heads, S, d/2) each
+    rotated = torch.stack([-x1, x0], dim=-1).flatten(-2)
+    return (xf * cos + rotated * sin).to(x.dtype)

@@ -30,5 +30,6 @@ def current_lowering() -> str:
 
 
 from .adaln import adaln_modulate  # noqa: E402  (registers dit::adaln_modulate)
+from .linear_attention import linear_attention  # noqa: E402  (registers dit::linear_attention)
 
-__all__ = ["MODES", "PLUGIN_NAMESPACE", "adaln_modulate", "current_lowering", "lowering"]
+__all__ = ["MODES", "PLUGIN_NAMESPACE", "adaln_modulate", "current_lowering", "linear_attention", "lowering"]

@@ -1,0 +1,116 @@
+"""PixArt-α / PixArt-Σ: DiT blocks with adaLN-single and cross-attention to T5 (Chen et al. 2023, 2024)."""
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .layers import (Attention, CaptionProjection, CrossAttention, FeedForward, PatchEmbed, TimestepEmbedder,
+                     adaln_single, final_adaln_single, mask_to_bias, modulate, sincos_pos_embed_2d, unpatchify)
+
+
+@dataclass(frozen=True)
+class PixArtConfig:
+    sample_size: int = 128  # latent height = width of the position table's base grid
+    in_channels: int = 4
+    out_channels: int = 8  # learned sigma: the step graph keeps the first in_channels
+    patch_size: int = 2
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    caption_channels: int = 4096  # T5-XXL width
+    interpolation_scale: float = 2.0  # sin-cos grid rescaling (diffusers default max(sample_size // 64, 1))
+    micro_conditions: bool = False  # PixArt-α 1024: resolution and aspect-ratio embeddings
+    norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads or (self.micro_conditions and self.hidden_size % 3):
+            raise ValueError(f"PixArtConfig.hidden_size={self.hidden_size} must divide by num_heads="
+                             f"{self.num_heads} (and by 3 with micro_conditions)")
+        if self.sample_size % self.patch_size:
+            raise ValueError(f"PixArtConfig.sample_size={self.sample_size} is not a multiple of patch_size")
+
+
+class PixArtBlock(nn.Module):
+    def __init__(self, cfg: PixArtConfig):
+        super().__init__()
+        D = cfg.hidden_size
+        self.eps = cfg.norm_eps
+        self.scale_shift_table = nn.Parameter(torch.zeros(6, D))
+        self.attn = Attention(D, cfg.num_heads)
+        self.cross_attn = CrossAttention(D, D, cfg.num_heads)
+        self.ff = FeedForward(D, 4 * D)
+
+    def forward(self, x: Tensor, t6: Tensor, y: Tensor, y_bias: Tensor | None) -> Tensor:
+        msa, mlp = adaln_single(self.scale_shift_table, t6)
+        x = x + msa.gate[:, None] * self.attn(modulate(x, msa, self.eps))
+        x = x + self.cross_attn(x, y, y_bias)  # no norm and no gate on the cross-attention branch
+        return x + mlp.gate[:, None] * self.ff(modulate(x, mlp, self.eps))
+
+
+class PixArt(nn.Module):
+    def __init__(self, cfg: PixArtConfig):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.hidden_size
+        self.x_embedder = PatchEmbed(cfg.in_channels, D, cfg.patch_size)
+        self.t_embedder = TimestepEmbedder(D)
+        self.t_block = nn.Linear(D, 6 * D)
+        if cfg.micro_conditions:
+            self.resolution_embedder = TimestepEmbedder(D // 3)
+            self.aspect_ratio_embedder = TimestepEmbedder(D // 3)
+        self.caption_projection = CaptionProjection(cfg.caption_channels, D)
+        self.blocks = nn.ModuleList(PixArtBlock(cfg) for _ in range(cfg.depth))
+        self.scale_shift_table = nn.Parameter(torch.zeros(2, D))
+        self.proj_out = nn.Linear(D, cfg.patch_size**2 * cfg.out_channels)
+
+    def pos_embed(self, h: int, w: int) -> Tensor:
+        base = self.cfg.sample_size // self.cfg.patch_size
+        return sincos_pos_embed_2d(self.cfg.hidden_size, h, w, base, self.cfg.interpolation_scale)
+
+    def forward(self, x: Tensor, t: Tensor, encoder_hidden_states: Tensor, encoder_attention_mask: Tensor | None = None,
+                resolution: Tensor | None = None, aspect_ratio: Tensor | None = None) -> Tensor:
+        """x (B, C, H, W), t (B,) DDPM timesteps, T5 states (B, T, 4096) with keep-mask (B, T); micro-conds (B, 2), (B, 1)."""
+        p = self.cfg.patch_size
+        h, w = x.shape[-2] // p, x.shape[-1] // p
+        tokens = self.x_embedder(x) + self.pos_embed(h, w).to(x)  # (B, h·w, D)
+        emb = self.t_embedder(t)
+        if self.cfg.micro_conditions:
+            B = x.shape[0]  # each value goes through the sinusoid alone: (B, 2) -> (B, 2·D/3), (B, 1) -> (B, D/3)
+            emb = emb + torch.cat([self.resolution_embedder(resolution.flatten()).reshape(B, -1),
+                                   self.aspect_ratio_embedder(aspect_ratio.flatten()).reshape(B, -1)], dim=1)
+        t6 = self.t_block(F.silu(emb))  # (B, 6D), shared by all blocks
+        y = self.caption_projection(encoder_hidden_states)
+        bias = None if encoder_attention_mask is None else mask_to_bias(encoder_attention_mask, x.dtype)
+        for block in self.blocks:
+            tokens = block(tokens, t6, y, bias)
+        tokens = modulate(tokens, final_adaln_single(self.scale_shift_table, emb), self.cfg.norm_eps)
+        return unpatchify(self.proj_out(tokens), h, w, p, self.cfg.out_channels)
+
+
+PIXART_SIGMA_1024 = PixArtConfig()
+PIXART_ALPHA_1024 = replace(PIXART_SIGMA_1024, micro_conditions=True)
+
+
+def config_from_diffusers(d: dict) -> PixArtConfig:
+    """diffusers PixArtTransformer2DModel config.json -> PixArtConfig."""
+    from ditrt.runtime.errors import ConfigError
+
+    fixed = {"norm_type": "ada_norm_single", "activation_fn": "gelu-approximate", "attention_bias": True,
+             "norm_elementwise_affine": False, "attention_type": "default"}
+    for key, want in fixed.items():
+        if d.get(key, want) != want:
+            raise ConfigError(f"PixArt config {key}={d[key]!r} is not supported (only {want!r})")
+    heads, head_dim = d.get("num_attention_heads", 16), d.get("attention_head_dim", 72)
+    if d.get("cross_attention_dim", heads * head_dim) != heads * head_dim:
+        raise ConfigError(f"PixArt config cross_attention_dim={d['cross_attention_dim']} must equal the width "
+                          f"{heads * head_dim}")
+    sample = d.get("sample_size", 128)
+    micro = d.get("use_additional_conditions")
+    return PixArtConfig(
+        sample_size=sample, in_channels=d.get("in_channels", 4), out_channels=d.get("out_channels") or 8,
+        patch_size=d.get("patch_size", 2), hidden_size=heads * head_dim, depth=d.get("num_layers", 28),
+        num_heads=heads, caption_channels=d.get("caption_channels", 4096),
+        interpolation_scale=d.get("interpolation_scale") or max(sample // 64, 1),
+        micro_conditions=sample == 128 if micro is None else micro, norm_eps=d.get("norm_eps", 1e-6))
