@@ -18,10 +18,10 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from ditrt.export.folder import export_builtin
-from ditrt.export.graphs import ClassStepGraph, class_step_io, sample_inputs
+from ditrt.export.folder import export_model
+from ditrt.export.graphs import StepGraph, step_io, sample_inputs
 from ditrt.export.ops import lowering
-from ditrt.export.presets import get_builtin, load_builtin
+from ditrt.export.presets import build_preset, get_preset
 from ditrt.runtime import Pipeline
 
 
@@ -49,9 +49,9 @@ def cpu_name() -> str:
 
 def bench(engines: Path, iters: int, steps: int, threads: int) -> dict:
     torch.set_num_threads(threads)
-    model = load_builtin(get_builtin("digits"))
-    graph = ClassStepGraph(model).eval()
-    inputs, _ = class_step_io(model)
+    model = build_preset(get_preset("digits"))
+    graph = StepGraph(model).eval()
+    inputs, _ = step_io(model)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     session = ort.InferenceSession(str(engines / "denoiser" / "model.onnx"), opts, providers=["CPUExecutionProvider"])
@@ -90,7 +90,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         engines = args.engines or Path(tmp) / "digits"
         if args.engines is None:
-            export_builtin("digits", engines)
+            export_model("digits", engines)
         result = bench(engines, args.iters, args.steps, args.threads)
     print(f"{result['device']}, {result['threads']} threads; median of {args.iters}")
     print(f"{'batch':>5} {'ORT ms':>8} {'eager ms':>9} {'eager/ORT':>9} {'loop ms':>8} {'engine ms':>9} {'host ms':>8} {'host %':>7}")

@@ -2,12 +2,13 @@
 
 import shlex
 import sys
+from pathlib import Path
 
 import click
 
 from ditrt.runtime.errors import DitError
 
-from .presets import BUILTINS
+from .presets import PRESETS
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -16,33 +17,40 @@ from .presets import BUILTINS
 @click.option("--lowering", type=click.Choice(["portable", "plugin"]), default="portable", show_default=True,
               help="Custom ops as standard ONNX (runs on ONNX Runtime) or as TensorRT plugin nodes.")
 @click.option("--opset", type=click.IntRange(17, 23), default=None, help="ONNX opset (default 18).")
+@click.option("--random-weights", is_flag=True,
+              help="Build a built-in architecture with seeded random weights (benchmarks); recorded in the manifest.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --random-weights.")
+@click.option("--external-data/--no-external-data", default=None,
+              help="Store weights beside the .onnx file (default: only when they exceed 2 GB).")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--list", "list_models", is_flag=True, help="List the built-in models and exit.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def main(model, output, lowering, opset, force, list_models, debug):
-    """Export MODEL (a built-in model name) to an engine folder: ONNX files + manifest.json.
+def main(model, output, lowering, opset, random_weights, seed, external_data, force, list_models, debug):
+    """Export MODEL to an engine folder: ONNX step graph + manifest.json.
 
+    MODEL is a built-in name (see --list) or a diffusers folder: a pipeline folder (with
+    model_index.json and transformer/) or a transformer folder (config.json + safetensors).
     The folder is written to a temporary location and renamed when complete, so a failed
     export leaves nothing behind. Run it with `dit-run FOLDER`.
     """
     if list_models:
-        for b in BUILTINS.values():
-            click.echo(f"{b.name:<12} {b.description}")
+        for p in PRESETS.values():
+            click.echo(f"{p.name:<18} {p.description}")
         return
     if not model:
         raise click.UsageError("missing MODEL; see `dit-export --list` for the built-in models")
-    output = output or f"engines/{model}"
+    default_output = f"engines/{Path(model).name}"
+    output = output or default_output
     try:
-        from pathlib import Path
+        from .folder import export_model
+        from .presets import get_preset
 
-        from .folder import export_builtin
-        from .presets import get_builtin
-
-        get_builtin(model)  # fail on a bad name before touching the disk
-        if output.startswith("engines/"):
-            Path("engines").mkdir(exist_ok=True)
+        if not Path(model).exists():
+            get_preset(model)  # fail on a bad name before the slow part
         command = shlex.join(["dit-export", *sys.argv[1:]])
-        manifest = export_builtin(model, output, lowering, opset, force, command)
+        manifest = export_model(model, output, random_weights=random_weights, seed=seed, lowering_name=lowering,
+                                opset=opset, external_data=external_data, force=force,
+                                make_parent=output == default_output, command=command)
     except DitError as e:
         if debug:
             raise

@@ -13,11 +13,13 @@ from ditrt.runtime.manifest import MANIFEST_NAME, FileEntry, Manifest, sha256_fi
 
 
 @contextmanager
-def staging_folder(out: Path, force: bool = False) -> Iterator[Path]:
+def staging_folder(out: Path, force: bool = False, make_parent: bool = False) -> Iterator[Path]:
     """Yield an empty temp folder beside `out`; on success it replaces `out`, on failure it is removed."""
     out = Path(out)
     if out.exists() and not force:
         raise InputError(f"output folder {str(out)!r} already exists; pass --force to replace it")
+    if make_parent:
+        out.parent.mkdir(parents=True, exist_ok=True)
     if not out.parent.is_dir():
         raise InputError(f"parent folder {str(out.parent)!r} does not exist; create it first")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -45,9 +47,33 @@ def write_manifest(folder: Path, manifest: Manifest) -> None:
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
 
 
-def export_builtin(name: str, out: str | os.PathLike, lowering_name: str = "portable", opset: int | None = None,
-                   force: bool = False, command: str = "") -> Manifest:
-    """Export built-in model `name` as an engine folder at `out` (atomically); return its manifest."""
+def resolve_source(source: str, random_weights: bool, seed: int):
+    """A preset name or a diffusers folder -> (model, Preset-like row describing it)."""
+    from .loaders.diffusers import load_transformer, read_config
+    from .presets import FAMILIES, PRESETS, Preset, build_preset, family_defaults, get_preset
+
+    path = Path(source)
+    if source in PRESETS or not path.exists():
+        preset = get_preset(source)
+        return build_preset(preset, random_weights, seed), preset
+    if random_weights:
+        raise InputError("--random-weights applies to built-in architectures, not to a checkpoint folder")
+    folder = path / "transformer" if (path / "model_index.json").is_file() else path
+    model = load_transformer(folder)
+    family = next(f for f, cls in FAMILIES.items() if isinstance(model, cls))
+    sampler, text_len = family_defaults(family, model.cfg)
+    classes = tuple(str(i) for i in range(model.cfg.num_classes)) if family == "dit" else ()
+    return model, Preset(path.resolve().name, str(read_config(folder).get("_class_name")), family, model.cfg, sampler,
+                         text_len, (128, 128) if family == "flux" else None, class_names=classes)
+
+
+def export_model(source: str, out: str | os.PathLike, *, random_weights: bool = False, seed: int = 0,
+                 lowering_name: str = "portable", opset: int | None = None, external_data: bool | None = None,
+                 force: bool = False, make_parent: bool = False, command: str = "") -> Manifest:
+    """Export a preset or a diffusers folder's denoiser as an engine folder at `out` (atomically).
+
+    external_data: None = only when the weights exceed ONNX's 2 GB protobuf limit; True/False force it.
+    """
     import datetime
     import platform
 
@@ -57,31 +83,39 @@ def export_builtin(name: str, out: str | os.PathLike, lowering_name: str = "port
     import ditrt.runtime as rt
     from ditrt.runtime.manifest import Component, Latent, Scheduler, TensorSpec
 
-    from .graphs import ClassStepGraph, class_step_io
+    from .graphs import StepGraph, default_latent_hw, step_io
     from .onnx_export import DEFAULT_OPSET, LOWERINGS, export_onnx
-    from .presets import get_builtin, load_builtin, training_info
+    from .presets import training_info
 
-    b = get_builtin(name)
     if lowering_name not in LOWERINGS:
         raise InputError(f"unknown lowering {lowering_name!r}; choose from {', '.join(LOWERINGS)}")
-    model = load_builtin(b)
-    graph = ClassStepGraph(model)
-    inputs, outputs = class_step_io(model)
-    with staging_folder(Path(out), force) as tmp:
+    model, row = resolve_source(source, random_weights, seed)
+    hw = row.latent_hw or default_latent_hw(model)
+    graph = StepGraph(model, row.text_len, hw)
+    inputs, outputs = step_io(model, row.text_len, hw)
+    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    if external_data is None:
+        external_data = weight_bytes > 1.8e9  # leave room for the graph under the 2 GB protobuf limit
+    packing = 2 if row.family == "flux" else 1
+    if Path(out).exists() and not force:  # before the (slow) export, not after it
+        raise InputError(f"output folder {str(out)!r} already exists; pass --force to replace it")
+    with staging_folder(Path(out), force, make_parent) as tmp:
         (tmp / "denoiser").mkdir()
-        export_onnx(graph, inputs, outputs, tmp / "denoiser" / "model.onnx", lowering_name, opset or DEFAULT_OPSET)
+        export_onnx(graph, inputs, outputs, tmp / "denoiser" / "model.onnx", lowering_name, opset or DEFAULT_OPSET,
+                    external_data=external_data)
         specs = lambda ss: [TensorSpec(s.name, s.dtype, list(s.shape)) for s in ss]  # noqa: E731
-        cfg = b.config
+        s = row.sampler
         manifest = Manifest(
-            model=b.name, family="dit", conditioning="class", class_names=list(b.class_names), random_weights=False,
-            latent=Latent(cfg.in_channels, cfg.sample_size, cfg.sample_size),
-            scheduler=Scheduler(b.scheduler, cfg.prediction, shift=b.shift, default_steps=b.default_steps,
-                                default_guidance=b.default_guidance),
+            model=row.name, family=row.family, conditioning="class" if row.family == "dit" else "text",
+            class_names=list(row.class_names), random_weights=random_weights,
+            latent=Latent(model.cfg.in_channels // packing**2, hw[0], hw[1], packing=packing),
+            scheduler=Scheduler(s.name, s.prediction, shift=s.shift, default_steps=s.steps, default_guidance=s.guidance),
             components={"denoiser": Component("denoiser/model.onnx", "onnxruntime" if lowering_name == "portable"
                                               else "tensorrt", "fp32", lowering_name, specs(inputs), specs(outputs))},
             files=file_entries(tmp),
             export={"command": command, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                    "training": training_info(b), "versions": {
+                    "source": source, "seed": seed if random_weights else None, "text_len": row.text_len,
+                    "training": training_info(row), "versions": {
                         "ditrt": rt.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
                         "opset": opset or DEFAULT_OPSET, "python": platform.python_version()}})
         write_manifest(tmp, manifest)

@@ -1,9 +1,9 @@
 """What each engine computes, and its I/O declared once.
 
 The denoiser *step* graph holds the CFG batch, the guidance combine and the sampler update, so the runtime
-loop is one engine call per step plus a pointer swap (see DESIGN.md). Per-step scalars come from
+loop is one engine call per step plus a buffer swap (see DESIGN.md). Per-step scalars come from
 runtime/schedules.py:
-    x0     = p·x + q·(out_u + g·(out_c − out_u))
+    x0     = p·x + q·guided_model_output
     x_next = a·x + b·x0 + c·x0_prev
 """
 
@@ -13,6 +13,10 @@ import torch
 from torch import Tensor, nn
 
 from .models.dit import DiT
+from .models.flux import Flux
+from .models.mmdit import MMDiT
+from .models.pixart import PixArt
+from .models.sana import Sana
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                 "int64": torch.int64, "int32": torch.int32}
@@ -26,29 +30,90 @@ class IOSpec:
     shape: tuple  # ints are fixed, strings are symbolic ("B"); () is a scalar
 
 
-def class_step_io(model: DiT) -> tuple[list[IOSpec], list[IOSpec]]:
+@dataclass(frozen=True)
+class Conditioning:
+    """How a family's step graph feeds its model, beyond (x, t)."""
+    paired: tuple[IOSpec, ...]  # per-sample inputs with a negative twin ("negative_" + name) for CFG
+    shared: tuple[IOSpec, ...] = ()  # inputs used as they are by both CFG halves (micro-conditions, ids)
+    cfg_batch: bool = True  # False: one forward per step, guidance embedded in the model (Flux)
+    cond_first: bool = False  # CFG batch order: DiT/SiT [cond; uncond], PixArt/Sana/SD3 [uncond; cond]
+    null_class: int | None = None  # class-conditional: the negative is this label, built in the graph
+    timestep_scale: float = 1.0  # model timestep = t · scale (Flux takes σ, the scheduler gives σ·1000)
+
+
+def conditioning(model: nn.Module, text_len: int, latent_hw: tuple[int, int]) -> Conditioning:
+    """The conditioning of each family, written once. text_len: text tokens; latent_hw: latent (H, W)."""
+    T, f32, i64 = text_len, "float32", "int64"
     cfg = model.cfg
-    latent = ("B", cfg.in_channels, cfg.sample_size, cfg.sample_size)
-    inputs = [IOSpec("x", "float32", latent), IOSpec("x0_prev", "float32", latent),
-              IOSpec("class_labels", "int64", ("B",))] + [IOSpec(s, "float32", ()) for s in SCALARS]
+    if isinstance(model, DiT):
+        return Conditioning((IOSpec("class_labels", i64, ("B",)),), cond_first=True, null_class=cfg.num_classes)
+    if isinstance(model, (PixArt, Sana)):
+        text = (IOSpec("prompt_embeds", f32, ("B", T, cfg.caption_channels)),
+                IOSpec("prompt_attention_mask", i64, ("B", T)))
+        micro = (IOSpec("resolution", f32, ("B", 2)), IOSpec("aspect_ratio", f32, ("B", 1)))
+        return Conditioning(text, micro if getattr(cfg, "micro_conditions", False) else ())
+    if isinstance(model, MMDiT):
+        return Conditioning((IOSpec("prompt_embeds", f32, ("B", T, cfg.joint_attention_dim)),
+                             IOSpec("pooled_prompt_embeds", f32, ("B", cfg.pooled_projection_dim))))
+    if isinstance(model, Flux):
+        n = (latent_hw[0] // 2) * (latent_hw[1] // 2)  # 2×2-packed latent tokens
+        return Conditioning((), (IOSpec("prompt_embeds", f32, ("B", T, cfg.joint_attention_dim)),
+                                 IOSpec("pooled_prompt_embeds", f32, ("B", cfg.pooled_projection_dim)),
+                                 IOSpec("img_ids", f32, (n, 3)), IOSpec("txt_ids", f32, (T, 3))),
+                            cfg_batch=False, timestep_scale=1e-3)
+    raise TypeError(f"no step graph for {type(model).__name__}")
+
+
+def default_latent_hw(model: nn.Module) -> tuple[int, int]:
+    size = getattr(model.cfg, "sample_size", None)
+    if size is None:
+        raise ValueError(f"{type(model).__name__} has no default latent size; give latent_hw=(H, W)")
+    return size, size
+
+
+def latent_shape(model: nn.Module, latent_hw: tuple[int, int]) -> tuple:
+    H, W = latent_hw
+    if isinstance(model, Flux):  # the loop runs on packed latents (B, H/2·W/2, 4·C)
+        return ("B", (H // 2) * (W // 2), model.cfg.in_channels)
+    return ("B", model.cfg.in_channels, H, W)
+
+
+def step_io(model: nn.Module, text_len: int = 0,
+            latent_hw: tuple[int, int] | None = None) -> tuple[list[IOSpec], list[IOSpec]]:
+    latent_hw = latent_hw or default_latent_hw(model)
+    cond, latent = conditioning(model, text_len, latent_hw), latent_shape(model, latent_hw)
+    negatives = tuple(IOSpec("negative_" + s.name, s.dtype, s.shape) for s in cond.paired) \
+        if cond.cfg_batch and cond.null_class is None else ()
+    inputs = [IOSpec("x", "float32", latent), IOSpec("x0_prev", "float32", latent)]
+    inputs += [IOSpec(s, "float32", ()) for s in SCALARS] + list(cond.paired + negatives + cond.shared)
     return inputs, [IOSpec("x_next", "float32", latent), IOSpec("x0", "float32", latent)]
 
 
-class ClassStepGraph(nn.Module):
-    """One sampler step of a class-conditional model, CFG batch [cond; null] (DiT order) inside."""
+class StepGraph(nn.Module):
+    """One sampler step of any family: model forward (CFG batch inside), guidance combine, update."""
 
-    def __init__(self, model: DiT):
+    def __init__(self, model: nn.Module, text_len: int = 0, latent_hw: tuple[int, int] | None = None):
         super().__init__()
-        self.model = model
+        self.model, self.cond = model, conditioning(model, text_len, latent_hw or default_latent_hw(model))
 
-    def forward(self, x: Tensor, x0_prev: Tensor, class_labels: Tensor, t: Tensor, guidance: Tensor,
-                p: Tensor, q: Tensor, a: Tensor, b: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-        null = torch.full_like(class_labels, self.model.cfg.num_classes)
-        timesteps = t.expand(2 * x.shape[0])
-        out = self.model(torch.cat([x, x]), timesteps, torch.cat([class_labels, null]))
-        out = out[:, : x.shape[1]]  # learn_sigma models: keep the prediction channels
-        cond, uncond = out[: x.shape[0]], out[x.shape[0]:]  # slices, not chunk(): chunk specialises B
-        guided = uncond + guidance * (cond - uncond)
+    def forward(self, x: Tensor, x0_prev: Tensor, t: Tensor, guidance: Tensor, p: Tensor, q: Tensor, a: Tensor,
+                b: Tensor, c: Tensor, *conds: Tensor) -> tuple[Tensor, Tensor]:
+        B, C, k = x.shape[0], self.model.cfg.in_channels, len(self.cond.paired)
+        t = t * self.cond.timestep_scale
+        if not self.cond.cfg_batch:  # Flux: guidance goes into the model (dev) or nowhere (schnell)
+            g = guidance.expand(B) if getattr(self.model.cfg, "guidance_embeds", False) else None
+            guided = self.model(x, t.expand(B), *conds, **({"guidance": g} if g is not None else {}))
+        else:
+            if self.cond.null_class is not None:  # class labels: [cond; null]
+                labels = conds[0]
+                batched = [torch.cat([labels, torch.full_like(labels, self.cond.null_class)])]
+            else:  # text: [negative; positive], in the order diffusers batches them
+                pos, neg, shared = conds[:k], conds[k:2 * k], conds[2 * k:]
+                batched = [torch.cat([n, p_]) for p_, n in zip(pos, neg)] + [torch.cat([s, s]) for s in shared]
+            out = self.model(torch.cat([x, x]), t.expand(2 * B), *batched)[:, :C]  # learned sigma: drop variance
+            first, second = out[:B], out[B:]  # slices, not chunk(): chunk specialises B at export
+            cond, uncond = (first, second) if self.cond.cond_first else (second, first)
+            guided = uncond + guidance * (cond - uncond)
         x0 = p * x + q * guided
         return a * x + b * x0 + c * x0_prev, x0
 

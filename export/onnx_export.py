@@ -1,6 +1,7 @@
 """torch -> ONNX through torch.onnx.export(dynamo=True), symbolic axes taken from the graph's IOSpecs."""
 
 import contextlib
+import inspect
 import io
 import logging
 import warnings
@@ -21,7 +22,11 @@ def export_onnx(module: nn.Module, inputs: list[IOSpec], outputs: list[IOSpec], 
                 max_dim: int = 1024) -> None:
     """Write module as ONNX at path. Symbolic axes (e.g. "B") become dynamic dims named after them."""
     dims = {d: torch.export.Dim(d, min=1, max=max_dim) for s in inputs for d in s.shape if isinstance(d, str)}
-    dynamic = {s.name: {i: dims[d] for i, d in enumerate(s.shape) if isinstance(d, str)} or None for s in inputs}
+    dynamic = [{i: dims[d] for i, d in enumerate(s.shape) if isinstance(d, str)} or None for s in inputs]
+    params = inspect.signature(module.forward).parameters.values()
+    if any(p.kind is p.VAR_POSITIONAL for p in params):  # forward(x, ..., *conds): the tail is one nested tuple
+        n = sum(p.kind is p.POSITIONAL_OR_KEYWORD for p in params)
+        dynamic = dynamic[:n] + [tuple(dynamic[n:])]
     args = sample_inputs(inputs, {d: 2 for d in dims})
     log = io.StringIO()
     quiet = logging.getLogger("torch.onnx")
@@ -30,7 +35,7 @@ def export_onnx(module: nn.Module, inputs: list[IOSpec], outputs: list[IOSpec], 
         with lowering(LOWERINGS[lowering_name]), torch.no_grad(), contextlib.redirect_stdout(log), \
                 warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(module.eval(), args, dynamic_shapes=dynamic, dynamo=True,
+            program = torch.onnx.export(module.eval(), args, dynamic_shapes=tuple(dynamic), dynamo=True,
                                         opset_version=opset, input_names=[s.name for s in inputs],
                                         output_names=[s.name for s in outputs], verbose=False, optimize=True)
     finally:

@@ -42,6 +42,7 @@ class Latent:
     width: int
     scaling_factor: float = 1.0  # decoder input = latent / scaling_factor + shift_factor
     shift_factor: float = 0.0
+    packing: int = 1  # Flux: the denoiser sees 2×2 patches packed into channels (B, H/2·W/2, 4·C)
 
 
 @dataclass(frozen=True)

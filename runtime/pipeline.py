@@ -82,6 +82,13 @@ class Pipeline:
         manifest = load_manifest(folder, verify=verify)
         if "denoiser" not in manifest.components:
             raise ManifestError(f"{str(folder)!r} has no denoiser component")
+        if manifest.conditioning != "class":
+            raise ManifestError(f"{str(folder)!r} holds only the denoiser of the text-conditioned model "
+                                f"{manifest.model!r}; generating from it needs text encoders and a VAE decoder, "
+                                "which this version does not export yet")
+        if manifest.latent.channels not in (1, 3) and "decoder" not in manifest.components:
+            raise ManifestError(f"{str(folder)!r} has {manifest.latent.channels}-channel latents and no decoder "
+                                "component, so its latents cannot become an image")
         if manifest.scheduler.name not in SCHEDULERS:
             raise ManifestError(f"scheduler {manifest.scheduler.name!r} is unknown to this runtime; "
                                 f"known: {', '.join(SCHEDULERS)}")

@@ -12,10 +12,10 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def digits_engine(tmp_path_factory) -> Path:
     """The built-in digits model exported once per test session (read-only for tests)."""
-    from ditrt.export.folder import export_builtin
+    from ditrt.export.folder import export_model
 
     out = tmp_path_factory.mktemp("engines") / "digits"
-    export_builtin("digits", out)
+    export_model("digits", out)
     return out
 
 

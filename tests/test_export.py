@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from ditrt.export import folder as folder_mod
-from ditrt.export.folder import export_builtin
-from ditrt.export.graphs import ClassStepGraph, class_step_io, sample_inputs
+from ditrt.export.folder import export_model
+from ditrt.export.graphs import StepGraph, step_io, sample_inputs
 from ditrt.export.models.dit import DiT, DiTConfig
 from ditrt.export.onnx_export import export_onnx
-from ditrt.export.presets import get_builtin, load_builtin
+from ditrt.export.presets import build_preset, get_preset
 from ditrt.runtime.errors import ConfigError, InputError
 from ditrt.runtime.manifest import load_manifest
 
@@ -29,8 +29,8 @@ def random_model(cfg: DiTConfig) -> DiT:
 
 
 def assert_engine_matches_torch(model: DiT, path, batches=(1, 3)):
-    graph = ClassStepGraph(model)
-    inputs, _ = class_step_io(model)
+    graph = StepGraph(model)
+    inputs, _ = step_io(model)
     session = ort.InferenceSession(str(path))
     for B in batches:
         args = sample_inputs(inputs, {"B": B}, seed=B)
@@ -48,27 +48,27 @@ def assert_engine_matches_torch(model: DiT, path, batches=(1, 3)):
                                  replace(TINY, patch_size=4, in_channels=1)], ids=["learn-sigma", "diffusers-quirks", "p4"])
 def test_step_engine_matches_torch(cfg, tmp_path):
     model = random_model(cfg)
-    graph = ClassStepGraph(model)
-    inputs, outputs = class_step_io(model)
+    graph = StepGraph(model)
+    inputs, outputs = step_io(model)
     export_onnx(graph, inputs, outputs, tmp_path / "step.onnx")
     assert_engine_matches_torch(model, tmp_path / "step.onnx")
 
 
 def test_shipped_digits_engine_matches_torch(digits_engine):
-    model = load_builtin(get_builtin("digits"))
+    model = build_preset(get_preset("digits"))
     assert_engine_matches_torch(model, digits_engine / "denoiser" / "model.onnx", batches=(1, 5))
 
 
 def test_step_graph_guidance_and_update_algebra():
     model = random_model(TINY)
-    graph = ClassStepGraph(model)
-    inputs, _ = class_step_io(model)
-    x, x0_prev, labels, t, g, p, q, a, b, c = sample_inputs(inputs, {"B": 2})
+    graph = StepGraph(model)
+    inputs, _ = step_io(model)
+    x, x0_prev, t, g, p, q, a, b, c, labels = sample_inputs(inputs, {"B": 2})
     labels = labels % 5
     with torch.no_grad():
         cond = model(x, t.expand(2), labels)
         uncond = model(x, t.expand(2), torch.full_like(labels, 5))
-        x_next, x0 = graph(x, x0_prev, labels, t, g, p, q, a, b, c)
+        x_next, x0 = graph(x, x0_prev, t, g, p, q, a, b, c, labels)
     guided = uncond[:, :4] + g * (cond[:, :4] - uncond[:, :4])
     torch.testing.assert_close(x0, p * x + q * guided, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(x_next, a * x + b * x0 + c * x0_prev, atol=1e-5, rtol=1e-5)
@@ -90,7 +90,7 @@ def test_failed_export_leaves_nothing_behind(tmp_path, monkeypatch):
 
     monkeypatch.setattr("ditrt.export.onnx_export.export_onnx", boom)
     with pytest.raises(RuntimeError, match="exporter crashed"):
-        export_builtin("digits", tmp_path / "out")
+        export_model("digits", tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -99,16 +99,16 @@ def test_existing_folder_needs_force(digits_engine, tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(InputError, match="already exists; pass --force"):
-        export_builtin("digits", out)
+        export_model("digits", out)
     assert (out / "keep.txt").read_text() == "mine"
-    export_builtin("digits", out, force=True)
+    export_model("digits", out, force=True)
     assert not (out / "keep.txt").exists() and (out / "manifest.json").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp or old folders left
 
 
 def test_unknown_model_name():
     with pytest.raises(ConfigError, match="unknown model 'dit-xxl'; built-in models: digits"):
-        get_builtin("dit-xxl")
+        get_preset("dit-xxl")
 
 
 def test_staging_cleans_up_on_error(tmp_path):

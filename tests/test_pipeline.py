@@ -41,9 +41,9 @@ def test_matches_diffusers_scheduler_loop_over_the_torch_model(pipe):
     """The whole engine loop equals a diffusers FlowMatchEulerDiscreteScheduler loop over our torch model."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from ditrt.export.presets import get_builtin, load_builtin
+    from ditrt.export.presets import build_preset, get_preset
 
-    model, steps, g = load_builtin(get_builtin("digits")), 8, 3.0
+    model, steps, g = build_preset(get_preset("digits")), 8, 3.0
     sched = FlowMatchEulerDiscreteScheduler(shift=pipe.manifest.scheduler.shift)
     sched.set_timesteps(steps)
     x = torch.from_numpy(initial_noise([7, 8], (1, 16, 16)))

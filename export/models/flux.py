@@ -1,0 +1,188 @@
+"""Flux.1 (Black Forest Labs 2024): MMDiT double-stream blocks, then single-stream blocks over [text; image], RoPE.
+
+Matches diffusers' FluxTransformer2DModel (reference/architectures.md §5). The model works on packed tokens; the
+2×2 latent packing and the position ids are pipeline work, given here as pure functions.
+"""
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ditrt.runtime.errors import ConfigError, InputError
+
+from .layers import (Attention, FeedForward, FinalLayer, JointAttention, MLPEmbedder, TimestepEmbedder, adaln_mods,
+                     adaln_zero, modulate, rope_freqs)
+
+
+@dataclass(frozen=True)
+class FluxConfig:
+    in_channels: int = 64  # 16 latent channels packed 2×2
+    out_channels: int = 64
+    hidden_size: int = 3072
+    num_heads: int = 24
+    depth: int = 19  # double-stream blocks
+    depth_single: int = 38  # single-stream blocks
+    mlp_ratio: float = 4.0
+    joint_attention_dim: int = 4096  # T5-XXL
+    pooled_projection_dim: int = 768  # CLIP-L pooled output
+    guidance_embeds: bool = True  # dev: distilled guidance enters as an embedding; schnell has none
+    axes_dims_rope: tuple[int, ...] = (16, 56, 56)  # RoPE dims per id axis (index, row, column); sum = head_dim
+    rope_theta: float = 10000.0
+    time_factor: float = 1000.0  # t and guidance come as σ-scale values, embedded ×1000 (diffusers #L725, BFL)
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"FluxConfig.hidden_size={self.hidden_size} must divide by num_heads={self.num_heads}")
+        if sum(self.axes_dims_rope) != self.head_dim or any(d % 2 for d in self.axes_dims_rope):
+            raise ConfigError(f"FluxConfig.axes_dims_rope={self.axes_dims_rope} must be even sizes summing to "
+                              f"head_dim={self.head_dim}")
+        if self.depth < 0 or self.depth_single < 0:
+            raise ConfigError(f"FluxConfig.depth={self.depth} and depth_single={self.depth_single} cannot be negative")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+# Released architectures (reference/architectures.md §5.3); the weights come from their diffusers folders.
+FLUX_DEV = FluxConfig()
+FLUX_SCHNELL = replace(FLUX_DEV, guidance_embeds=False)
+
+
+def clip_fp16(x: Tensor) -> Tensor:
+    """diffusers clips the residual stream to ±65504 in fp16 so that it cannot overflow to inf."""
+    return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
+
+
+class DoubleStreamBlock(nn.Module):
+    """diffusers FluxTransformerBlock: an MMDiT block with qk RMSNorm and RoPE."""
+
+    def __init__(self, cfg: FluxConfig):
+        super().__init__()
+        D, hidden = cfg.hidden_size, int(cfg.hidden_size * cfg.mlp_ratio)
+        self.adaLN = nn.Linear(D, 6 * D)
+        self.adaLN_context = nn.Linear(D, 6 * D)
+        self.attn = JointAttention(D, cfg.num_heads, qk_norm=True)
+        self.ff = FeedForward(D, hidden)
+        self.ff_context = FeedForward(D, hidden)
+
+    def forward(self, x: Tensor, c: Tensor, temb: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """x (B, N, D) image and c (B, T, D) text tokens, temb (B, D) -> new (x, c)."""
+        msa, mlp = adaln_zero(self.adaLN, temb)
+        c_msa, c_mlp = adaln_zero(self.adaLN_context, temb)
+        a_x, a_c = self.attn(modulate(x, msa), modulate(c, c_msa), rope)
+        x = x + msa.gate[:, None] * a_x
+        x = x + mlp.gate[:, None] * self.ff(modulate(x, mlp))
+        c = c + c_msa.gate[:, None] * a_c
+        c = c + c_mlp.gate[:, None] * self.ff_context(modulate(c, c_mlp))
+        return x, clip_fp16(c)  # diffusers clips only the text stream here
+
+
+class SingleStreamBlock(nn.Module):
+    """diffusers FluxSingleTransformerBlock: attention and MLP side by side from one modulation, one output Linear
+    over [attention ‖ MLP] (BFL fuses the inputs as linear1 and the output as linear2)."""
+
+    def __init__(self, cfg: FluxConfig):
+        super().__init__()
+        D, hidden = cfg.hidden_size, int(cfg.hidden_size * cfg.mlp_ratio)
+        self.adaLN = nn.Linear(D, 3 * D)
+        self.attn = Attention(D, cfg.num_heads, qk_norm=True, out_proj=False)
+        self.proj_mlp = nn.Linear(D, hidden)
+        self.proj_out = nn.Linear(D + hidden, D)
+
+    def forward(self, h: Tensor, temb: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+        """h (B, T+N, D) text and image tokens, temb (B, D) -> new h."""
+        (mod,) = adaln_mods(self.adaLN, temb, 1)
+        n = modulate(h, mod)
+        out = torch.cat([self.attn(n, rope), F.gelu(self.proj_mlp(n), approximate="tanh")], dim=-1)  # (B, S, D+4D)
+        return clip_fp16(h + mod.gate[:, None] * self.proj_out(out))
+
+
+class Flux(nn.Module):
+    def __init__(self, cfg: FluxConfig):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.hidden_size
+        self.x_embedder = nn.Linear(cfg.in_channels, D)
+        self.t_embedder = TimestepEmbedder(D)
+        if cfg.guidance_embeds:
+            self.guidance_embedder = TimestepEmbedder(D)
+        self.pooled_embedder = MLPEmbedder(cfg.pooled_projection_dim, D)
+        self.context_embedder = nn.Linear(cfg.joint_attention_dim, D)
+        self.transformer_blocks = nn.ModuleList(DoubleStreamBlock(cfg) for _ in range(cfg.depth))
+        self.single_transformer_blocks = nn.ModuleList(SingleStreamBlock(cfg) for _ in range(cfg.depth_single))
+        self.final = FinalLayer(D, 1, cfg.out_channels)
+
+    def conditioning(self, t: Tensor, guidance: Tensor | None, pooled: Tensor, dtype: torch.dtype) -> Tensor:
+        """temb (B, D). t and guidance are rounded to the activation dtype before ×1000, as diffusers and BFL do."""
+        if self.cfg.guidance_embeds and guidance is None:
+            raise InputError("this Flux model embeds guidance (guidance_embeds=True, as FLUX.1-dev): pass guidance")
+        if not self.cfg.guidance_embeds and guidance is not None:
+            raise InputError("this Flux model has no guidance input (guidance_embeds=False, as FLUX.1-schnell): "
+                             "pass guidance=None")
+        temb = self.t_embedder(t.to(dtype) * self.cfg.time_factor)
+        if guidance is not None:
+            temb = temb + self.guidance_embedder(guidance.to(dtype) * self.cfg.time_factor)
+        return temb + self.pooled_embedder(pooled)
+
+    def forward(self, hidden_states: Tensor, t: Tensor, encoder_hidden_states: Tensor, pooled_projections: Tensor,
+                img_ids: Tensor, txt_ids: Tensor, guidance: Tensor | None = None) -> Tensor:
+        """hidden_states (B, N, C_in) packed latents, t (B,) σ in [0, 1], encoder_hidden_states (B, T, 4096),
+        pooled_projections (B, 768), img_ids (N, 3), txt_ids (T, 3), guidance (B,) -> velocity (B, N, C_out)."""
+        x = self.x_embedder(hidden_states)  # (B, N, D)
+        temb = self.conditioning(t, guidance, pooled_projections, x.dtype)  # (B, D)
+        c = self.context_embedder(encoder_hidden_states)  # (B, T, D)
+        rope = rope_freqs(torch.cat([txt_ids, img_ids]), self.cfg.axes_dims_rope, self.cfg.rope_theta)
+        for block in self.transformer_blocks:
+            x, c = block(x, c, temb, rope)
+        h = torch.cat([c, x], dim=1)  # (B, T+N, D): one stream from here on
+        for block in self.single_transformer_blocks:
+            h = block(h, temb, rope)
+        return self.final(h[:, c.shape[1]:], temb)
+
+
+def _check_even(height: int, width: int) -> None:
+    if height % 2 or width % 2:
+        raise InputError(f"latent {height}x{width} must have even sides for Flux's 2x2 packing "
+                         f"(images a multiple of 16 px)")
+
+
+def pack_latents(latents: Tensor) -> Tensor:
+    """(B, C, h, w) -> (B, h/2·w/2, 4C), channel index c·4 + dy·2 + dx (FluxPipeline._pack_latents)."""
+    B, C, h, w = latents.shape
+    _check_even(h, w)
+    x = latents.view(B, C, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)  # (B, h/2, w/2, C, 2, 2)
+    return x.reshape(B, (h // 2) * (w // 2), 4 * C)
+
+
+def unpack_latents(packed: Tensor, height: int, width: int) -> Tensor:
+    """(B, h/2·w/2, 4C) -> (B, C, h, w) for a latent of height h and width w (FluxPipeline._unpack_latents)."""
+    _check_even(height, width)
+    B, _, C4 = packed.shape
+    x = packed.view(B, height // 2, width // 2, C4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)  # (B, C, h/2, 2, w/2, 2)
+    return x.reshape(B, C4 // 4, height, width)
+
+
+def latent_image_ids(height: int, width: int) -> Tensor:
+    """Ids (0, row, col) of the packed tokens of a height×width latent -> (h/2·w/2, 3) float32, row-major
+    (FluxPipeline._prepare_latent_image_ids). Text ids are zeros (T, 3)."""
+    _check_even(height, width)
+    rows, cols = torch.meshgrid(torch.arange(height // 2), torch.arange(width // 2), indexing="ij")
+    return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).float()
+
+
+def config_from_diffusers(d: dict) -> FluxConfig:
+    """diffusers FluxTransformer2DModel config.json -> FluxConfig (missing keys take diffusers' defaults)."""
+    if d.get("patch_size", 1) != 1:
+        raise ConfigError(f"Flux config patch_size={d['patch_size']} is not supported (only 1: tokens are packed "
+                          "by the pipeline)")
+    heads, head_dim = d.get("num_attention_heads", 24), d.get("attention_head_dim", 128)
+    in_ch = d.get("in_channels", 64)
+    return FluxConfig(in_channels=in_ch, out_channels=d.get("out_channels") or in_ch, hidden_size=heads * head_dim,
+                      num_heads=heads, depth=d.get("num_layers", 19), depth_single=d.get("num_single_layers", 38),
+                      joint_attention_dim=d.get("joint_attention_dim", 4096),
+                      pooled_projection_dim=d.get("pooled_projection_dim", 768),
+                      guidance_embeds=bool(d.get("guidance_embeds", False)),
+                      axes_dims_rope=tuple(d.get("axes_dims_rope", (16, 56, 56))))
