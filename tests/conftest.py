@@ -33,3 +33,15 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, COLUMNS="120")
     return subprocess.run([str(scripts / args[0]), *args[1:]], cwd=cwd, capture_output=True, text=True, env=env,
                           timeout=600)
+
+
+def randomize(model, seed: int = 0, buffers: bool = False):
+    """diffusers zero-inits some layers; random values everywhere (and in stored buffers such as SD3's position
+    table, with buffers=True) make every weight count."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in [*model.parameters(), *(model.buffers() if buffers else ())]:
+            t.copy_(torch.randn(t.shape, generator=g) * 0.1)
+    return model.eval()

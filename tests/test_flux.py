@@ -9,6 +9,7 @@ from ditrt.export.loaders.diffusers import load_transformer
 from ditrt.export.models.flux import (FLUX_DEV, FLUX_SCHNELL, Flux, FluxConfig, config_from_diffusers,
                                        latent_image_ids, pack_latents, unpack_latents)
 from ditrt.runtime.errors import ConfigError, InputError
+from conftest import randomize
 
 # fp32 on CPU, same weights, same maths in a different order (fused LayerNorm+modulate, RoPE angles from fp32
 # rather than fp64 frequencies): the differences are float rounding, ~1e-6 at these sizes
@@ -17,13 +18,6 @@ TINY = dict(patch_size=1, in_channels=8, num_layers=1, num_single_layers=2, atte
             num_attention_heads=2, joint_attention_dim=12, pooled_projection_dim=10, axes_dims_rope=(4, 6, 6))
 
 
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """diffusers zero-inits some layers; random values everywhere make every weight count."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model.eval()
 
 
 def diffusers_flux(folder, **overrides):

@@ -7,18 +7,12 @@ import torch
 
 from ditrt.export.loaders.diffusers import load_transformer
 from ditrt.runtime.errors import LoaderError
+from conftest import randomize
 
 # fp32 on CPU, same weights, same maths in a different order: differences are float rounding
 ATOL = 1e-4
 
 
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """diffusers zero-inits some layers; random values everywhere make every weight count."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model.eval()
 
 
 def diffusers_dit(tmp_path, **overrides):

@@ -10,9 +10,15 @@ from ditrt.export.loaders.diffusers import load_transformer
 from ditrt.export.models.mmdit import (SD3_MEDIUM, SD35_LARGE, SD35_MEDIUM, MMDiT, MMDiTConfig,
                                         config_from_diffusers)
 from ditrt.runtime.errors import ConfigError, InputError
+from conftest import randomize
 
 # fp32 on CPU, same weights, same maths in a different order (token order inside the joint attention, fused
 # LayerNorm+modulate): the differences are float rounding, ~1e-6 at these sizes
+
+def randomize_all(model, seed: int = 0):
+    return randomize(model, seed, buffers=True)
+
+
 ATOL = 1e-4
 TINY = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
             num_attention_heads=2, joint_attention_dim=12, caption_projection_dim=16, pooled_projection_dim=10,
@@ -24,19 +30,12 @@ CASES = {
 }
 
 
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """diffusers zero-inits some layers; random values everywhere (the stored position table too) make each count."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for t in [*model.parameters(), *model.buffers()]:
-            t.copy_(torch.randn(t.shape, generator=g) * 0.1)
-    return model.eval()
 
 
 def diffusers_sd3(folder, **overrides):
     from diffusers import SD3Transformer2DModel
 
-    model = randomize(SD3Transformer2DModel(**dict(TINY, **overrides)))
+    model = randomize_all(SD3Transformer2DModel(**dict(TINY, **overrides)))
     model.save_pretrained(folder)
     return model
 

@@ -43,16 +43,23 @@ def same_as(template: str) -> Callable:
     return check
 
 
+# diffusers BasicTransformerBlock leaves (DiT, PixArt): attn1 -> attn, ff.net.{0.proj,2} -> ff.fc{1,2}
+_SELF_ATTN = [
+    KeyRule(r"transformer_blocks\.(\d+)\.attn1\.to_([qkv])\.(weight|bias)", r"blocks.\1.attn.to_\2.\3"),
+    KeyRule(r"transformer_blocks\.(\d+)\.attn1\.to_out\.0\.(weight|bias)", r"blocks.\1.attn.to_out.\2"),
+]
+_GELU_FF = [
+    KeyRule(r"transformer_blocks\.(\d+)\.ff\.net\.0\.proj\.(weight|bias)", r"blocks.\1.ff.fc1.\2"),
+    KeyRule(r"transformer_blocks\.(\d+)\.ff\.net\.2\.(weight|bias)", r"blocks.\1.ff.fc2.\2"),
+]
+
 DIT = [
     KeyRule(r"pos_embed\.proj\.(weight|bias)", r"x_embedder.proj.\1"),
     KeyRule(r"transformer_blocks\.0\.norm1\.emb\.timestep_embedder\.(linear_[12]\.(?:weight|bias))", r"t_embedder.\1"),
     KeyRule(r"transformer_blocks\.0\.norm1\.emb\.class_embedder\.embedding_table\.weight", "y_embedder.weight"),
     KeyRule(r"transformer_blocks\.(\d+)\.norm1\.emb\.(.*)", DROP, same_as(r"transformer_blocks.0.norm1.emb.\2")),
     KeyRule(r"transformer_blocks\.(\d+)\.norm1\.linear\.(weight|bias)", r"blocks.\1.adaLN.\2"),
-    KeyRule(r"transformer_blocks\.(\d+)\.attn1\.to_([qkv])\.(weight|bias)", r"blocks.\1.attn.to_\2.\3"),
-    KeyRule(r"transformer_blocks\.(\d+)\.attn1\.to_out\.0\.(weight|bias)", r"blocks.\1.attn.to_out.\2"),
-    KeyRule(r"transformer_blocks\.(\d+)\.ff\.net\.0\.proj\.(weight|bias)", r"blocks.\1.ff.fc1.\2"),
-    KeyRule(r"transformer_blocks\.(\d+)\.ff\.net\.2\.(weight|bias)", r"blocks.\1.ff.fc2.\2"),
+    *_SELF_ATTN, *_GELU_FF,
     KeyRule(r"proj_out_1\.(weight|bias)", r"final.adaLN.\1"),
     KeyRule(r"proj_out_2\.(weight|bias)", r"final.linear.\1"),
 ]
@@ -67,15 +74,11 @@ _ADALN_SINGLE = [
     KeyRule(r"(caption_projection\.linear_[12]\.(?:weight|bias)|caption_norm\.weight|scale_shift_table|"
             r"proj_out\.(?:weight|bias))", r"\1"),
     KeyRule(r"transformer_blocks\.(\d+)\.scale_shift_table", r"blocks.\1.scale_shift_table"),
-    KeyRule(r"transformer_blocks\.(\d+)\.attn1\.to_([qkv])\.(weight|bias)", r"blocks.\1.attn.to_\2.\3"),
-    KeyRule(r"transformer_blocks\.(\d+)\.attn1\.to_out\.0\.(weight|bias)", r"blocks.\1.attn.to_out.\2"),
+    *_SELF_ATTN,
     KeyRule(r"transformer_blocks\.(\d+)\.attn2\.to_([qkv])\.(weight|bias)", r"blocks.\1.cross_attn.to_\2.\3"),
     KeyRule(r"transformer_blocks\.(\d+)\.attn2\.to_out\.0\.(weight|bias)", r"blocks.\1.cross_attn.to_out.\2"),
 ]
-PIXART = _ADALN_SINGLE + [
-    KeyRule(r"transformer_blocks\.(\d+)\.ff\.net\.0\.proj\.(weight|bias)", r"blocks.\1.ff.fc1.\2"),
-    KeyRule(r"transformer_blocks\.(\d+)\.ff\.net\.2\.(weight|bias)", r"blocks.\1.ff.fc2.\2"),
-]
+PIXART = _ADALN_SINGLE + _GELU_FF
 SANA = _ADALN_SINGLE + [
     KeyRule(r"transformer_blocks\.(\d+)\.ff\.(conv_\w+\.(?:weight|bias))", r"blocks.\1.ff.\2"),
 ]
