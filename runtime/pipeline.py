@@ -22,7 +22,7 @@ from .schedules import SCHEDULERS, STEP_SCALARS
 
 MAX_BATCH = 64
 MAX_STEPS = 1000
-SAMPLER_NAMES = {"flow_euler": "Euler"}
+SAMPLER_NAMES = {"flow_euler": "Euler", "ddim": "DDIM", "dpmsolver++": "DPM++ 2M", "flow_dpmsolver++": "DPM++ 2M"}
 
 
 @dataclass(frozen=True)

@@ -46,4 +46,66 @@ def flow_euler_plan(steps: int, shift: float = 1.0, num_train_timesteps: int = 1
     return {k: v.astype(np.float32) for k, v in plan.items()}
 
 
-SCHEDULERS = {"flow_euler": flow_euler_plan}
+def vp_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 1e-4,
+                      beta_end: float = 0.02) -> np.ndarray:
+    """ᾱ of the linear-β DDPM schedule (DiT, PixArt), in float32 as diffusers computes it."""
+    betas = np.linspace(beta_start, beta_end, num_train_timesteps, dtype=np.float32)
+    return np.cumprod(1 - betas, dtype=np.float32)
+
+
+def ddim_plan(steps: int, shift: float = 1.0, num_train_timesteps: int = 1000) -> dict[str, np.ndarray]:
+    """diffusers DDIMScheduler, η = 0, "leading" spacing, set_alpha_to_one, ε-prediction (DiT's converted pipeline).
+
+    x0 = (x − √(1−ᾱ_t)·ε)/√ᾱ_t;  x_prev = √ᾱ_prev·x0 + √(1−ᾱ_prev)·ε, with ε rewritten through x and x0.
+    """
+    ac = vp_alphas_cumprod(num_train_timesteps).astype(np.float64)
+    ratio = num_train_timesteps // steps
+    t = (np.arange(steps) * ratio)[::-1]
+    a_t, a_prev = ac[t], np.where(t - ratio >= 0, ac[np.maximum(t - ratio, 0)], 1.0)
+    a = np.sqrt(1 - a_prev) / np.sqrt(1 - a_t)
+    plan = {"t": t, "p": 1 / np.sqrt(a_t), "q": -np.sqrt(1 - a_t) / np.sqrt(a_t), "a": a,
+            "b": np.sqrt(a_prev) - a * np.sqrt(a_t), "c": np.zeros(steps)}
+    return {k: v.astype(np.float32) for k, v in plan.items()}
+
+
+def _dpm_2m(alpha: np.ndarray, sigma: np.ndarray) -> dict[str, np.ndarray]:
+    """DPM-Solver++(2M), midpoint, over per-step (α_t, σ_t) incl. the final one; first order first and last.
+
+    x_t = (σ_t/σ_s)·x − α_t(e^{−h} − 1)·(D0 + D1/2),  D0 = x0,  D1 = (x0 − x0_prev)/r,  r = h_prev/h.
+    """
+    with np.errstate(divide="ignore"):
+        lam = np.log(alpha) - np.log(sigma)  # +inf at the final σ = 0
+    n = len(alpha) - 1
+    h = lam[1:] - lam[:-1]
+    phi = -alpha[1:] * np.expm1(-h)  # −α_t(e^{−h} − 1); e^{−inf} = 0 at the last step
+    b, c = phi.copy(), np.zeros(n)
+    for i in range(1, n - 1):  # second order except on the first and the final step
+        r = h[i - 1] / h[i]
+        b[i], c[i] = phi[i] * (1 + 0.5 / r), -phi[i] * 0.5 / r
+    return {"a": sigma[1:] / sigma[:-1], "b": b, "c": c}
+
+
+def dpm_plan(steps: int, shift: float = 1.0, num_train_timesteps: int = 1000) -> dict[str, np.ndarray]:
+    """diffusers DPMSolverMultistepScheduler (dpmsolver++, order 2, linspace, final σ = 0), ε-prediction (PixArt)."""
+    ac = vp_alphas_cumprod(num_train_timesteps)
+    t = np.linspace(0, num_train_timesteps - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
+    vp_sigmas = np.sqrt((1 - ac) / ac)
+    sigmas = np.append(np.interp(t, np.arange(len(vp_sigmas)), vp_sigmas), 0.0).astype(np.float32).astype(np.float64)
+    alpha = 1 / np.sqrt(sigmas**2 + 1)
+    sigma = sigmas * alpha
+    plan = {"t": t, "p": 1 / alpha[:-1], "q": -sigma[:-1] / alpha[:-1], **_dpm_2m(alpha, sigma)}
+    return {k: v.astype(np.float32) for k, v in plan.items()}
+
+
+def flow_dpm_plan(steps: int, shift: float = 3.0, num_train_timesteps: int = 1000) -> dict[str, np.ndarray]:
+    """The same solver on flow sigmas (Sana): α_t = 1 − σ, σ_t = σ, x0 = x − σ·v; the model sees int(σ·1000)."""
+    s = 1.0 - np.linspace(1, 1 / num_train_timesteps, steps + 1)
+    s = np.flip(shift * s / (1 + (shift - 1) * s))[:-1]
+    sig = np.append(s, 0.0).astype(np.float32).astype(np.float64)
+    t = (s * num_train_timesteps).astype(np.int64)  # truncated, as diffusers casts the timesteps
+    plan = {"t": t, "p": np.ones(steps), "q": -sig[:-1], **_dpm_2m(1 - sig, sig)}
+    return {k: v.astype(np.float32) for k, v in plan.items()}
+
+
+SCHEDULERS = {"flow_euler": flow_euler_plan, "ddim": ddim_plan, "dpmsolver++": dpm_plan,
+              "flow_dpmsolver++": flow_dpm_plan}

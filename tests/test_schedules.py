@@ -64,3 +64,72 @@ def test_plan_coefficients_are_euler():
     np.testing.assert_allclose(plan["a"] + plan["b"], 1.0, atol=1e-6)
     np.testing.assert_allclose(-plan["b"] * plan["q"], sigmas[:-1] - sigmas[1:], atol=1e-6)
     assert plan["b"][-1] == 1.0  # the last step lands on x0
+
+
+def run_plan(plan, x, model):
+    """The step graph's update, on the host: x0 = p·x + q·out; x_next = a·x + b·x0 + c·x0_prev."""
+    x0_prev = np.zeros_like(x)
+    for i, t in enumerate(plan["t"]):
+        out = model(x, float(t))
+        x0 = plan["p"][i] * x + plan["q"][i] * out
+        x = plan["a"][i] * x + plan["b"][i] * x0 + plan["c"][i] * x0_prev
+        x0_prev = x0
+    return x
+
+
+def run_diffusers(sched, x, model):
+    x = torch.from_numpy(x)
+    for t in sched.timesteps:
+        x = sched.step(torch.from_numpy(model(x.numpy(), float(t))), t, x).prev_sample
+    return x.numpy()
+
+
+def eps_model(x, t):
+    return np.tanh(x) * 0.5 + np.cos(t / 150.0) * 0.1 * x
+
+
+@pytest.mark.parametrize("steps", [1, 10, 50])
+def test_ddim_matches_diffusers(steps):
+    from diffusers import DDIMScheduler
+
+    from ditrt.runtime.schedules import ddim_plan
+
+    ref = DDIMScheduler(beta_schedule="linear", prediction_type="epsilon", clip_sample=False)
+    ref.set_timesteps(steps)
+    plan = ddim_plan(steps)
+    np.testing.assert_array_equal(plan["t"], ref.timesteps.numpy())
+    x = np.random.default_rng(1).standard_normal((2, 4, 4)).astype(np.float32)
+    # float32 on both sides; DDIM's 1/√ᾱ reaches ~150 at t = 999, so compare relative to the trajectory's scale
+    want = run_diffusers(ref, x, eps_model)
+    np.testing.assert_allclose(run_plan(plan, x, eps_model), want, rtol=0, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5, 20])
+def test_dpm_solver_eps_matches_diffusers(steps):
+    from diffusers import DPMSolverMultistepScheduler
+
+    from ditrt.runtime.schedules import dpm_plan
+
+    ref = DPMSolverMultistepScheduler(beta_schedule="linear", prediction_type="epsilon")
+    ref.set_timesteps(steps)
+    plan = dpm_plan(steps)
+    np.testing.assert_array_equal(plan["t"], ref.timesteps.numpy())
+    x = np.random.default_rng(2).standard_normal((2, 4, 4)).astype(np.float32)
+    want = run_diffusers(ref, x, eps_model)
+    np.testing.assert_allclose(run_plan(plan, x, eps_model), want, rtol=0, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5, 20])
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_dpm_solver_matches_diffusers(steps, shift):
+    from diffusers import DPMSolverMultistepScheduler
+
+    from ditrt.runtime.schedules import flow_dpm_plan
+
+    ref = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift)
+    ref.set_timesteps(steps)
+    plan = flow_dpm_plan(steps, shift)
+    np.testing.assert_array_equal(plan["t"], ref.timesteps.numpy())  # Sana's truncated int(σ·1000)
+    x = np.random.default_rng(3).standard_normal((2, 4, 4)).astype(np.float32)
+    # O(1) flow trajectories in float32: rounding only
+    np.testing.assert_allclose(run_plan(plan, x, velocity), run_diffusers(ref, x, velocity), rtol=0, atol=2e-5)
