@@ -48,32 +48,64 @@ def write_manifest(folder: Path, manifest: Manifest) -> None:
 
 
 def resolve_source(source: str, random_weights: bool, seed: int):
-    """A preset name or a diffusers folder -> (model, Preset-like row describing it)."""
-    from .loaders.diffusers import load_transformer, read_config
+    """A preset name or a diffusers folder -> (denoiser, Preset-like row describing it, VAE decoder or None, notes)."""
+    from .loaders.diffusers import load_component, read_config
+    from .models.vae_kl import VAEDecoder
     from .presets import FAMILIES, PRESETS, Preset, build_preset, family_defaults, get_preset
 
     path = Path(source)
     if source in PRESETS or not path.exists():
         preset = get_preset(source)
-        return build_preset(preset, random_weights, seed), preset
+        return build_preset(preset, random_weights, seed), preset, None, []
     if random_weights:
         raise InputError("--random-weights applies to built-in architectures, not to a checkpoint folder")
-    folder = path / "transformer" if (path / "model_index.json").is_file() else path
-    model = load_transformer(folder)
-    family = next(f for f, cls in FAMILIES.items() if isinstance(model, cls))
+    pipeline = (path / "model_index.json").is_file()
+    folder = path / "transformer" if pipeline else path
+    model = load_component(folder)
+    family = next((f for f, cls in FAMILIES.items() if isinstance(model, cls)), None)
+    if family is None:
+        raise InputError(f"{str(folder)!r} holds a {type(model).__name__}, not a denoiser; pass a pipeline folder "
+                         "(model_index.json) or a transformer folder")
+    vae, notes = None, []
+    vae_config = path / "vae" / "config.json"
+    if pipeline and vae_config.is_file():
+        vae_class = read_config(path / "vae").get("_class_name")
+        if vae_class == "AutoencoderKL":
+            vae = load_component(path / "vae")
+            assert isinstance(vae, VAEDecoder)
+        else:
+            notes.append(f"vae ({vae_class}) not exported: not supported yet")
     sampler, text_len = family_defaults(family, model.cfg)
     classes = tuple(str(i) for i in range(model.cfg.num_classes)) if family == "dit" else ()
-    return model, Preset(path.resolve().name, str(read_config(folder).get("_class_name")), family, model.cfg, sampler,
-                         text_len, (128, 128) if family == "flux" else None, class_names=classes)
+    row = Preset(path.resolve().name, str(read_config(folder).get("_class_name")), family, model.cfg, sampler,
+                 text_len, (128, 128) if family == "flux" else None, class_names=classes)
+    return model, row, vae, notes
+
+
+def export_component(name: str, graph, inputs, outputs, folder: Path, lowering_name: str, opset: int,
+                     external_data: bool | None):
+    """Export one engine into folder/name/model.onnx and describe it for the manifest.
+
+    external_data: None = only when the weights exceed ONNX's 2 GB protobuf limit; True/False force it.
+    """
+    from ditrt.runtime.manifest import Component, TensorSpec
+
+    from .onnx_export import export_onnx
+
+    if external_data is None:  # leave room for the graph under the 2 GB protobuf limit
+        external_data = sum(t.numel() * t.element_size() for t in graph.state_dict().values()) > 1.8e9
+    (folder / name).mkdir()
+    export_onnx(graph, inputs, outputs, folder / name / "model.onnx", lowering_name, opset, external_data)
+    specs = [[TensorSpec(s.name, s.dtype, list(s.shape)) for s in ss] for ss in (inputs, outputs)]
+    return Component(f"{name}/model.onnx", "onnxruntime" if lowering_name == "portable" else "tensorrt", "fp32",
+                     lowering_name, *specs)
 
 
 def export_model(source: str, out: str | os.PathLike, *, random_weights: bool = False, seed: int = 0,
                  lowering_name: str = "portable", opset: int | None = None, external_data: bool | None = None,
                  force: bool = False, make_parent: bool = False, command: str = "") -> Manifest:
-    """Export a preset or a diffusers folder's denoiser as an engine folder at `out` (atomically).
-
-    external_data: None = only when the weights exceed ONNX's 2 GB protobuf limit; True/False force it.
-    """
+    """Export a preset or a diffusers folder (denoiser step graph, and the VAE decoder where there is one)
+    as an engine folder at `out`, atomically; return its manifest."""
     import datetime
     import platform
 
@@ -81,42 +113,38 @@ def export_model(source: str, out: str | os.PathLike, *, random_weights: bool = 
     import torch
 
     import ditrt.runtime as rt
-    from ditrt.runtime.manifest import Component, Latent, Scheduler, TensorSpec
+    from ditrt.runtime.manifest import Latent, Scheduler
 
-    from .graphs import StepGraph, default_latent_hw, step_io
-    from .onnx_export import DEFAULT_OPSET, LOWERINGS, export_onnx
+    from .graphs import DecoderGraph, StepGraph, decoder_io, default_latent_hw, step_io
+    from .onnx_export import DEFAULT_OPSET, LOWERINGS
     from .presets import training_info
 
     if lowering_name not in LOWERINGS:
         raise InputError(f"unknown lowering {lowering_name!r}; choose from {', '.join(LOWERINGS)}")
-    model, row = resolve_source(source, random_weights, seed)
-    hw = row.latent_hw or default_latent_hw(model)
-    graph = StepGraph(model, row.text_len, hw)
-    inputs, outputs = step_io(model, row.text_len, hw)
-    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    if external_data is None:
-        external_data = weight_bytes > 1.8e9  # leave room for the graph under the 2 GB protobuf limit
-    packing = 2 if row.family == "flux" else 1
     if Path(out).exists() and not force:  # before the (slow) export, not after it
         raise InputError(f"output folder {str(out)!r} already exists; pass --force to replace it")
+    model, row, vae, notes = resolve_source(source, random_weights, seed)
+    hw, opset = row.latent_hw or default_latent_hw(model), opset or DEFAULT_OPSET
+    packing = 2 if row.family == "flux" else 1
     with staging_folder(Path(out), force, make_parent) as tmp:
-        (tmp / "denoiser").mkdir()
-        export_onnx(graph, inputs, outputs, tmp / "denoiser" / "model.onnx", lowering_name, opset or DEFAULT_OPSET,
-                    external_data=external_data)
-        specs = lambda ss: [TensorSpec(s.name, s.dtype, list(s.shape)) for s in ss]  # noqa: E731
-        s = row.sampler
+        components = {"denoiser": export_component("denoiser", StepGraph(model, row.text_len, hw),
+                                                   *step_io(model, row.text_len, hw), tmp, lowering_name, opset,
+                                                   external_data)}
+        if vae is not None:
+            components["vae_decoder"] = export_component("vae_decoder", DecoderGraph(vae), *decoder_io(vae, hw), tmp,
+                                                         lowering_name, opset, external_data)
+        s, vcfg = row.sampler, vae.cfg if vae is not None else None
         manifest = Manifest(
             model=row.name, family=row.family, conditioning="class" if row.family == "dit" else "text",
             class_names=list(row.class_names), random_weights=random_weights,
-            latent=Latent(model.cfg.in_channels // packing**2, hw[0], hw[1], packing=packing),
+            latent=Latent(model.cfg.in_channels // packing**2, hw[0], hw[1], vcfg.scaling_factor if vcfg else 1.0,
+                          vcfg.shift_factor if vcfg else 0.0, packing),
             scheduler=Scheduler(s.name, s.prediction, shift=s.shift, default_steps=s.steps, default_guidance=s.guidance),
-            components={"denoiser": Component("denoiser/model.onnx", "onnxruntime" if lowering_name == "portable"
-                                              else "tensorrt", "fp32", lowering_name, specs(inputs), specs(outputs))},
-            files=file_entries(tmp),
+            components=components, files=file_entries(tmp),
             export={"command": command, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                     "source": source, "seed": seed if random_weights else None, "text_len": row.text_len,
-                    "training": training_info(row), "versions": {
+                    "notes": notes, "training": training_info(row), "versions": {
                         "ditrt": rt.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
-                        "opset": opset or DEFAULT_OPSET, "python": platform.python_version()}})
+                        "opset": opset, "python": platform.python_version()}})
         write_manifest(tmp, manifest)
     return manifest

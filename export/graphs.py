@@ -118,6 +118,24 @@ class StepGraph(nn.Module):
         return a * x + b * x0 + c * x0_prev, x0
 
 
+class DecoderGraph(nn.Module):
+    """VAE decoder engine: sampler latents -> image in [0, 1] (scaling, shift and clamp inside)."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latents: Tensor) -> Tensor:
+        return (self.vae(latents) / 2 + 0.5).clamp(0, 1)
+
+
+def decoder_io(vae: nn.Module, latent_hw: tuple[int, int]) -> tuple[list[IOSpec], list[IOSpec]]:
+    H, W = latent_hw
+    up = 2 ** (len(vae.cfg.block_out_channels) - 1)
+    return ([IOSpec("latents", "float32", ("B", vae.cfg.latent_channels, H, W))],
+            [IOSpec("image", "float32", ("B", vae.cfg.out_channels, up * H, up * W))])
+
+
 def sample_inputs(specs: list[IOSpec], dims: dict[str, int], seed: int = 0) -> tuple[Tensor, ...]:
     """Tensors matching specs, symbolic axes set from dims; int inputs in [0, 10)."""
     g = torch.Generator().manual_seed(seed)

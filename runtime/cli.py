@@ -59,7 +59,7 @@ def main(engines, class_label, steps, guidance, seed, batch_size, output, force,
         click.echo(json.dumps({"outputs": [str(p) for p in paths], "seeds": result.seeds, "model": m.model,
                                "family": m.family, "backend": backend, "steps": steps or m.scheduler.default_steps,
                                "guidance": m.scheduler.default_guidance if guidance is None else guidance,
-                               "size": [m.latent.width, m.latent.height],
+                               "size": list(pipe.image_size),
                                "timings_ms": {k: round(v, 3) for k, v in timings.items()}}))
     else:
         if not quiet:

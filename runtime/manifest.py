@@ -40,7 +40,7 @@ class Latent:
     channels: int
     height: int
     width: int
-    scaling_factor: float = 1.0  # decoder input = latent / scaling_factor + shift_factor
+    scaling_factor: float = 1.0  # VAE input = latent / scaling_factor + shift_factor (inside the vae_decoder engine)
     shift_factor: float = 0.0
     packing: int = 1  # Flux: the denoiser sees 2×2 patches packed into channels (B, H/2·W/2, 4·C)
 

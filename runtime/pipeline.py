@@ -86,7 +86,7 @@ class Pipeline:
             raise ManifestError(f"{str(folder)!r} holds only the denoiser of the text-conditioned model "
                                 f"{manifest.model!r}; generating from it needs text encoders and a VAE decoder, "
                                 "which this version does not export yet")
-        if manifest.latent.channels not in (1, 3) and "decoder" not in manifest.components:
+        if manifest.latent.channels not in (1, 3) and "vae_decoder" not in manifest.components:
             raise ManifestError(f"{str(folder)!r} has {manifest.latent.channels}-channel latents and no decoder "
                                 "component, so its latents cannot become an image")
         if manifest.scheduler.name not in SCHEDULERS:
@@ -131,7 +131,7 @@ class Pipeline:
         t1 = time.perf_counter()
         x = self._denoise(x, labels, steps, float(guidance), on_step, timings)
         t2 = time.perf_counter()
-        images = to_uint8(x / m.latent.scaling_factor + m.latent.shift_factor)
+        images = to_uint8(self._decode(x))
         t3 = time.perf_counter()
         timings.update(noise=(t1 - t0) * 1e3, denoise_total=(t2 - t1) * 1e3, denoise_per_step=(t2 - t1) * 1e3 / steps,
                        decode=(t3 - t2) * 1e3, total=(t3 - t0) * 1e3)
@@ -157,6 +157,21 @@ class Pipeline:
         timings["denoise_engine"] = engine_s * 1e3
         return feeds["x"]
 
+    def _decode(self, x: np.ndarray) -> np.ndarray:
+        """Final latents -> images (B, C, H, W) in [0, 1]: the VAE engine, or latents that are pixels in [-1, 1]."""
+        if "vae_decoder" in self.engines:
+            return self.engines["vae_decoder"].run({"latents": x})["image"]
+        lat = self.manifest.latent
+        return np.clip((x / lat.scaling_factor + lat.shift_factor + 1) / 2, 0, 1)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(width, height) of the generated images."""
+        if "vae_decoder" in self.manifest.components:
+            *_, h, w = self.manifest.components["vae_decoder"].outputs[0].shape
+            return w, h
+        return self.manifest.latent.width, self.manifest.latent.height
+
     def _class_index(self, class_label: int | str | None) -> int:
         names = self.manifest.class_names
         if self.manifest.conditioning != "class":
@@ -174,7 +189,7 @@ class Pipeline:
         m = self.manifest
         return (f"class {label} ({m.class_names[label]})\n"
                 f"Steps: {steps}, Sampler: {SAMPLER_NAMES.get(m.scheduler.name, m.scheduler.name)}, "
-                f"CFG scale: {guidance:g}, Seed: {seed}, Size: {m.latent.width}x{m.latent.height}, Model: {m.model}")
+                f"CFG scale: {guidance:g}, Seed: {seed}, Size: {'x'.join(map(str, self.image_size))}, Model: {m.model}")
 
 
 def _check_int(name: str, value, lo: int, hi: int) -> None:
@@ -189,6 +204,6 @@ def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> np.ndarray:
 
 
 def to_uint8(x: np.ndarray) -> list[np.ndarray]:
-    """(B, C, H, W) in [-1, 1] -> list of uint8 images, (H, W) for C = 1 and (H, W, 3) for C = 3."""
-    x = np.clip(np.rint((x + 1) * 127.5), 0, 255).astype(np.uint8)
+    """(B, C, H, W) in [0, 1] -> list of uint8 images, (H, W) for C = 1 and (H, W, 3) for C = 3."""
+    x = np.clip(np.rint(x * 255), 0, 255).astype(np.uint8)
     return [img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0) for img in x]

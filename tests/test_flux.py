@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from ditrt.export.loaders.diffusers import load_transformer
+from ditrt.export.loaders.diffusers import load_component
 from ditrt.export.models.flux import (FLUX_DEV, FLUX_SCHNELL, Flux, FluxConfig, config_from_diffusers,
                                        latent_image_ids, pack_latents, unpack_latents)
 from ditrt.runtime.errors import ConfigError, InputError
@@ -50,7 +50,7 @@ def run_both(ref, ours, feeds):
 @pytest.mark.parametrize("guidance", [True, False], ids=["dev", "schnell"])
 def test_flux_matches_diffusers(tmp_path, guidance):
     ref = diffusers_flux(tmp_path, guidance_embeds=guidance)
-    got, want = run_both(ref, load_transformer(tmp_path), inputs(guidance))
+    got, want = run_both(ref, load_component(tmp_path), inputs(guidance))
     assert got.shape == want.shape == (2, 24, 8)
     print(f"guidance_embeds={guidance}: max abs diff {(got - want).abs().max().item():.2e}")
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
@@ -63,7 +63,7 @@ def test_flux_half_precision_weights_load(tmp_path, dtype):
         for p in ref.parameters():
             p.copy_(p.to(dtype).float())
     copy.deepcopy(ref).to(dtype).save_pretrained(tmp_path / "half")
-    got, want = run_both(ref, load_transformer(tmp_path / "half"), inputs(True))
+    got, want = run_both(ref, load_component(tmp_path / "half"), inputs(True))
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from ditrt.export.loaders.diffusers import load_transformer
+from ditrt.export.loaders.diffusers import load_component
 from ditrt.runtime.errors import LoaderError
 from conftest import randomize
 
@@ -32,7 +32,7 @@ def diffusers_dit(tmp_path, **overrides):
 @pytest.mark.parametrize("out_channels", [8, 4], ids=["learn-sigma", "eps-only"])
 def test_dit_matches_diffusers(tmp_path, out_channels):
     ref, folder = diffusers_dit(tmp_path, out_channels=out_channels)
-    ours = load_transformer(folder)
+    ours = load_component(folder)
     x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     t, y = torch.tensor([0, 500, 999]), torch.tensor([0, 7, 10])  # 10 = null class
     with torch.no_grad():
@@ -51,7 +51,7 @@ def test_dit_fp16_and_sharded_weights(tmp_path):
             p.copy_(p.half().float())
     copy.deepcopy(ref).half().save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
     assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
-    ours = load_transformer(tmp_path / "sharded")
+    ours = load_component(tmp_path / "sharded")
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.tensor([1, 2])
     with torch.no_grad():
         want = ref(x, timestep=t, class_labels=y).sample
@@ -65,30 +65,30 @@ def test_diverged_per_block_embedders_are_refused(tmp_path):
                                             num_embeds_ada_norm=10))
     model.save_pretrained(tmp_path)
     with pytest.raises(LoaderError, match="transformer_blocks.1.norm1.emb.* differs from .*transformer_blocks.0"):
-        load_transformer(tmp_path)
+        load_component(tmp_path)
 
 
 def test_loader_errors(tmp_path):
     with pytest.raises(LoaderError, match="has no config.json"):
-        load_transformer(tmp_path)
+        load_component(tmp_path)
     _, folder = diffusers_dit(tmp_path)
     config = json.loads((folder / "config.json").read_text())
 
     (folder / "config.json").write_text(json.dumps(dict(config, _class_name="UNet2DConditionModel")))
     with pytest.raises(LoaderError, match="holds a 'UNet2DConditionModel'; supported: "):
-        load_transformer(folder)
+        load_component(folder)
 
     (folder / "config.json").write_text(json.dumps(dict(config, num_layers=3)))
     with pytest.raises(LoaderError, match=r"14 missing \(e.g. blocks.2.adaLN.weight"):
-        load_transformer(folder)
+        load_component(folder)
 
     (folder / "config.json").write_text(json.dumps(dict(config, num_layers=1)))
     with pytest.raises(LoaderError, match=r"14 unexpected \(e.g. blocks.1.attn"):
-        load_transformer(folder)
+        load_component(folder)
 
     (folder / "config.json").write_text(json.dumps(dict(config, attention_head_dim=4)))
     with pytest.raises(LoaderError, match="shape mismatch"):
-        load_transformer(folder)
+        load_component(folder)
 
     (folder / "config.json").write_text(json.dumps(config))
     from safetensors.torch import load_file, save_file
@@ -96,12 +96,12 @@ def test_loader_errors(tmp_path):
     weights = folder / "diffusion_pytorch_model.safetensors"
     save_file(dict(load_file(weights), **{"mystery.weight": torch.zeros(2)}), weights)
     with pytest.raises(LoaderError, match="1 unexpected checkpoint key.*mystery.weight"):
-        load_transformer(folder)
+        load_component(folder)
 
     weights.rename(folder / "diffusion_pytorch_model.bin")
     with pytest.raises(LoaderError, match="only pickled weights .* never loaded"):
-        load_transformer(folder)
+        load_component(folder)
     (folder / "diffusion_pytorch_model.bin").rename(weights)
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(LoaderError, match="cannot read"):
-        load_transformer(folder)
+        load_component(folder)

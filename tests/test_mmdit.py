@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from ditrt.export.loaders.diffusers import load_transformer
+from ditrt.export.loaders.diffusers import load_component
 from ditrt.export.models.mmdit import (SD3_MEDIUM, SD35_LARGE, SD35_MEDIUM, MMDiT, MMDiTConfig,
                                         config_from_diffusers)
 from ditrt.runtime.errors import ConfigError, InputError
@@ -57,7 +57,7 @@ def run_both(ref, ours, x, t, ctx, pooled):
 @pytest.mark.parametrize("case", CASES)
 def test_mmdit_matches_diffusers(tmp_path, case, size):
     ref = diffusers_sd3(tmp_path, **CASES[case])
-    ours = load_transformer(tmp_path)
+    ours = load_component(tmp_path)
     got, want = run_both(ref, ours, *inputs(2, *size))
     assert got.shape == want.shape == (2, 4, *size)
     print(f"{case} {size}: max abs diff {(got - want).abs().max().item():.2e}")
@@ -71,7 +71,7 @@ def test_mmdit_half_precision_weights_load(tmp_path, dtype):
         for t in [*ref.parameters(), *ref.buffers()]:
             t.copy_(t.to(dtype).float())
     copy.deepcopy(ref).to(dtype).save_pretrained(tmp_path / "half")
-    got, want = run_both(ref, load_transformer(tmp_path / "half"), *inputs())
+    got, want = run_both(ref, load_component(tmp_path / "half"), *inputs())
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
 
 
@@ -114,7 +114,7 @@ def test_config_errors_name_the_field():
 
 def test_latent_larger_than_position_table_is_refused(tmp_path):
     diffusers_sd3(tmp_path)
-    ours = load_transformer(tmp_path)
+    ours = load_component(tmp_path)
     with pytest.raises(InputError, match="latent 18x8 .* at most 16"):
         ours(*inputs(2, 18, 8))
     with pytest.raises(InputError, match="latent 7x8 must be multiples of patch_size=2"):
@@ -128,7 +128,7 @@ def test_position_crop_exports_with_dynamic_latent_size(tmp_path):
     from ditrt.export.ops import lowering
 
     diffusers_sd3(tmp_path / "model")
-    ours = load_transformer(tmp_path / "model")
+    ours = load_component(tmp_path / "model")
     h, w = torch.export.Dim("h", min=1, max=8), torch.export.Dim("w", min=1, max=8)
     dynamic = ({2: 2 * h, 3: 2 * w}, None, None, None)
     with lowering("reference"), torch.no_grad():

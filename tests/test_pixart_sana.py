@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ditrt.export.loaders.diffusers import load_transformer
+from ditrt.export.loaders.diffusers import load_component
 from ditrt.runtime.errors import ConfigError, LoaderError
 
 from conftest import randomize
@@ -25,7 +25,7 @@ def text_inputs(B, T, C, masked, seed=0):
 def saved(model, tmp_path):
     model = randomize(model)
     model.save_pretrained(tmp_path / "transformer")
-    return model, load_transformer(tmp_path / "transformer")
+    return model, load_component(tmp_path / "transformer")
 
 
 @pytest.mark.parametrize("variant", ["sigma", "alpha-micro", "sigma-unmasked", "sigma-other-size"])
@@ -84,7 +84,7 @@ def test_sana_bf16_weights_load(tmp_path):
         for p in ref.parameters():
             p.copy_(p.bfloat16().float())
     copy.deepcopy(ref).to(torch.bfloat16).save_pretrained(tmp_path)
-    ours = load_transformer(tmp_path)
+    ours = load_component(tmp_path)
     x, y = torch.randn(1, 8, 8, 8), torch.randn(1, 4, 12)
     with torch.no_grad():
         torch.testing.assert_close(ours(x, torch.tensor([500.0]), y), ref(x, y, torch.tensor([500])).sample,
@@ -102,5 +102,5 @@ def test_unsupported_sana_variant_is_named(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(dict(config, guidance_embeds=True)))
     with pytest.raises(ConfigError, match="guidance_embeds=True is not supported"):
-        load_transformer(tmp_path)
+        load_component(tmp_path)
     assert issubclass(ConfigError, ValueError) and not issubclass(LoaderError, ConfigError)

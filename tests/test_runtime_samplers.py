@@ -48,3 +48,35 @@ def test_ddim_loop_matches_diffusers(dit_engine, steps, guidance):
     np.testing.assert_allclose(ours, x.numpy(), rtol=0, atol=2e-4 * float(np.abs(x.numpy()).max()))
     r = pipe(class_label=2, seed=3, steps=steps, guidance=guidance)
     assert "Sampler: DDIM" in r.parameters[0] and r.images[0].shape == (8, 8)
+
+
+def test_dit_pipeline_folder_matches_diffusers_dit_pipeline(tmp_path):
+    """A whole diffusers DiTPipeline folder (transformer + AutoencoderKL + DDIM) exported and run by the runtime
+    gives diffusers' images from the same initial noise."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+    from PIL import Image
+
+    transformer = randomize(DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                                  out_channels=8, num_layers=2, sample_size=4, patch_size=2,
+                                                  num_embeds_ada_norm=1000))  # DiTPipeline's null class is 1000
+    with torch.no_grad():
+        transformer.transformer_blocks[1].norm1.emb.load_state_dict(transformer.transformer_blocks[0].norm1.emb.state_dict())
+    vae = randomize(AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4,
+                                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2))
+    scheduler = DDIMScheduler(beta_schedule="linear", prediction_type="epsilon", clip_sample=False)
+    ref = DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler)
+    ref.save_pretrained(tmp_path / "dit-pipe")
+    m = export_model(str(tmp_path / "dit-pipe"), tmp_path / "engine")
+    assert set(m.components) == {"denoiser", "vae_decoder"} and m.latent.scaling_factor == vae.config.scaling_factor
+
+    pipe = Pipeline.load(tmp_path / "engine")
+    want = ref(class_labels=[3, 9], guidance_scale=4.0, num_inference_steps=12,
+               generator=torch.Generator().manual_seed(0), output_type="np").images  # (B, H, W, 3) in [0, 1]
+    noise = torch.randn((2, 4, 4, 4), generator=torch.Generator().manual_seed(0)).numpy()  # as DiTPipeline draws it
+    got = pipe._decode(pipe._denoise(noise, np.array([3, 9]), 12, 4.0, None, {})).transpose(0, 2, 3, 1)
+    # fp32 end to end, ORT vs torch kernels: pixel differences are rounding only
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-3)
+
+    paths = pipe(class_label=3, seed=1, steps=4).save(tmp_path / "out.png")
+    img = Image.open(paths[0])
+    assert img.size == (8, 8) and img.mode == "RGB" and "Size: 8x8" in img.text["parameters"]

@@ -105,8 +105,8 @@ def fill(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     return model.eval()
 
 
-def load_transformer(folder: str | Path, variant: str | None = None) -> nn.Module:
-    """A diffusers transformer folder (config.json + safetensors) as our module, in fp32."""
+def load_component(folder: str | Path, variant: str | None = None) -> nn.Module:
+    """A diffusers component folder (config.json + safetensors: a transformer or a VAE) as our module, in fp32."""
     folder = Path(folder)
     config = read_config(folder)
     name = config.get("_class_name")
@@ -119,13 +119,14 @@ def load_transformer(folder: str | Path, variant: str | None = None) -> nn.Modul
 
 def _families() -> dict[str, tuple[Callable, type, list[KeyRule]]]:
     """diffusers `_class_name` -> (config converter, our module, key table)."""
-    from ..models import dit, flux, mmdit, pixart, sana
+    from ..models import dit, flux, mmdit, pixart, sana, vae_kl
 
     return {
         "DiTTransformer2DModel": (dit.config_from_diffusers, dit.DiT, keymaps.DIT),
         "Transformer2DModel": (dit.config_from_diffusers, dit.DiT, keymaps.DIT),  # legacy name of the same class
         "PixArtTransformer2DModel": (pixart.config_from_diffusers, pixart.PixArt, keymaps.PIXART),
         "SanaTransformer2DModel": (sana.config_from_diffusers, sana.Sana, keymaps.SANA),
+        "AutoencoderKL": (vae_kl.config_from_diffusers, vae_kl.VAEDecoder, keymaps.VAE_KL),
         "SD3Transformer2DModel": (mmdit.config_from_diffusers, mmdit.MMDiT, keymaps.MMDIT),
         "FluxTransformer2DModel": (flux.config_from_diffusers, flux.Flux, keymaps.FLUX),
     }

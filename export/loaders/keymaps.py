@@ -113,3 +113,11 @@ FLUX = _MMDIT_COMMON + [
     KeyRule(r"(single_transformer_blocks\.\d+\.(?:attn\.(?:to_[qkv]|norm_[qk])|proj_mlp|proj_out)\.(?:weight|bias))",
             r"\1"),
 ]
+
+
+# AutoencoderKL: only the decoder is exported; the encoder half of the checkpoint is dropped.
+VAE_KL = [
+    KeyRule(r"(?:encoder|quant_conv)\..*", DROP),
+    KeyRule(r"(decoder\.mid_block\.attentions\.0)\.to_out\.0\.(weight|bias)", r"\1.to_out.\2"),
+    KeyRule(r"((?:decoder|post_quant_conv)\..*)", r"\1"),
+]
