@@ -18,7 +18,7 @@ import numpy as np
 from .backends import open_backend
 from .errors import InputError, ManifestError
 from .manifest import Manifest, load_manifest, resolve_inside
-from .schedules import SCHEDULERS, STEP_SCALARS
+from .schedules import SCHEDULERS, STEP_SCALARS, make_plan
 
 MAX_BATCH = 64
 MAX_STEPS = 1000
@@ -141,7 +141,9 @@ class Pipeline:
     def _denoise(self, x: np.ndarray, labels: np.ndarray, steps: int, guidance: float,
                  on_step: Callable[[int, int], None] | None, timings: dict) -> np.ndarray:
         sched = self.manifest.scheduler
-        plan = SCHEDULERS[sched.name](steps, sched.shift, sched.num_train_timesteps)
+        lat = self.manifest.latent
+        tokens = (lat.height // lat.packing) * (lat.width // lat.packing)
+        plan = make_plan(sched.name, steps, sched.shift, sched.num_train_timesteps, tokens)
         per_step = [{k: np.asarray(plan[k][i], dtype=np.float32) for k in STEP_SCALARS} for i in range(steps)]
         feeds = {"x": x, "x0_prev": np.zeros_like(x), "class_labels": labels,
                  "guidance": np.asarray(guidance, dtype=np.float32)}

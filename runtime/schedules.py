@@ -12,19 +12,28 @@ import numpy as np
 STEP_SCALARS = ("t", "p", "q", "a", "b", "c")
 
 
+def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
+                    base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+    """Flux's resolution-dependent μ: linear in the number of latent tokens (diffusers calculate_shift)."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * m + base_shift - m * base_seq_len
+
+
 def flow_sigmas(steps: int, shift: float = 1.0, num_train_timesteps: int = 1000,
-                mu: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+                mu: float | None = None, sigmas: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """diffusers FlowMatchEulerDiscreteScheduler.set_timesteps(steps): (sigmas incl. final 0, timesteps).
 
     Static shift (mu=None) is applied as diffusers does: once to the training grid (which moves sigma_min),
     once to the inference sigmas. With mu, the exponential time shift e^mu / (e^mu + 1/σ − 1) replaces it.
     """
     n = num_train_timesteps
-    grid = np.linspace(1, n, n, dtype=np.float32)[::-1] / n
-    if mu is None:
-        grid = shift * grid / (1 + (shift - 1) * grid)
-    sigma_max, sigma_min = float(grid[0]), float(grid[-1])
-    sigmas = (np.linspace(sigma_max * n, sigma_min * n, steps) / n).astype(np.float32)
+    if sigmas is None:
+        grid = np.linspace(1, n, n, dtype=np.float32)[::-1] / n
+        if mu is None:
+            grid = shift * grid / (1 + (shift - 1) * grid)
+        sigma_max, sigma_min = float(grid[0]), float(grid[-1])
+        sigmas = np.linspace(sigma_max * n, sigma_min * n, steps) / n
+    sigmas = np.asarray(sigmas).astype(np.float32)
     if mu is None:
         sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
     else:
@@ -34,12 +43,12 @@ def flow_sigmas(steps: int, shift: float = 1.0, num_train_timesteps: int = 1000,
 
 
 def flow_euler_plan(steps: int, shift: float = 1.0, num_train_timesteps: int = 1000,
-                    mu: float | None = None) -> dict[str, np.ndarray]:
+                    mu: float | None = None, sigmas: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Euler on a velocity model v = noise − x0: x_next = x + (σ_next − σ)·v, written in x0 form.
 
     x0 = x − σ·v  (p = 1, q = −σ);  x_next = (σ_next/σ)·x + (1 − σ_next/σ)·x0  (a, b; c = 0).
     """
-    sigmas, timesteps = flow_sigmas(steps, shift, num_train_timesteps, mu)
+    sigmas, timesteps = flow_sigmas(steps, shift, num_train_timesteps, mu, sigmas)
     s, s_next = sigmas[:-1].astype(np.float64), sigmas[1:].astype(np.float64)
     plan = {"t": timesteps, "p": np.ones_like(s), "q": -s, "a": s_next / s, "b": 1 - s_next / s,
             "c": np.zeros_like(s)}
@@ -107,5 +116,18 @@ def flow_dpm_plan(steps: int, shift: float = 3.0, num_train_timesteps: int = 100
     return {k: v.astype(np.float32) for k, v in plan.items()}
 
 
+def flux_plan(steps: int, image_seq_len: int, num_train_timesteps: int = 1000) -> dict[str, np.ndarray]:
+    """FluxPipeline: sigmas linspace(1, 1/n, n), exponentially time-shifted by μ(image tokens)."""
+    return flow_euler_plan(steps, num_train_timesteps=num_train_timesteps, mu=calculate_shift(image_seq_len),
+                           sigmas=np.linspace(1.0, 1 / steps, steps))
+
+
 SCHEDULERS = {"flow_euler": flow_euler_plan, "ddim": ddim_plan, "dpmsolver++": dpm_plan,
-              "flow_dpmsolver++": flow_dpm_plan}
+              "flow_dpmsolver++": flow_dpm_plan, "flow_euler_dynamic": flux_plan}
+
+
+def make_plan(name: str, steps: int, shift: float, num_train_timesteps: int, image_seq_len: int) -> dict:
+    """The per-step scalars of sampler `name` (a manifest scheduler name)."""
+    if name == "flow_euler_dynamic":
+        return flux_plan(steps, image_seq_len, num_train_timesteps)
+    return SCHEDULERS[name](steps, shift, num_train_timesteps)

@@ -26,6 +26,26 @@ print("ok")
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
 
+def test_runtime_tokenizer_works_without_torch(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"<pad>": 0, "<unk>": 1, "a": 2, "cat": 3}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    code = f"""
+import sys
+sys.modules["torch"] = sys.modules["transformers"] = None  # any import of them now fails
+from ditrt.runtime.tokenizer import TextTokenizer, TokenizerConfig
+t = TextTokenizer({str(tmp_path / "tokenizer.json")!r}, TokenizerConfig(max_length=4, pad_id=0))("a cat a cat a")
+assert t.input_ids.tolist() == [[2, 3, 2, 3]] and t.truncated == (True,)
+bad = sorted(m for m in sys.modules if m.startswith(("ditrt.export", "torch", "transformers")) and sys.modules[m])
+assert not bad, bad
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
 def test_runtime_sources_never_import_export():
     for path in (ROOT / "runtime").rglob("*.py"):
         tree = ast.parse(path.read_text())

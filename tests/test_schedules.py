@@ -133,3 +133,22 @@ def test_flow_dpm_solver_matches_diffusers(steps, shift):
     x = np.random.default_rng(3).standard_normal((2, 4, 4)).astype(np.float32)
     # O(1) flow trajectories in float32: rounding only
     np.testing.assert_allclose(run_plan(plan, x, velocity), run_diffusers(ref, x, velocity), rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("steps,size", [(4, 256), (28, 1024), (50, 512)])
+def test_flux_schedule_matches_flux_pipeline(steps, size):
+    """FluxPipeline passes sigmas = linspace(1, 1/n, n) and μ from the packed-token count."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift as diffusers_shift
+
+    from ditrt.runtime.schedules import calculate_shift, flux_plan
+
+    seq = (size // 16) ** 2
+    mu = diffusers_shift(seq, 256, 4096, 0.5, 1.15)
+    assert calculate_shift(seq) == pytest.approx(mu, abs=1e-12)
+    ref = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    ref.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    plan = flux_plan(steps, seq)
+    np.testing.assert_allclose(plan["t"], ref.timesteps.numpy(), rtol=0, atol=1e-3)
+    x = np.random.default_rng(4).standard_normal((1, 4, 4)).astype(np.float32)
+    np.testing.assert_allclose(run_plan(plan, x, velocity), run_diffusers(ref, x, velocity), rtol=0, atol=2e-5)
