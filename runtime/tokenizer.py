@@ -94,5 +94,5 @@ class TextTokenizer:
 
     def _check_length(self, limit: int) -> None:
         if not isinstance(limit, int) or limit <= self._specials:
-            raise ConfigError(f"tokenizer max_length {limit!r} leaves no room for text: this tokenizer adds "
-                              f"{self._specials} special token(s); use a larger max_length")
+            raise ConfigError(f"tokenizer max_length {limit!r} leaves no room for text: it must be an integer "
+                              f"above {self._specials}, the special tokens this tokenizer adds; use a larger one")

@@ -96,7 +96,7 @@ def test_tokenizer_matches_transformers(name, tmp_path):
 
 
 def test_one_prompt_and_a_per_call_length_as_sana_needs(tmp_path):
-    """Sana prefixes an instruction (CHI) to the prompt and pads to len(tokenize(chi)) + 300 − 2 (pipeline_sana.py)."""
+    """Sana prefixes an instruction (CHI) to the prompt, padding to len(tokens(chi)) + 300 − 2 (pipeline_sana.py)."""
     hf = gemma_tokenizer()
     hf.padding_side = "right"
     ours = runtime_tokenizer(hf, tmp_path, max_length=8)
@@ -157,7 +157,7 @@ def test_tokenizer_errors(tmp_path):
         TextTokenizer(tmp_path / "bad.json", TokenizerConfig(T, 0))
     with pytest.raises(ConfigError, match="pad_id 100000 is outside"):
         TextTokenizer(path, TokenizerConfig(T, 100_000))
-    with pytest.raises(ConfigError, match="max_length 2 leaves no room.*adds 2 special"):  # CLIP: BOS + EOS
+    with pytest.raises(ConfigError, match="max_length 2 leaves no room.*above 2, the special"):  # CLIP: BOS + EOS
         TextTokenizer(path, TokenizerConfig(2, 0))
     ours = TextTokenizer(path, TokenizerConfig(T, hf.pad_token_id))
     with pytest.raises(ConfigError, match="max_length 1 leaves no room"):
