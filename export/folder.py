@@ -56,7 +56,7 @@ def resolve_source(source: str, random_weights: bool, seed: int):
     path = Path(source)
     if source in PRESETS or not path.exists():
         preset = get_preset(source)
-        return build_preset(preset, random_weights, seed), preset, None, []
+        return build_preset(preset, random_weights, seed), preset, None, None, []
     if random_weights:
         raise InputError("--random-weights applies to built-in architectures, not to a checkpoint folder")
     pipeline = (path / "model_index.json").is_file()
@@ -67,6 +67,8 @@ def resolve_source(source: str, random_weights: bool, seed: int):
         raise InputError(f"{str(folder)!r} holds a {type(model).__name__}, not a denoiser; pass a pipeline folder "
                          "(model_index.json) or a transformer folder")
     vae, notes = None, []
+    sampler, text_len = family_defaults(family, model.cfg)
+    text = load_text_encoder(path, family, model.cfg, text_len, notes) if pipeline else None
     vae_config = path / "vae" / "config.json"
     if pipeline and vae_config.is_file():
         vae_class = read_config(path / "vae").get("_class_name")
@@ -75,11 +77,29 @@ def resolve_source(source: str, random_weights: bool, seed: int):
             assert isinstance(vae, VAEDecoder)
         else:
             notes.append(f"vae ({vae_class}) not exported: not supported yet")
-    sampler, text_len = family_defaults(family, model.cfg)
     classes = tuple(str(i) for i in range(model.cfg.num_classes)) if family == "dit" else ()
     row = Preset(path.resolve().name, str(read_config(folder).get("_class_name")), family, model.cfg, sampler,
                  text_len, (128, 128) if family == "flux" else None, class_names=classes)
-    return model, row, vae, notes
+    return model, row, vae, text, notes
+
+
+def load_text_encoder(path: Path, family: str, cfg, text_len: int, notes: list[str]):
+    """PixArt's T5 (masked) from a pipeline folder -> (engine graph, transformers tokenizer, manifest TextInput)."""
+    from ditrt.runtime.manifest import TextInput
+
+    from .graphs import MaskedPromptGraph
+
+    if not (path / "text_encoder" / "config.json").is_file():
+        return None
+    if family != "pixart":
+        notes.append(f"text encoders of {family!r} pipelines not exported: not supported yet")
+        return None
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    encoder = T5EncoderModel.from_pretrained(path / "text_encoder", use_safetensors=True).float().eval()
+    tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+    graph = MaskedPromptGraph(encoder, text_len, cfg.caption_channels)
+    return graph, tokenizer, TextInput("tokenizer/tokenizer.json", text_len, tokenizer.pad_token_id, lowercase=True)
 
 
 def export_component(name: str, graph, inputs, outputs, folder: Path, lowering_name: str, opset: int,
@@ -118,18 +138,24 @@ def export_model(source: str, out: str | os.PathLike, *, random_weights: bool = 
     from .graphs import DecoderGraph, StepGraph, decoder_io, default_latent_hw, step_io
     from .onnx_export import DEFAULT_OPSET, LOWERINGS
     from .presets import training_info
+    from .text_encoders import save_tokenizer
 
     if lowering_name not in LOWERINGS:
         raise InputError(f"unknown lowering {lowering_name!r}; choose from {', '.join(LOWERINGS)}")
     if Path(out).exists() and not force:  # before the (slow) export, not after it
         raise InputError(f"output folder {str(out)!r} already exists; pass --force to replace it")
-    model, row, vae, notes = resolve_source(source, random_weights, seed)
+    model, row, vae, text, notes = resolve_source(source, random_weights, seed)
     hw, opset = row.latent_hw or default_latent_hw(model), opset or DEFAULT_OPSET
     packing = 2 if row.family == "flux" else 1
     with staging_folder(Path(out), force, make_parent) as tmp:
         components = {"denoiser": export_component("denoiser", StepGraph(model, row.text_len, hw),
                                                    *step_io(model, row.text_len, hw), tmp, lowering_name, opset,
                                                    external_data)}
+        if text is not None:
+            graph, tokenizer, text_input = text
+            components["text_encoder"] = export_component("text_encoder", graph, graph.inputs, graph.outputs, tmp,
+                                                          lowering_name, opset, external_data)
+            save_tokenizer(tokenizer, tmp / "tokenizer")
         if vae is not None:
             components["vae_decoder"] = export_component("vae_decoder", DecoderGraph(vae), *decoder_io(vae, hw), tmp,
                                                          lowering_name, opset, external_data)
@@ -140,7 +166,7 @@ def export_model(source: str, out: str | os.PathLike, *, random_weights: bool = 
             latent=Latent(model.cfg.in_channels // packing**2, hw[0], hw[1], vcfg.scaling_factor if vcfg else 1.0,
                           vcfg.shift_factor if vcfg else 0.0, packing),
             scheduler=Scheduler(s.name, s.prediction, shift=s.shift, default_steps=s.steps, default_guidance=s.guidance),
-            components=components, files=file_entries(tmp),
+            components=components, files=file_entries(tmp), text=[text[2]] if text is not None else [],
             export={"command": command, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                     "source": source, "seed": seed if random_weights else None, "text_len": row.text_len,
                     "notes": notes, "training": training_info(row), "versions": {

@@ -118,6 +118,20 @@ class StepGraph(nn.Module):
         return a * x + b * x0 + c * x0_prev, x0
 
 
+class MaskedPromptGraph(nn.Module):
+    """PixArt/Sana text engine: a masked encoder (T5 / Gemma-2) whose outputs are the denoiser's prompt inputs."""
+
+    def __init__(self, encoder: nn.Module, seq_len: int, width: int):
+        super().__init__()
+        self.encoder = encoder
+        self.inputs = [IOSpec("input_ids", "int64", ("B", seq_len)), IOSpec("attention_mask", "int64", ("B", seq_len))]
+        self.outputs = [IOSpec("prompt_embeds", "float32", ("B", seq_len, width)),
+                        IOSpec("prompt_attention_mask", "int64", ("B", seq_len))]
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        return self.encoder(input_ids, attention_mask=attention_mask).last_hidden_state, attention_mask * 1
+
+
 class DecoderGraph(nn.Module):
     """VAE decoder engine: sampler latents -> image in [0, 1] (scaling, shift and clamp inside)."""
 

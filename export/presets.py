@@ -48,6 +48,8 @@ def family_defaults(family: str, cfg) -> tuple[Sampler, int]:
     """Sampler and text length that diffusers' pipeline uses for a checkpoint of this family."""
     if family == "flux" and not cfg.guidance_embeds:  # schnell: 4 steps, no guidance, 256 T5 tokens
         return FLUX_SCHNELL_EULER, 256
+    if family == "pixart" and cfg.micro_conditions:  # PixArt-α: 120 T5 tokens (Σ: 300)
+        return PIXART_DPM, 120
     return FAMILY_SAMPLERS[family], FAMILY_TEXT_LEN[family]
 
 

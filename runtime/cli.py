@@ -11,6 +11,8 @@ from .errors import DitError
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("engines", type=click.Path())
+@click.option("-p", "--prompt", help="What to generate (text-conditioned models).")
+@click.option("-n", "--negative-prompt", help="What to steer away from (text-conditioned models; default empty).")
 @click.option("-c", "--class-label", "class_label", help="Class to generate (class-conditional models), e.g. 7.")
 @click.option("--steps", type=int, default=None, help="Sampling steps (default: the model's, from the manifest).")
 @click.option("-g", "--guidance", "--cfg-scale", "guidance", type=float, default=None,
@@ -28,7 +30,7 @@ from .errors import DitError
 @click.option("--json", "as_json", is_flag=True, help="Print outputs, seeds and per-stage timings as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def main(engines, class_label, steps, guidance, seed, batch_size, output, force, no_metadata, backend, threads,
+def main(engines, prompt, negative_prompt, class_label, steps, guidance, seed, batch_size, output, force, no_metadata, backend, threads,
          no_verify, as_json, quiet, debug):
     """Generate images with the engine folder ENGINES (written by dit-export).
 
@@ -44,7 +46,7 @@ def main(engines, class_label, steps, guidance, seed, batch_size, output, force,
             show = not (quiet or as_json) and sys.stderr.isatty()
             with click.progressbar(length=steps or pipe.manifest.scheduler.default_steps, label="denoising",
                                    file=sys.stderr) if show else _NoBar() as bar:
-                result = pipe(class_label=label, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,
+                result = pipe(prompt=prompt, negative_prompt=negative_prompt, class_label=label, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,
                               on_step=lambda i, n: bar.update(1))
             start = time.perf_counter()
             paths = result.save(output, overwrite=force, metadata=not no_metadata)
@@ -55,11 +57,13 @@ def main(engines, class_label, steps, guidance, seed, batch_size, output, force,
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
     m = pipe.manifest
+    for w in result.warnings:
+        click.echo(f"warning: {w}", err=True)
     if as_json:
         click.echo(json.dumps({"outputs": [str(p) for p in paths], "seeds": result.seeds, "model": m.model,
                                "family": m.family, "backend": backend, "steps": steps or m.scheduler.default_steps,
                                "guidance": m.scheduler.default_guidance if guidance is None else guidance,
-                               "size": list(pipe.image_size),
+                               "size": list(pipe.image_size), "warnings": list(result.warnings),
                                "timings_ms": {k: round(v, 3) for k, v in timings.items()}}))
     else:
         if not quiet:

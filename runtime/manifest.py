@@ -56,6 +56,18 @@ class Scheduler:
 
 
 @dataclass(frozen=True)
+class TextInput:
+    """One tokenizer feeding the text_encoder engine (whose outputs are the denoiser's prompt inputs)."""
+    tokenizer: str  # tokenizer.json, relative to the folder
+    max_length: int
+    pad_id: int
+    padding_side: str = "right"
+    input_ids: str = "input_ids"  # text_encoder input names fed from this tokenizer
+    attention_mask: str | None = "attention_mask"
+    lowercase: bool = False  # PixArt/Sana pipelines lower-case and strip the prompt first
+
+
+@dataclass(frozen=True)
 class FileEntry:
     sha256: str
     bytes: int
@@ -73,6 +85,7 @@ class Manifest:
     components: dict[str, Component]
     files: dict[str, FileEntry]
     export: dict[str, Any] = field(default_factory=dict)  # command, versions, created: informational
+    text: list[TextInput] = field(default_factory=list)  # text-conditioned models: tokenizers, in encoder order
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict:
@@ -96,6 +109,7 @@ class Manifest:
         d["components"] = comps
         d["files"] = {k: FileEntry(**_checked(FileEntry, v, f"files.{k}")) for k, v in _mapping(d["files"], "files").items()}
         d["latent"] = Latent(**_checked(Latent, d["latent"], "latent"))
+        d["text"] = [TextInput(**_checked(TextInput, t, "text")) for t in d.get("text", [])]
         d["scheduler"] = Scheduler(**_checked(Scheduler, d["scheduler"], "scheduler"))
         return cls(**d)
 

@@ -19,6 +19,7 @@ from .backends import open_backend
 from .errors import InputError, ManifestError
 from .manifest import Manifest, load_manifest, resolve_inside
 from .schedules import SCHEDULERS, STEP_SCALARS, make_plan
+from .tokenizer import TextTokenizer, TokenizerConfig
 
 MAX_BATCH = 64
 MAX_STEPS = 1000
@@ -31,6 +32,7 @@ class Result:
     seeds: list[int]  # image i was generated from seeds[i]
     parameters: list[str]  # A1111-style generation parameters, one per image
     timings_ms: dict[str, float]
+    warnings: tuple[str, ...] = ()  # e.g. a prompt truncated to the text encoder's limit
 
     def save(self, path: str | os.PathLike, overwrite: bool = False, metadata: bool = True) -> list[Path]:
         """Write the images as PNG: `path` for one image, `stem-0000.png`, `stem-0001.png`, ... for several.
@@ -70,8 +72,9 @@ def output_paths(path: str | os.PathLike, n: int, overwrite: bool = False) -> li
 class Pipeline:
     """A loaded engine folder. Immutable after load; each call keeps its state local, so calls may overlap."""
 
-    def __init__(self, folder: Path, manifest: Manifest, engines: dict, load_ms: float):
+    def __init__(self, folder: Path, manifest: Manifest, engines: dict, tokenizers: list, load_ms: float):
         self.folder, self.manifest, self.engines, self.load_ms = folder, manifest, engines, load_ms
+        self.tokenizers = tokenizers
 
     @classmethod
     def load(cls, folder: str | os.PathLike, backend: str = "onnxruntime", verify: bool = True,
@@ -82,7 +85,7 @@ class Pipeline:
         manifest = load_manifest(folder, verify=verify)
         if "denoiser" not in manifest.components:
             raise ManifestError(f"{str(folder)!r} has no denoiser component")
-        if manifest.conditioning != "class":
+        if manifest.conditioning != "class" and not (manifest.text and "text_encoder" in manifest.components):
             raise ManifestError(f"{str(folder)!r} holds only the denoiser of the text-conditioned model "
                                 f"{manifest.model!r}; generating from it needs text encoders and a VAE decoder, "
                                 "which this version does not export yet")
@@ -94,7 +97,9 @@ class Pipeline:
                                 f"known: {', '.join(SCHEDULERS)}")
         engines = {name: open_backend(backend, resolve_inside(folder, c.file), c, threads)
                    for name, c in manifest.components.items()}
-        return cls(folder, manifest, engines, (time.perf_counter() - start) * 1e3)
+        tokenizers = [TextTokenizer(resolve_inside(folder, t.tokenizer),
+                                    TokenizerConfig(t.max_length, t.pad_id, t.padding_side)) for t in manifest.text]
+        return cls(folder, manifest, engines, tokenizers, (time.perf_counter() - start) * 1e3)
 
     def close(self) -> None:
         for engine in self.engines.values():
@@ -106,12 +111,15 @@ class Pipeline:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def __call__(self, *, class_label: int | str | None = None, steps: int | None = None,
-                 guidance: float | None = None, seed: int | None = None, batch_size: int = 1,
+    def __call__(self, *, prompt: str | None = None, negative_prompt: str | None = None,
+                 class_label: int | str | None = None, steps: int | None = None, guidance: float | None = None,
+                 seed: int | None = None, batch_size: int = 1,
                  on_step: Callable[[int, int], None] | None = None) -> Result:
-        """Generate `batch_size` images of `class_label`. Image i uses seed + i; seed None or < 0 picks one."""
+        """Generate `batch_size` images of `prompt` (text models) or `class_label` (class-conditional models).
+
+        Image i uses seed + i; seed None or < 0 picks one. Steps and guidance default to the manifest's.
+        """
         m, sched = self.manifest, self.manifest.scheduler
-        label = self._class_index(class_label)
         steps = sched.default_steps if steps is None else steps
         guidance = sched.default_guidance if guidance is None else guidance
         _check_int("steps", steps, 1, MAX_STEPS)
@@ -125,28 +133,64 @@ class Pipeline:
         timings = {"load": self.load_ms}
 
         t0 = time.perf_counter()
+        cond, description, warnings = self._conditioning(prompt, negative_prompt, class_label, batch_size)
+        t1 = time.perf_counter()
         seeds = [seed + i for i in range(batch_size)]
         x = initial_noise(seeds, (m.latent.channels, m.latent.height, m.latent.width))
-        labels = np.full((batch_size,), label, dtype=np.int64)
-        t1 = time.perf_counter()
-        x = self._denoise(x, labels, steps, float(guidance), on_step, timings)
+        x = self._denoise(x, cond, steps, float(guidance), on_step, timings)
         t2 = time.perf_counter()
         images = to_uint8(self._decode(x))
         t3 = time.perf_counter()
-        timings.update(noise=(t1 - t0) * 1e3, denoise_total=(t2 - t1) * 1e3, denoise_per_step=(t2 - t1) * 1e3 / steps,
-                       decode=(t3 - t2) * 1e3, total=(t3 - t0) * 1e3)
-        params = [self._parameters(label, steps, guidance, s) for s in seeds]
-        return Result(images, seeds, params, timings)
+        timings.update(text_encode=(t1 - t0) * 1e3, denoise_total=(t2 - t1) * 1e3,
+                       denoise_per_step=(t2 - t1) * 1e3 / steps, decode=(t3 - t2) * 1e3, total=(t3 - t0) * 1e3)
+        params = [self._parameters(description, steps, guidance, s) for s in seeds]
+        return Result(images, seeds, params, timings, tuple(warnings))
 
-    def _denoise(self, x: np.ndarray, labels: np.ndarray, steps: int, guidance: float,
+    def _conditioning(self, prompt, negative_prompt, class_label, batch: int) -> tuple[dict, str, list[str]]:
+        """Per-request denoiser inputs (computed once, not per step), the prompt line for PNGs, warnings."""
+        m = self.manifest
+        if m.conditioning == "class":
+            if prompt is not None or negative_prompt is not None:
+                raise InputError(f"model {m.model!r} is class-conditional: give a class label, not a prompt")
+            label = self._class_index(class_label)
+            return ({"class_labels": np.full((batch,), label, dtype=np.int64)},
+                    f"class {label} ({m.class_names[label]})", [])
+        if class_label is not None:
+            raise InputError(f"model {m.model!r} is text-conditioned: give a prompt, not a class label")
+        if not isinstance(prompt, str) or (negative_prompt is not None and not isinstance(negative_prompt, str)):
+            raise InputError(f"model {m.model!r} needs a prompt (a string); got {prompt!r}")
+        negative_prompt = negative_prompt or ""
+        (pos, warnings), (neg, _) = self._encode_text(prompt), self._encode_text(negative_prompt)
+        feeds = {k: np.repeat(v, batch, axis=0) for k, v in pos.items()}
+        feeds.update({"negative_" + k: np.repeat(v, batch, axis=0) for k, v in neg.items()})
+        names = {s.name for s in m.components["denoiser"].inputs}
+        if "resolution" in names:  # PixArt-α micro-conditions: the image's (height, width) and aspect ratio
+            w, h = self.image_size
+            feeds["resolution"] = np.tile(np.array([[h, w]], dtype=np.float32), (batch, 1))
+            feeds["aspect_ratio"] = np.full((batch, 1), h / w, dtype=np.float32)
+        line = prompt + (f"\nNegative prompt: {negative_prompt}" if negative_prompt else "")
+        return feeds, line, warnings
+
+    def _encode_text(self, text: str) -> tuple[dict[str, np.ndarray], list[str]]:
+        feeds, warnings = {}, []
+        for spec, tokenizer in zip(self.manifest.text, self.tokenizers):
+            tokens = tokenizer(text.lower().strip() if spec.lowercase else text)
+            if tokens.truncated[0]:
+                warnings.append(f"prompt truncated to the text encoder's limit of {spec.max_length} tokens "
+                                f"(it has {tokens.lengths[0]})")
+            feeds[spec.input_ids] = tokens.input_ids
+            if spec.attention_mask:
+                feeds[spec.attention_mask] = tokens.attention_mask
+        return self.engines["text_encoder"].run(feeds), warnings
+
+    def _denoise(self, x: np.ndarray, cond: dict[str, np.ndarray], steps: int, guidance: float,
                  on_step: Callable[[int, int], None] | None, timings: dict) -> np.ndarray:
         sched = self.manifest.scheduler
         lat = self.manifest.latent
         tokens = (lat.height // lat.packing) * (lat.width // lat.packing)
         plan = make_plan(sched.name, steps, sched.shift, sched.num_train_timesteps, tokens)
         per_step = [{k: np.asarray(plan[k][i], dtype=np.float32) for k in STEP_SCALARS} for i in range(steps)]
-        feeds = {"x": x, "x0_prev": np.zeros_like(x), "class_labels": labels,
-                 "guidance": np.asarray(guidance, dtype=np.float32)}
+        feeds = {"x": x, "x0_prev": np.zeros_like(x), "guidance": np.asarray(guidance, dtype=np.float32), **cond}
         engine, engine_s = self.engines["denoiser"], 0.0
         for i, scalars in enumerate(per_step):
             feeds.update(scalars)
@@ -187,9 +231,9 @@ class Pipeline:
                              f"has classes 0..{len(names) - 1}")
         return class_label
 
-    def _parameters(self, label: int, steps: int, guidance: float, seed: int) -> str:
+    def _parameters(self, description: str, steps: int, guidance: float, seed: int) -> str:
         m = self.manifest
-        return (f"class {label} ({m.class_names[label]})\n"
+        return (f"{description}\n"
                 f"Steps: {steps}, Sampler: {SAMPLER_NAMES.get(m.scheduler.name, m.scheduler.name)}, "
                 f"CFG scale: {guidance:g}, Seed: {seed}, Size: {'x'.join(map(str, self.image_size))}, Model: {m.model}")
 

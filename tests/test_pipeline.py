@@ -52,7 +52,7 @@ def test_matches_diffusers_scheduler_loop_over_the_torch_model(pipe):
         for t in sched.timesteps:
             cond, uncond = model(torch.cat([x, x]), t.expand(4), y).chunk(2)
             x = sched.step(uncond + g * (cond - uncond), t, x).prev_sample
-    ours = pipe._denoise(initial_noise([7, 8], (1, 16, 16)), np.array([4, 4]), steps, g, None, {})
+    ours = pipe._denoise(initial_noise([7, 8], (1, 16, 16)), {"class_labels": np.array([4, 4])}, steps, g, None, {})
     # fp32; 8 steps of O(1) latents, ORT vs torch kernels differ by rounding only
     np.testing.assert_allclose(ours, x.numpy(), rtol=0, atol=1e-4)
 
@@ -81,7 +81,7 @@ def test_timings_and_defaults(pipe):
     r = pipe(class_label="7", seed=0)
     m = pipe.manifest.scheduler
     assert f"Steps: {m.default_steps}," in r.parameters[0] and f"CFG scale: {m.default_guidance:g}," in r.parameters[0]
-    for k in ("load", "noise", "denoise_total", "denoise_per_step", "denoise_engine", "decode", "total"):
+    for k in ("load", "text_encode", "denoise_total", "denoise_per_step", "denoise_engine", "decode", "total"):
         assert r.timings_ms[k] >= 0
     assert r.timings_ms["denoise_engine"] <= r.timings_ms["denoise_total"]
     assert r.images[0].dtype == np.uint8 and r.images[0].shape == (16, 16)

@@ -43,7 +43,7 @@ def test_ddim_loop_matches_diffusers(dit_engine, steps, guidance):
             out = model(torch.cat([x, x]), timestep=t.expand(4), class_labels=labels).sample
             cond, uncond = out[:, :1].chunk(2)  # ε channel only; the variance channel is dropped
             x = sched.step(uncond + guidance * (cond - uncond), t, x).prev_sample
-    ours = pipe._denoise(initial_noise([3, 4], (1, 8, 8)), np.array([2, 7]), steps, guidance, None, {})
+    ours = pipe._denoise(initial_noise([3, 4], (1, 8, 8)), {"class_labels": np.array([2, 7])}, steps, guidance, None, {})
     # fp32 everywhere; DDIM amplifies ε by up to 1/√ᾱ ≈ 70 early on, hence a tolerance relative to the scale
     np.testing.assert_allclose(ours, x.numpy(), rtol=0, atol=2e-4 * float(np.abs(x.numpy()).max()))
     r = pipe(class_label=2, seed=3, steps=steps, guidance=guidance)
@@ -73,7 +73,7 @@ def test_dit_pipeline_folder_matches_diffusers_dit_pipeline(tmp_path):
     want = ref(class_labels=[3, 9], guidance_scale=4.0, num_inference_steps=12,
                generator=torch.Generator().manual_seed(0), output_type="np").images  # (B, H, W, 3) in [0, 1]
     noise = torch.randn((2, 4, 4, 4), generator=torch.Generator().manual_seed(0)).numpy()  # as DiTPipeline draws it
-    got = pipe._decode(pipe._denoise(noise, np.array([3, 9]), 12, 4.0, None, {})).transpose(0, 2, 3, 1)
+    got = pipe._decode(pipe._denoise(noise, {"class_labels": np.array([3, 9])}, 12, 4.0, None, {})).transpose(0, 2, 3, 1)
     # fp32 end to end, ORT vs torch kernels: pixel differences are rounding only
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-3)
 
