@@ -49,6 +49,8 @@ def write_manifest(folder: Path, manifest: Manifest) -> None:
 
 def resolve_source(source: str, random_weights: bool, seed: int):
     """A preset name or a diffusers folder -> (denoiser, Preset-like row describing it, VAE decoder or None, notes)."""
+    from dataclasses import replace
+
     from .loaders.diffusers import load_component, read_config
     from .models.vae_kl import VAEDecoder
     from .presets import FAMILIES, PRESETS, Preset, build_preset, family_defaults, get_preset
@@ -77,6 +79,9 @@ def resolve_source(source: str, random_weights: bool, seed: int):
             assert isinstance(vae, VAEDecoder)
         else:
             notes.append(f"vae ({vae_class}) not exported: not supported yet")
+    sched_config = path / "scheduler" / "scheduler_config.json"
+    if pipeline and sched_config.is_file() and sampler.name == "flow_euler":  # the folder's own static shift
+        sampler = replace(sampler, shift=float(json.loads(sched_config.read_text()).get("shift", sampler.shift)))
     classes = tuple(str(i) for i in range(model.cfg.num_classes)) if family == "dit" else ()
     row = Preset(path.resolve().name, str(read_config(folder).get("_class_name")), family, model.cfg, sampler,
                  text_len, (128, 128) if family == "flux" else None, class_names=classes)
@@ -84,22 +89,36 @@ def resolve_source(source: str, random_weights: bool, seed: int):
 
 
 def load_text_encoder(path: Path, family: str, cfg, text_len: int, notes: list[str]):
-    """PixArt's T5 (masked) from a pipeline folder -> (engine graph, transformers tokenizer, manifest TextInput)."""
+    """The pipeline folder's text encoders as one engine graph whose outputs are the denoiser's prompt inputs
+    -> (graph, [(tokenizer subfolder, transformers tokenizer, manifest TextInput)])."""
     from ditrt.runtime.manifest import TextInput
 
-    from .graphs import MaskedPromptGraph
+    from .graphs import MaskedPromptGraph, SD3PromptGraph
 
     if not (path / "text_encoder" / "config.json").is_file():
         return None
-    if family != "pixart":
-        notes.append(f"text encoders of {family!r} pipelines not exported: not supported yet")
-        return None
-    from transformers import AutoTokenizer, T5EncoderModel
+    from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
-    encoder = T5EncoderModel.from_pretrained(path / "text_encoder", use_safetensors=True).float().eval()
-    tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
-    graph = MaskedPromptGraph(encoder, text_len, cfg.caption_channels)
-    return graph, tokenizer, TextInput("tokenizer/tokenizer.json", text_len, tokenizer.pad_token_id, lowercase=True)
+    def load(cls, sub):
+        return cls.from_pretrained(path / sub, use_safetensors=True).float().eval()
+
+    if family == "pixart":
+        tok = AutoTokenizer.from_pretrained(path / "tokenizer")
+        graph = MaskedPromptGraph(load(T5EncoderModel, "text_encoder"), text_len, cfg.caption_channels)
+        return graph, [("tokenizer", tok, TextInput("tokenizer/tokenizer.json", text_len, tok.pad_token_id,
+                                                    lowercase=True))]
+    if family == "mmdit" and (path / "text_encoder_3" / "config.json").is_file():
+        graph = SD3PromptGraph(load(CLIPTextModelWithProjection, "text_encoder"),
+                               load(CLIPTextModelWithProjection, "text_encoder_2"), load(T5EncoderModel, "text_encoder_3"),
+                               77, text_len - 77)
+        toks = []
+        for sub, name, n in (("tokenizer", "clip_l", 77), ("tokenizer_2", "clip_g", 77), ("tokenizer_3", "t5", text_len - 77)):
+            tok = AutoTokenizer.from_pretrained(path / sub)
+            toks.append((sub, tok, TextInput(f"{sub}/tokenizer.json", n, tok.pad_token_id,
+                                             input_ids=f"{name}_input_ids", attention_mask=None)))
+        return graph, toks
+    notes.append(f"text encoders of this {family!r} pipeline not exported: not supported yet")
+    return None
 
 
 def export_component(name: str, graph, inputs, outputs, folder: Path, lowering_name: str, opset: int,
@@ -152,10 +171,11 @@ def export_model(source: str, out: str | os.PathLike, *, random_weights: bool = 
                                                    *step_io(model, row.text_len, hw), tmp, lowering_name, opset,
                                                    external_data)}
         if text is not None:
-            graph, tokenizer, text_input = text
+            graph, tokenizers = text
             components["text_encoder"] = export_component("text_encoder", graph, graph.inputs, graph.outputs, tmp,
                                                           lowering_name, opset, external_data)
-            save_tokenizer(tokenizer, tmp / "tokenizer")
+            for sub, tokenizer, _ in tokenizers:
+                save_tokenizer(tokenizer, tmp / sub)
         if vae is not None:
             components["vae_decoder"] = export_component("vae_decoder", DecoderGraph(vae), *decoder_io(vae, hw), tmp,
                                                          lowering_name, opset, external_data)
@@ -166,7 +186,7 @@ def export_model(source: str, out: str | os.PathLike, *, random_weights: bool = 
             latent=Latent(model.cfg.in_channels // packing**2, hw[0], hw[1], vcfg.scaling_factor if vcfg else 1.0,
                           vcfg.shift_factor if vcfg else 0.0, packing),
             scheduler=Scheduler(s.name, s.prediction, shift=s.shift, default_steps=s.steps, default_guidance=s.guidance),
-            components=components, files=file_entries(tmp), text=[text[2]] if text is not None else [],
+            components=components, files=file_entries(tmp), text=[t[2] for t in text[1]] if text is not None else [],
             export={"command": command, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                     "source": source, "seed": seed if random_weights else None, "text_len": row.text_len,
                     "notes": notes, "training": training_info(row), "versions": {

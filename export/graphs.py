@@ -132,6 +132,28 @@ class MaskedPromptGraph(nn.Module):
         return self.encoder(input_ids, attention_mask=attention_mask).last_hidden_state, attention_mask * 1
 
 
+class SD3PromptGraph(nn.Module):
+    """SD3's text engine (diffusers encode_prompt): CLIP-L and CLIP-G penultimate states side by side, zero-padded
+    to T5's width, then T5's tokens after them; pooled = both projected CLIP embeddings."""
+
+    def __init__(self, clip_l: nn.Module, clip_g: nn.Module, t5: nn.Module, clip_len: int = 77, t5_len: int = 256):
+        super().__init__()
+        self.clip_l, self.clip_g, self.t5 = clip_l, clip_g, t5
+        width, pooled = t5.config.d_model, clip_l.config.projection_dim + clip_g.config.projection_dim
+        self.inputs = [IOSpec("clip_l_input_ids", "int64", ("B", clip_len)),
+                       IOSpec("clip_g_input_ids", "int64", ("B", clip_len)), IOSpec("t5_input_ids", "int64", ("B", t5_len))]
+        self.outputs = [IOSpec("prompt_embeds", "float32", ("B", clip_len + t5_len, width)),
+                        IOSpec("pooled_prompt_embeds", "float32", ("B", pooled))]
+
+    def forward(self, clip_l_input_ids: Tensor, clip_g_input_ids: Tensor, t5_input_ids: Tensor) -> tuple[Tensor, Tensor]:
+        l, g = (enc(ids, output_hidden_states=True) for enc, ids in ((self.clip_l, clip_l_input_ids),
+                                                                     (self.clip_g, clip_g_input_ids)))
+        t5 = self.t5(t5_input_ids).last_hidden_state  # (B, 256, 4096); SD3 passes no mask to T5
+        clip = torch.cat([l.hidden_states[-2], g.hidden_states[-2]], dim=-1)  # (B, 77, 768 + 1280)
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return torch.cat([clip, t5], dim=1), torch.cat([l.text_embeds, g.text_embeds], dim=-1)
+
+
 class DecoderGraph(nn.Module):
     """VAE decoder engine: sampler latents -> image in [0, 1] (scaling, shift and clamp inside)."""
 

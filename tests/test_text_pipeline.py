@@ -79,3 +79,54 @@ def test_cli_text_to_image(pixart, tmp_path):
     assert text.startswith("a cat\nNegative prompt: blurry\nSteps: 3, Sampler: DPM++ 2M, CFG scale: 4.5, Seed: 7,")
     r = run_cli("dit-run", str(engine), "-p", "cat " * 400, "--steps", "1", "-o", "long.png", cwd=tmp_path)
     assert r.returncode == 0 and "warning: prompt truncated to the text encoder's limit of 300 tokens" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def sd3(tmp_path_factory):
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from test_text_encoders import clip_tokenizer
+
+    root = tmp_path_factory.mktemp("sd3") / "sd3-tiny"
+    tok_l, tok_g = clip_tokenizer(model_max_length=77), clip_tokenizer(pad_token="!", model_max_length=77)
+    tok_t5 = t5_tokenizer()
+
+    def clip(tok, seed):  # eos_token_id=2: the released CLIP-L config's legacy value (pooling at argmax id)
+        return randomize(CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+            projection_dim=16, max_position_embeddings=77, bos_token_id=tok.bos_token_id, eos_token_id=2)), seed)
+
+    t5 = randomize(T5EncoderModel(T5Config(vocab_size=len(tok_t5), d_model=48, d_kv=8, d_ff=64, num_layers=2,
+                                           num_heads=4, relative_attention_num_buckets=8)), seed=3)
+    transformer = randomize(SD3Transformer2DModel(
+        sample_size=4, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=48, caption_projection_dim=16, pooled_projection_dim=32,
+        pos_embed_max_size=8), seed=4)
+    with torch.no_grad():  # the stored position table is a buffer: random too
+        transformer.pos_embed.pos_embed.copy_(torch.randn(transformer.pos_embed.pos_embed.shape) * 0.1)
+    vae = randomize(AutoencoderKL(latent_channels=16, block_out_channels=(8, 16), layers_per_block=1,
+                                  norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, use_quant_conv=False,
+                                  use_post_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609), seed=5)
+    ref = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                   vae=vae, text_encoder=clip(tok_l, 1), tokenizer=tok_l, text_encoder_2=clip(tok_g, 2),
+                                   tokenizer_2=tok_g, text_encoder_3=t5, tokenizer_3=tok_t5)
+    ref.save_pretrained(root)
+    m = export_model(str(root), root.parent / "engine")
+    return ref, root.parent / "engine", m
+
+
+@pytest.mark.parametrize("negative", ["", "blurry"])
+def test_matches_stable_diffusion_3_pipeline(sd3, negative):
+    ref, engine, m = sd3
+    assert [t.max_length for t in m.text] == [77, 77, 256] and m.scheduler.shift == 3.0
+    latents = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(0))
+    want = ref(PROMPT, negative_prompt=negative, num_inference_steps=8, guidance_scale=7.0, height=8, width=8,
+               latents=latents.clone(), output_type="np").images
+    pipe = Pipeline.load(engine)
+    cond, _, _ = pipe._conditioning(PROMPT, negative, None, 1)
+    assert cond["prompt_embeds"].shape == (1, 333, 48) and cond["pooled_prompt_embeds"].shape == (1, 32)
+    got = pipe._decode(pipe._denoise(latents.numpy(), cond, 8, 7.0, None, {})).transpose(0, 2, 3, 1)
+    # fp32 end to end (two CLIPs, T5, flow Euler, MMDiT, 16-channel VAE): rounding only
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-3)
