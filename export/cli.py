@@ -22,10 +22,14 @@ from .presets import PRESETS
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --random-weights.")
 @click.option("--external-data/--no-external-data", default=None,
               help="Store weights beside the .onnx file (default: only when they exceed 2 GB).")
+@click.option("-H", "--height", type=int, help="Image height the engines are built for (pipeline folders; "
+              "default: the model's native size).")
+@click.option("-W", "--width", type=int, help="Image width the engines are built for.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--list", "list_models", is_flag=True, help="List the built-in models and exit.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def main(model, output, lowering, opset, random_weights, seed, external_data, force, list_models, debug):
+def main(model, output, lowering, opset, random_weights, seed, external_data, height, width, force, list_models,
+         debug):
     """Export MODEL to an engine folder: ONNX step graph + manifest.json.
 
     MODEL is a built-in name (see --list) or a diffusers folder: a pipeline folder (with
@@ -49,7 +53,7 @@ def main(model, output, lowering, opset, random_weights, seed, external_data, fo
             get_preset(model)  # fail on a bad name before the slow part
         command = shlex.join(["dit-export", *sys.argv[1:]])
         manifest = export_model(model, output, random_weights=random_weights, seed=seed, lowering_name=lowering,
-                                opset=opset, external_data=external_data, force=force,
+                                opset=opset, external_data=external_data, height=height, width=width, force=force,
                                 make_parent=output == default_output, command=command)
     except DitError as e:
         if debug:

@@ -93,11 +93,11 @@ def load_text_encoder(path: Path, family: str, cfg, text_len: int, notes: list[s
     -> (graph, [(tokenizer subfolder, transformers tokenizer, manifest TextInput)])."""
     from ditrt.runtime.manifest import TextInput
 
-    from .graphs import MaskedPromptGraph, SD3PromptGraph
+    from .graphs import FluxPromptGraph, MaskedPromptGraph, SD3PromptGraph
 
     if not (path / "text_encoder" / "config.json").is_file():
         return None
-    from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
 
     def load(cls, sub):
         return cls.from_pretrained(path / sub, use_safetensors=True).float().eval()
@@ -111,14 +111,42 @@ def load_text_encoder(path: Path, family: str, cfg, text_len: int, notes: list[s
         graph = SD3PromptGraph(load(CLIPTextModelWithProjection, "text_encoder"),
                                load(CLIPTextModelWithProjection, "text_encoder_2"), load(T5EncoderModel, "text_encoder_3"),
                                77, text_len - 77)
-        toks = []
-        for sub, name, n in (("tokenizer", "clip_l", 77), ("tokenizer_2", "clip_g", 77), ("tokenizer_3", "t5", text_len - 77)):
-            tok = AutoTokenizer.from_pretrained(path / sub)
-            toks.append((sub, tok, TextInput(f"{sub}/tokenizer.json", n, tok.pad_token_id,
-                                             input_ids=f"{name}_input_ids", attention_mask=None)))
-        return graph, toks
+        return graph, unmasked_tokenizers(path, [("tokenizer", "clip_l", 77), ("tokenizer_2", "clip_g", 77),
+                                                 ("tokenizer_3", "t5", text_len - 77)])
+    if family == "flux" and (path / "text_encoder_2" / "config.json").is_file():
+        graph = FluxPromptGraph(load(CLIPTextModel, "text_encoder"), load(T5EncoderModel, "text_encoder_2"), 77, text_len)
+        return graph, unmasked_tokenizers(path, [("tokenizer", "clip_l", 77), ("tokenizer_2", "t5", text_len)])
     notes.append(f"text encoders of this {family!r} pipeline not exported: not supported yet")
     return None
+
+
+def image_to_latent(height: int | None, width: int | None, vae, multiple: int) -> tuple[int, int]:
+    """--height/--width (pixels) -> latent (H, W); engines are built for one size, so it is checked here."""
+    if vae is None:
+        raise InputError("--height/--width need a pipeline folder with a VAE (the pixel-to-latent factor comes from it)")
+    if not height or not width:
+        raise InputError(f"give both --height and --width (got {height!r} and {width!r})")
+    step = 2 ** (len(vae.cfg.block_out_channels) - 1) * multiple
+    for name, v in (("height", height), ("width", width)):
+        if v < step or v % step:
+            raise InputError(f"{name} {v} is not allowed; use a multiple of {step} (e.g. {max(step, v // step * step)} "
+                             f"or {(v // step + 1) * step})")
+    f = step // multiple
+    return height // f, width // f
+
+
+def unmasked_tokenizers(path: Path, rows: list[tuple[str, str, int]]) -> list:
+    """SD3/Flux tokenizers (their encoders take no mask): (subfolder, tokenizer, TextInput) per (subfolder, name, length)."""
+    from transformers import AutoTokenizer
+
+    from ditrt.runtime.manifest import TextInput
+
+    out = []
+    for sub, name, n in rows:
+        tok = AutoTokenizer.from_pretrained(path / sub)
+        out.append((sub, tok, TextInput(f"{sub}/tokenizer.json", n, tok.pad_token_id, input_ids=f"{name}_input_ids",
+                                        attention_mask=None)))
+    return out
 
 
 def export_component(name: str, graph, inputs, outputs, folder: Path, lowering_name: str, opset: int,
@@ -142,7 +170,8 @@ def export_component(name: str, graph, inputs, outputs, folder: Path, lowering_n
 
 def export_model(source: str, out: str | os.PathLike, *, random_weights: bool = False, seed: int = 0,
                  lowering_name: str = "portable", opset: int | None = None, external_data: bool | None = None,
-                 force: bool = False, make_parent: bool = False, command: str = "") -> Manifest:
+                 height: int | None = None, width: int | None = None, force: bool = False,
+                 make_parent: bool = False, command: str = "") -> Manifest:
     """Export a preset or a diffusers folder (denoiser step graph, and the VAE decoder where there is one)
     as an engine folder at `out`, atomically; return its manifest."""
     import datetime
@@ -164,8 +193,9 @@ def export_model(source: str, out: str | os.PathLike, *, random_weights: bool = 
     if Path(out).exists() and not force:  # before the (slow) export, not after it
         raise InputError(f"output folder {str(out)!r} already exists; pass --force to replace it")
     model, row, vae, text, notes = resolve_source(source, random_weights, seed)
-    hw, opset = row.latent_hw or default_latent_hw(model), opset or DEFAULT_OPSET
-    packing = 2 if row.family == "flux" else 1
+    packing, opset = 2 if row.family == "flux" else 1, opset or DEFAULT_OPSET
+    hw = image_to_latent(height, width, vae, packing * getattr(model.cfg, "patch_size", 1)) if height or width \
+        else row.latent_hw or default_latent_hw(model)
     with staging_folder(Path(out), force, make_parent) as tmp:
         components = {"denoiser": export_component("denoiser", StepGraph(model, row.text_len, hw),
                                                    *step_io(model, row.text_len, hw), tmp, lowering_name, opset,

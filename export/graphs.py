@@ -154,6 +154,20 @@ class SD3PromptGraph(nn.Module):
         return torch.cat([clip, t5], dim=1), torch.cat([l.text_embeds, g.text_embeds], dim=-1)
 
 
+class FluxPromptGraph(nn.Module):
+    """Flux's text engine (diffusers FluxPipeline.encode_prompt): T5 states as the prompt, CLIP-L's pooled output."""
+
+    def __init__(self, clip_l: nn.Module, t5: nn.Module, clip_len: int = 77, t5_len: int = 512):
+        super().__init__()
+        self.clip_l, self.t5 = clip_l, t5
+        self.inputs = [IOSpec("clip_l_input_ids", "int64", ("B", clip_len)), IOSpec("t5_input_ids", "int64", ("B", t5_len))]
+        self.outputs = [IOSpec("prompt_embeds", "float32", ("B", t5_len, t5.config.d_model)),
+                        IOSpec("pooled_prompt_embeds", "float32", ("B", clip_l.config.hidden_size))]
+
+    def forward(self, clip_l_input_ids: Tensor, t5_input_ids: Tensor) -> tuple[Tensor, Tensor]:
+        return self.t5(t5_input_ids).last_hidden_state, self.clip_l(clip_l_input_ids).pooler_output
+
+
 class DecoderGraph(nn.Module):
     """VAE decoder engine: sampler latents -> image in [0, 1] (scaling, shift and clamp inside)."""
 

@@ -39,7 +39,7 @@ PIXART_DPM = Sampler("dpmsolver++", "epsilon", 20, 4.5)
 SANA_DPM = Sampler("flow_dpmsolver++", "flow", 20, 4.5, shift=3.0)
 SD3_EULER = Sampler("flow_euler", "flow", 28, 7.0, shift=3.0)
 FLUX_DEV_EULER = Sampler("flow_euler_dynamic", "flow", 28, 3.5)
-FLUX_SCHNELL_EULER = Sampler("flow_euler", "flow", 4, 0.0)
+FLUX_SCHNELL_EULER = Sampler("flow_euler_linspace", "flow", 4, 0.0)
 FAMILY_SAMPLERS = {"dit": DDIM, "pixart": PIXART_DPM, "sana": SANA_DPM, "mmdit": SD3_EULER, "flux": FLUX_DEV_EULER}
 FAMILY_TEXT_LEN = {"dit": 0, "pixart": 300, "sana": 300, "mmdit": 333, "flux": 512}  # diffusers pipeline defaults
 

@@ -23,7 +23,7 @@ from .tokenizer import TextTokenizer, TokenizerConfig
 
 MAX_BATCH = 64
 MAX_STEPS = 1000
-SAMPLER_NAMES = {"flow_euler": "Euler", "ddim": "DDIM", "dpmsolver++": "DPM++ 2M", "flow_dpmsolver++": "DPM++ 2M"}
+SAMPLER_NAMES = {"flow_euler": "Euler", "flow_euler_dynamic": "Euler", "flow_euler_linspace": "Euler", "ddim": "DDIM", "dpmsolver++": "DPM++ 2M", "flow_dpmsolver++": "DPM++ 2M"}
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ class Pipeline:
         t1 = time.perf_counter()
         seeds = [seed + i for i in range(batch_size)]
         x = initial_noise(seeds, (m.latent.channels, m.latent.height, m.latent.width))
-        x = self._denoise(x, cond, steps, float(guidance), on_step, timings)
+        x = self._denoise(pack(x, m.latent.packing), cond, steps, float(guidance), on_step, timings)
         t2 = time.perf_counter()
         images = to_uint8(self._decode(x))
         t3 = time.perf_counter()
@@ -164,6 +164,10 @@ class Pipeline:
         feeds = {k: np.repeat(v, batch, axis=0) for k, v in pos.items()}
         feeds.update({"negative_" + k: np.repeat(v, batch, axis=0) for k, v in neg.items()})
         names = {s.name for s in m.components["denoiser"].inputs}
+        feeds = {k: v for k, v in feeds.items() if k in names}  # Flux: no negative branch in its graph
+        if "img_ids" in names:  # Flux: (row, column) ids of the packed latent grid; text ids are zeros
+            feeds["img_ids"] = image_ids(m.latent.height // 2, m.latent.width // 2)
+            feeds["txt_ids"] = np.zeros((feeds["prompt_embeds"].shape[1], 3), dtype=np.float32)
         if "resolution" in names:  # PixArt-α micro-conditions: the image's (height, width) and aspect ratio
             w, h = self.image_size
             feeds["resolution"] = np.tile(np.array([[h, w]], dtype=np.float32), (batch, 1))
@@ -206,7 +210,8 @@ class Pipeline:
     def _decode(self, x: np.ndarray) -> np.ndarray:
         """Final latents -> images (B, C, H, W) in [0, 1]: the VAE engine, or latents that are pixels in [-1, 1]."""
         if "vae_decoder" in self.engines:
-            return self.engines["vae_decoder"].run({"latents": x})["image"]
+            lat = self.manifest.latent
+            return self.engines["vae_decoder"].run({"latents": unpack(x, lat.packing, lat.height, lat.width)})["image"]
         lat = self.manifest.latent
         return np.clip((x / lat.scaling_factor + lat.shift_factor + 1) / 2, 0, 1)
 
@@ -247,6 +252,29 @@ def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> np.ndarray:
     """Standard normal noise, one PCG64 stream per image, so image i depends only on seeds[i]."""
     return np.stack([np.random.Generator(np.random.PCG64(s)).standard_normal(shape, dtype=np.float32)
                      for s in seeds])
+
+
+def pack(x: np.ndarray, p: int) -> np.ndarray:
+    """(B, C, H, W) -> (B, H/p·W/p, C·p·p): Flux's 2×2 latent packing (diffusers _pack_latents); p = 1: as is."""
+    if p == 1:
+        return x
+    B, C, H, W = x.shape
+    return x.reshape(B, C, H // p, p, W // p, p).transpose(0, 2, 4, 1, 3, 5).reshape(B, (H // p) * (W // p), C * p * p)
+
+
+def unpack(x: np.ndarray, p: int, H: int, W: int) -> np.ndarray:
+    if p == 1:
+        return x
+    B, _, D = x.shape
+    C = D // (p * p)
+    return x.reshape(B, H // p, W // p, C, p, p).transpose(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
+
+
+def image_ids(h: int, w: int) -> np.ndarray:
+    """(h·w, 3) float32 position ids (0, row, column) of the packed grid (diffusers _prepare_latent_image_ids)."""
+    ids = np.zeros((h, w, 3), dtype=np.float32)
+    ids[..., 1], ids[..., 2] = np.arange(h)[:, None], np.arange(w)[None, :]
+    return ids.reshape(h * w, 3)
 
 
 def to_uint8(x: np.ndarray) -> list[np.ndarray]:

@@ -116,18 +116,20 @@ def flow_dpm_plan(steps: int, shift: float = 3.0, num_train_timesteps: int = 100
     return {k: v.astype(np.float32) for k, v in plan.items()}
 
 
-def flux_plan(steps: int, image_seq_len: int, num_train_timesteps: int = 1000) -> dict[str, np.ndarray]:
-    """FluxPipeline: sigmas linspace(1, 1/n, n), exponentially time-shifted by μ(image tokens)."""
-    return flow_euler_plan(steps, num_train_timesteps=num_train_timesteps, mu=calculate_shift(image_seq_len),
+def flux_plan(steps: int, image_seq_len: int, num_train_timesteps: int = 1000, dynamic: bool = True,
+              shift: float = 1.0) -> dict[str, np.ndarray]:
+    """FluxPipeline: sigmas linspace(1, 1/n, n), exponentially time-shifted by μ(image tokens) when the scheduler
+    shifts dynamically (dev), else statically shifted (schnell: shift 1, i.e. unchanged)."""
+    return flow_euler_plan(steps, shift, num_train_timesteps, mu=calculate_shift(image_seq_len) if dynamic else None,
                            sigmas=np.linspace(1.0, 1 / steps, steps))
 
 
 SCHEDULERS = {"flow_euler": flow_euler_plan, "ddim": ddim_plan, "dpmsolver++": dpm_plan,
-              "flow_dpmsolver++": flow_dpm_plan, "flow_euler_dynamic": flux_plan}
+              "flow_dpmsolver++": flow_dpm_plan, "flow_euler_dynamic": flux_plan, "flow_euler_linspace": flux_plan}
 
 
 def make_plan(name: str, steps: int, shift: float, num_train_timesteps: int, image_seq_len: int) -> dict:
     """The per-step scalars of sampler `name` (a manifest scheduler name)."""
-    if name == "flow_euler_dynamic":
-        return flux_plan(steps, image_seq_len, num_train_timesteps)
+    if name in ("flow_euler_dynamic", "flow_euler_linspace"):
+        return flux_plan(steps, image_seq_len, num_train_timesteps, name == "flow_euler_dynamic", shift)
     return SCHEDULERS[name](steps, shift, num_train_timesteps)

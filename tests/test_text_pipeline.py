@@ -130,3 +130,62 @@ def test_matches_stable_diffusion_3_pipeline(sd3, negative):
     got = pipe._decode(pipe._denoise(latents.numpy(), cond, 8, 7.0, None, {})).transpose(0, 2, 3, 1)
     # fp32 end to end (two CLIPs, T5, flow Euler, MMDiT, 16-channel VAE): rounding only
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-3)
+
+
+def build_flux(root, guidance_embeds: bool):
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from test_text_encoders import clip_tokenizer
+
+    tok_l, tok_t5 = clip_tokenizer(model_max_length=77), t5_tokenizer()
+    clip = randomize(CLIPTextModel(CLIPTextConfig(vocab_size=len(tok_l), hidden_size=16, intermediate_size=32,
+                                                  num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                                                  bos_token_id=tok_l.bos_token_id, eos_token_id=tok_l.eos_token_id)), 1)
+    t5 = randomize(T5EncoderModel(T5Config(vocab_size=len(tok_t5), d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                           num_heads=4, relative_attention_num_buckets=8)), seed=2)
+    transformer = randomize(FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6)), 3)
+    vae = randomize(AutoencoderKL(latent_channels=16, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                                  use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611,
+                                  shift_factor=0.1159), seed=4)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True) if guidance_embeds \
+        else FlowMatchEulerDiscreteScheduler(shift=1.0)
+    ref = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tok_l, text_encoder_2=t5,
+                       tokenizer_2=tok_t5, transformer=transformer)
+    ref.save_pretrained(root)
+    return ref
+
+
+@pytest.mark.parametrize("dev", [True, False], ids=["flux-dev", "flux-schnell"])
+def test_matches_flux_pipeline(tmp_path, dev):
+    from diffusers import FluxPipeline
+
+    ref = build_flux(tmp_path / "flux", dev)
+    m = export_model(str(tmp_path / "flux"), tmp_path / "engine", height=16, width=8)
+    assert m.latent.packing == 2 and (m.latent.height, m.latent.width) == (8, 4)
+    assert [t.max_length for t in m.text] == [77, 512 if dev else 256]
+    noise = torch.randn(1, 16, 8, 4, generator=torch.Generator().manual_seed(0))
+    steps, g = (6, 3.5) if dev else (4, 0.0)
+    want = ref(PROMPT, num_inference_steps=steps, guidance_scale=g, height=16, width=8,
+               latents=FluxPipeline._pack_latents(noise, 1, 16, 8, 4), max_sequence_length=m.text[1].max_length,
+               output_type="np").images
+    pipe = Pipeline.load(tmp_path / "engine")
+    from ditrt.runtime.pipeline import pack
+
+    cond, _, _ = pipe._conditioning(PROMPT, None, None, 1)
+    got = pipe._decode(pipe._denoise(pack(noise.numpy(), 2), cond, steps, g, None, {})).transpose(0, 2, 3, 1)
+    # fp32 end to end (CLIP-L, T5, Flux, flow Euler with Flux's schedule, VAE); RoPE fp32 vs fp64: rounding only
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-3)
+    assert pipe(prompt="a cat", seed=0, steps=2).images[0].shape == (16, 8, 3)
+
+
+def test_export_size_errors(tmp_path):
+    build_flux(tmp_path / "flux", False)
+    with pytest.raises(InputError, match=r"height 10 is not allowed; use a multiple of 4 \(e.g. 8 or 12\)"):
+        export_model(str(tmp_path / "flux"), tmp_path / "e", height=10, width=8)
+    with pytest.raises(InputError, match="need a pipeline folder with a VAE"):
+        export_model("digits", tmp_path / "e", height=16, width=16)
+    assert not (tmp_path / "e").exists()
