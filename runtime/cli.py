@@ -19,6 +19,8 @@ from .errors import DitError
               help="Classifier-free guidance scale; 1 = no guidance (default: the model's).")
 @click.option("-s", "--seed", type=int, default=-1, show_default=True,
               help="Seed; negative picks a random one. Image i of a batch uses seed + i.")
+@click.option("-W", "--width", type=int, help="Image width; must be the size the engines were built for.")
+@click.option("-H", "--height", type=int, help="Image height; must be the size the engines were built for.")
 @click.option("-b", "--batch-size", type=int, default=1, show_default=True, help="Images to generate at once.")
 @click.option("-o", "--output", default="output.png", show_default=True,
               help="PNG path; a batch writes NAME-0000.png, NAME-0001.png, ...")
@@ -30,8 +32,8 @@ from .errors import DitError
 @click.option("--json", "as_json", is_flag=True, help="Print outputs, seeds and per-stage timings as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def main(engines, prompt, negative_prompt, class_label, steps, guidance, seed, batch_size, output, force, no_metadata, backend, threads,
-         no_verify, as_json, quiet, debug):
+def main(engines, prompt, negative_prompt, class_label, steps, guidance, seed, width, height, batch_size, output,
+         force, no_metadata, backend, threads, no_verify, as_json, quiet, debug):
     """Generate images with the engine folder ENGINES (written by dit-export).
 
     Progress goes to stderr; the written paths (or, with --json, one JSON object) go to stdout.
@@ -46,7 +48,8 @@ def main(engines, prompt, negative_prompt, class_label, steps, guidance, seed, b
             show = not (quiet or as_json) and sys.stderr.isatty()
             with click.progressbar(length=steps or pipe.manifest.scheduler.default_steps, label="denoising",
                                    file=sys.stderr) if show else _NoBar() as bar:
-                result = pipe(prompt=prompt, negative_prompt=negative_prompt, class_label=label, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,
+                result = pipe(prompt=prompt, negative_prompt=negative_prompt, class_label=label, steps=steps,
+                              guidance=guidance, seed=seed, batch_size=batch_size, width=width, height=height,
                               on_step=lambda i, n: bar.update(1))
             start = time.perf_counter()
             paths = result.save(output, overwrite=force, metadata=not no_metadata)

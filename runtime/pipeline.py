@@ -113,13 +113,17 @@ class Pipeline:
 
     def __call__(self, *, prompt: str | None = None, negative_prompt: str | None = None,
                  class_label: int | str | None = None, steps: int | None = None, guidance: float | None = None,
-                 seed: int | None = None, batch_size: int = 1,
+                 seed: int | None = None, batch_size: int = 1, width: int | None = None, height: int | None = None,
                  on_step: Callable[[int, int], None] | None = None) -> Result:
         """Generate `batch_size` images of `prompt` (text models) or `class_label` (class-conditional models).
 
         Image i uses seed + i; seed None or < 0 picks one. Steps and guidance default to the manifest's.
         """
         m, sched = self.manifest, self.manifest.scheduler
+        if (width is not None and width != self.image_size[0]) or (height is not None and height != self.image_size[1]):
+            raise InputError(f"size {width or self.image_size[0]}x{height or self.image_size[1]} is not available: "
+                             f"this engine folder generates {self.image_size[0]}x{self.image_size[1]} images; "
+                             "export another with dit-export --width/--height")
         steps = sched.default_steps if steps is None else steps
         guidance = sched.default_guidance if guidance is None else guidance
         _check_int("steps", steps, 1, MAX_STEPS)

@@ -99,3 +99,10 @@ def test_minimal_example_runs(digits_engine, tmp_path):
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "digit-7.png").is_file() and "digit-7.png" in r.stdout
+
+
+def test_run_size_must_match_the_engines(digits_engine, tmp_path):
+    one_line_error(run_cli("dit-run", str(digits_engine), "-c", "1", "-W", "32", "-H", "16", cwd=tmp_path),
+                   "size 32x16 is not available", "generates 16x16 images")
+    r = run_cli("dit-run", str(digits_engine), "-c", "1", "-W", "16", "-H", "16", "--steps", "2", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
