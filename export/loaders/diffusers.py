@@ -119,7 +119,7 @@ def load_component(folder: str | Path, variant: str | None = None) -> nn.Module:
 
 def _families() -> dict[str, tuple[Callable, type, list[KeyRule]]]:
     """diffusers `_class_name` -> (config converter, our module, key table)."""
-    from ..models import dit, flux, mmdit, pixart, sana, vae_kl
+    from ..models import dc_ae, dit, flux, mmdit, pixart, sana, vae_kl
 
     return {
         "DiTTransformer2DModel": (dit.config_from_diffusers, dit.DiT, keymaps.DIT),
@@ -127,6 +127,7 @@ def _families() -> dict[str, tuple[Callable, type, list[KeyRule]]]:
         "PixArtTransformer2DModel": (pixart.config_from_diffusers, pixart.PixArt, keymaps.PIXART),
         "SanaTransformer2DModel": (sana.config_from_diffusers, sana.Sana, keymaps.SANA),
         "AutoencoderKL": (vae_kl.config_from_diffusers, vae_kl.VAEDecoder, keymaps.VAE_KL),
+        "AutoencoderDC": (dc_ae.config_from_diffusers, dc_ae.DCAEDecoder, keymaps.DC_AE),
         "SD3Transformer2DModel": (mmdit.config_from_diffusers, mmdit.MMDiT, keymaps.MMDIT),
         "FluxTransformer2DModel": (flux.config_from_diffusers, flux.Flux, keymaps.FLUX),
     }

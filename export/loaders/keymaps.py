@@ -121,3 +121,10 @@ VAE_KL = [
     KeyRule(r"(decoder\.mid_block\.attentions\.0)\.to_out\.0\.(weight|bias)", r"\1.to_out.\2"),
     KeyRule(r"((?:decoder|post_quant_conv)\..*)", r"\1"),
 ]
+
+
+# AutoencoderDC (DC-AE): only the decoder is exported; its names are diffusers' own.
+DC_AE = [
+    KeyRule(r"encoder\..*", DROP),
+    KeyRule(r"(decoder\..*)", r"\1"),
+]
