@@ -52,7 +52,6 @@ def resolve_source(source: str, random_weights: bool, seed: int):
     from dataclasses import replace
 
     from .loaders.diffusers import load_component, read_config
-    from .models.vae_kl import VAEDecoder
     from .presets import FAMILIES, PRESETS, Preset, build_preset, family_defaults, get_preset
 
     path = Path(source)
@@ -74,9 +73,8 @@ def resolve_source(source: str, random_weights: bool, seed: int):
     vae_config = path / "vae" / "config.json"
     if pipeline and vae_config.is_file():
         vae_class = read_config(path / "vae").get("_class_name")
-        if vae_class == "AutoencoderKL":
+        if vae_class in ("AutoencoderKL", "AutoencoderDC"):
             vae = load_component(path / "vae")
-            assert isinstance(vae, VAEDecoder)
         else:
             notes.append(f"vae ({vae_class}) not exported: not supported yet")
     sched_config = path / "scheduler" / "scheduler_config.json"
@@ -86,6 +84,25 @@ def resolve_source(source: str, random_weights: bool, seed: int):
     row = Preset(path.resolve().name, str(read_config(folder).get("_class_name")), family, model.cfg, sampler,
                  text_len, (128, 128) if family == "flux" else None, class_names=classes)
     return model, row, vae, text, notes
+
+
+# SanaPipeline's default complex_human_instruction (diffusers pipeline_sana.py), byte for byte.
+SANA_INSTRUCTION = (
+    "Given a user prompt, generate an 'Enhanced prompt' that provides detailed visual descriptions suitable for image "
+    "generation. Evaluate the level of detail in the user prompt:",
+    "- If the prompt is simple, focus on adding specifics about colors, shapes, sizes, textures, and spatial "
+    "relationships to create vivid and concrete scenes.",
+    "- If the prompt is already detailed, refine and enhance the existing details slightly without overcomplicating.",
+    "Here are examples of how to transform or refine prompts:",
+    "- User Prompt: A cat sleeping -> Enhanced: A small, fluffy white cat curled up in a round shape, sleeping "
+    "peacefully on a warm sunny windowsill, surrounded by pots of blooming red flowers.",
+    "- User Prompt: A busy city street -> Enhanced: A bustling city street scene at dusk, featuring glowing street "
+    "lamps, a diverse crowd of people in colorful clothing, and a double-decker bus passing by towering glass "
+    "skyscrapers.",
+    "Please generate only the enhanced description for the prompt below and avoid including any additional "
+    "commentary or evaluations:",
+    "User Prompt: ",
+)
 
 
 def load_text_encoder(path: Path, family: str, cfg, text_len: int, notes: list[str]):
@@ -107,6 +124,15 @@ def load_text_encoder(path: Path, family: str, cfg, text_len: int, notes: list[s
         graph = MaskedPromptGraph(load(T5EncoderModel, "text_encoder"), text_len, cfg.caption_channels)
         return graph, [("tokenizer", tok, TextInput("tokenizer/tokenizer.json", text_len, tok.pad_token_id,
                                                     lowercase=True))]
+    if family == "sana":  # Gemma-2; the positive prompt gets the instruction prefix, then BOS + its last tokens
+        from transformers import Gemma2Model
+
+        tok = AutoTokenizer.from_pretrained(path / "tokenizer")
+        prefix = "\n".join(SANA_INSTRUCTION)
+        prefixed = len(tok.encode(prefix)) + text_len - 2  # diffusers: max_length_all
+        graph = MaskedPromptGraph(load(Gemma2Model, "text_encoder"), "T", cfg.caption_channels)
+        return graph, [("tokenizer", tok, TextInput("tokenizer/tokenizer.json", text_len, tok.pad_token_id,
+                                                    lowercase=True, prefix=prefix, prefixed_max_length=prefixed))]
     if family == "mmdit" and (path / "text_encoder_3" / "config.json").is_file():
         graph = SD3PromptGraph(load(CLIPTextModelWithProjection, "text_encoder"),
                                load(CLIPTextModelWithProjection, "text_encoder_2"), load(T5EncoderModel, "text_encoder_3"),
@@ -126,7 +152,7 @@ def image_to_latent(height: int | None, width: int | None, vae, multiple: int) -
         raise InputError("--height/--width need a pipeline folder with a VAE (the pixel-to-latent factor comes from it)")
     if not height or not width:
         raise InputError(f"give both --height and --width (got {height!r} and {width!r})")
-    step = 2 ** (len(vae.cfg.block_out_channels) - 1) * multiple
+    step = vae.cfg.spatial_factor * multiple
     for name, v in (("height", height), ("width", width)):
         if v < step or v % step:
             raise InputError(f"{name} {v} is not allowed; use a multiple of {step} (e.g. {max(step, v // step * step)} "

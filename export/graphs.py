@@ -121,8 +121,8 @@ class StepGraph(nn.Module):
 class MaskedPromptGraph(nn.Module):
     """PixArt/Sana text engine: a masked encoder (T5 / Gemma-2) whose outputs are the denoiser's prompt inputs."""
 
-    def __init__(self, encoder: nn.Module, seq_len: int, width: int):
-        super().__init__()
+    def __init__(self, encoder: nn.Module, seq_len: int | str, width: int):
+        super().__init__()  # seq_len "T": any length (Sana's instruction-prefixed prompt is longer than its negative)
         self.encoder = encoder
         self.inputs = [IOSpec("input_ids", "int64", ("B", seq_len)), IOSpec("attention_mask", "int64", ("B", seq_len))]
         self.outputs = [IOSpec("prompt_embeds", "float32", ("B", seq_len, width)),
@@ -181,9 +181,9 @@ class DecoderGraph(nn.Module):
 
 def decoder_io(vae: nn.Module, latent_hw: tuple[int, int]) -> tuple[list[IOSpec], list[IOSpec]]:
     H, W = latent_hw
-    up = 2 ** (len(vae.cfg.block_out_channels) - 1)
+    up = vae.cfg.spatial_factor
     return ([IOSpec("latents", "float32", ("B", vae.cfg.latent_channels, H, W))],
-            [IOSpec("image", "float32", ("B", vae.cfg.out_channels, up * H, up * W))])
+            [IOSpec("image", "float32", ("B", vae.cfg.image_channels, up * H, up * W))])
 
 
 def sample_inputs(specs: list[IOSpec], dims: dict[str, int], seed: int = 0) -> tuple[Tensor, ...]:

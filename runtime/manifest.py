@@ -65,6 +65,8 @@ class TextInput:
     input_ids: str = "input_ids"  # text_encoder input names fed from this tokenizer
     attention_mask: str | None = "attention_mask"
     lowercase: bool = False  # PixArt/Sana pipelines lower-case and strip the prompt first
+    prefix: str = ""  # Sana: an instruction prepended to the positive prompt only...
+    prefixed_max_length: int = 0  # ...tokenized to this length, of which BOS + the last max_length−1 are kept
 
 
 @dataclass(frozen=True)

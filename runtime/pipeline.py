@@ -164,7 +164,7 @@ class Pipeline:
         if not isinstance(prompt, str) or (negative_prompt is not None and not isinstance(negative_prompt, str)):
             raise InputError(f"model {m.model!r} needs a prompt (a string); got {prompt!r}")
         negative_prompt = negative_prompt or ""
-        (pos, warnings), (neg, _) = self._encode_text(prompt), self._encode_text(negative_prompt)
+        (pos, warnings), (neg, _) = self._encode_text(prompt), self._encode_text(negative_prompt, negative=True)
         feeds = {k: np.repeat(v, batch, axis=0) for k, v in pos.items()}
         feeds.update({"negative_" + k: np.repeat(v, batch, axis=0) for k, v in neg.items()})
         names = {s.name for s in m.components["denoiser"].inputs}
@@ -179,17 +179,22 @@ class Pipeline:
         line = prompt + (f"\nNegative prompt: {negative_prompt}" if negative_prompt else "")
         return feeds, line, warnings
 
-    def _encode_text(self, text: str) -> tuple[dict[str, np.ndarray], list[str]]:
-        feeds, warnings = {}, []
+    def _encode_text(self, text: str, negative: bool = False) -> tuple[dict[str, np.ndarray], list[str]]:
+        feeds, warnings, keep = {}, [], None
         for spec, tokenizer in zip(self.manifest.text, self.tokenizers):
-            tokens = tokenizer(text.lower().strip() if spec.lowercase else text)
+            text = text.lower().strip() if spec.lowercase else text
+            if spec.prefix and not negative:  # Sana: instruction + prompt, then BOS + the last max_length−1 tokens
+                tokens = tokenizer(spec.prefix + text, max_length=spec.prefixed_max_length)
+                keep = [0, *range(spec.prefixed_max_length - spec.max_length + 1, spec.prefixed_max_length)]
+            else:
+                tokens = tokenizer(text)
             if tokens.truncated[0]:
-                warnings.append(f"prompt truncated to the text encoder's limit of {spec.max_length} tokens "
-                                f"(it has {tokens.lengths[0]})")
+                warnings.append(f"prompt truncated to the text encoder's limit of {spec.max_length} tokens")
             feeds[spec.input_ids] = tokens.input_ids
             if spec.attention_mask:
                 feeds[spec.attention_mask] = tokens.attention_mask
-        return self.engines["text_encoder"].run(feeds), warnings
+        out = self.engines["text_encoder"].run(feeds)
+        return ({k: v[:, keep] for k, v in out.items()} if keep else out), warnings
 
     def _denoise(self, x: np.ndarray, cond: dict[str, np.ndarray], steps: int, guidance: float,
                  on_step: Callable[[int, int], None] | None, timings: dict) -> np.ndarray:

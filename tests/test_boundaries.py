@@ -60,7 +60,7 @@ def test_runtime_sources_never_import_export():
 # Size budgets (lines): change them only in a reviewed diff.
 FILE_BUDGET = {"export/models/dit.py": 200, "export/models/layers.py": 400, "export/models/pixart.py": 200,
                "export/models/sana.py": 200, "export/models/mmdit.py": 200, "export/models/flux.py": 200,
-               "export/models/dc_ae.py": 200}
+               "export/models/dc_ae.py": 210}
 FORWARD_BUDGET = 40
 FUNCTION_BUDGET = 60
 RUNTIME_BUDGET = 1500

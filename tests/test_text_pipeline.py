@@ -189,3 +189,40 @@ def test_export_size_errors(tmp_path):
     with pytest.raises(InputError, match="need a pipeline folder with a VAE"):
         export_model("digits", tmp_path / "e", height=16, width=16)
     assert not (tmp_path / "e").exists()
+
+
+def test_matches_sana_pipeline(tmp_path):
+    """Gemma-2 with the instruction prefix on the positive prompt only, Sana (linear attention), flow DPM-Solver++,
+    DC-AE: the runtime against SanaPipeline from the same noise."""
+    from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    from test_dc_ae import tiny_config
+    from test_text_encoders import gemma_tokenizer
+
+    tok = gemma_tokenizer()
+    tok.padding_side = "right"
+    gemma = randomize(Gemma2Model(Gemma2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                               head_dim=16, sliding_window=4096, pad_token_id=0, bos_token_id=2,
+                                               eos_token_id=1)), seed=1)
+    transformer = randomize(SanaTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=32,
+        sample_size=8), seed=2)
+    vae = randomize(AutoencoderDC(**tiny_config("interpolate")), seed=3)
+    scheduler = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    ref = SanaPipeline(tokenizer=tok, text_encoder=gemma, vae=vae, transformer=transformer, scheduler=scheduler)
+    ref.save_pretrained(tmp_path / "sana")
+    m = export_model(str(tmp_path / "sana"), tmp_path / "engine")
+    assert set(m.components) == {"denoiser", "text_encoder", "vae_decoder"} and m.text[0].prefix.endswith("Prompt: ")
+
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    want = ref(PROMPT, negative_prompt="", num_inference_steps=6, guidance_scale=4.5, height=32, width=32,
+               latents=latents.clone(), clean_caption=False, use_resolution_binning=False, output_type="np").images
+    pipe = Pipeline.load(tmp_path / "engine")
+    cond, _, _ = pipe._conditioning(PROMPT, "", None, 1)
+    assert cond["prompt_embeds"].shape == (1, 300, 32) and cond["negative_prompt_embeds"].shape == (1, 300, 32)
+    got = pipe._decode(pipe._denoise(latents.numpy(), cond, 6, 4.5, None, {})).transpose(0, 2, 3, 1)
+    # fp32 end to end (Gemma-2, flow DPM-Solver++, Sana, DC-AE): rounding only
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-3)

@@ -33,6 +33,9 @@ class DCAEConfig:
     decoder_in_shortcut: bool = True
     decoder_conv_act_fn: str = "relu"
     scaling_factor: float = 0.41407  # decoder input = latent / scaling_factor (no shift)
+    shift_factor = 0.0
+    spatial_factor = property(lambda self: 2 ** (len(self.decoder_block_out_channels) - 1))
+    image_channels = property(lambda self: self.in_channels)
 
     def __post_init__(self):
         ch = self.decoder_block_out_channels
@@ -91,7 +94,7 @@ def multiscale_projection(channels: int, heads: int, kernel: int) -> nn.Sequenti
 def relu_linear_attention(q: Tensor, k: Tensor, v: Tensor, eps: float = 1e-15) -> Tensor:
     """(B, heads, d, N) fp32 inputs, ReLU already applied: [V;1]·Kᵀ·Q, divided by its ones row (diffusers order)."""
     out = (F.pad(v, (0, 0, 0, 1), value=1.0) @ k.transpose(-1, -2)) @ q
-    return out[:, :, :-1] / (out[:, :, -1:] + eps)
+    return out[:, :, :-1] / out[:, :, -1:].clamp_min(eps)  # not + eps: ONNX export drops tiny constant adds
 
 
 class MultiscaleLinearAttention(nn.Module):

@@ -22,6 +22,14 @@ class VAEConfig:
     scaling_factor: float = 0.18215  # decoder input = latent / scaling_factor + shift_factor
     shift_factor: float = 0.0
 
+    @property
+    def spatial_factor(self) -> int:  # image pixels per latent pixel
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    @property
+    def image_channels(self) -> int:
+        return self.out_channels
+
     def __post_init__(self):
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad:
