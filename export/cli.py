@@ -30,7 +30,8 @@ from .presets import PRESETS
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def main(model, output, lowering, opset, random_weights, seed, external_data, height, width, force, list_models,
          debug):
-    """Export MODEL to an engine folder: ONNX step graph + manifest.json.
+    """Export MODEL to an engine folder: ONNX engines (text encoder, denoiser step, VAE decoder), tokenizer
+    files and manifest.json.
 
     MODEL is a built-in name (see --list) or a diffusers folder: a pipeline folder (with
     model_index.json and transformer/) or a transformer folder (config.json + safetensors).
@@ -60,6 +61,13 @@ def main(model, output, lowering, opset, random_weights, seed, external_data, he
             raise
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
+    except Exception as e:  # a bug or an environment problem: one line, the traceback with --debug
+        if debug:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        click.echo(f"error: internal error ({type(e).__name__}: {first}); rerun with --debug for the traceback",
+                   err=True)
+        sys.exit(1)
     size = sum(f.bytes for f in manifest.files.values())
     click.echo(f"wrote {output} ({manifest.model}, {len(manifest.files)} file(s), {size / 1e6:.1f} MB)", err=True)
     click.echo(output)

@@ -59,6 +59,13 @@ def main(engines, prompt, negative_prompt, class_label, steps, guidance, seed, w
             raise
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
+    except Exception as e:  # a bug or an environment problem: one line, the traceback with --debug
+        if debug:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        click.echo(f"error: internal error ({type(e).__name__}: {first}); rerun with --debug for the traceback",
+                   err=True)
+        sys.exit(1)
     m = pipe.manifest
     for w in result.warnings:
         click.echo(f"warning: {w}", err=True)

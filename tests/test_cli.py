@@ -106,3 +106,37 @@ def test_run_size_must_match_the_engines(digits_engine, tmp_path):
                    "size 32x16 is not available", "generates 16x16 images")
     r = run_cli("dit-run", str(digits_engine), "-c", "1", "-W", "16", "-H", "16", "--steps", "2", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
+
+
+def test_manifest_naming_a_missing_output(engine_copy, tmp_path):
+    manifest = engine_copy / "manifest.json"
+    d = json.loads(manifest.read_text())
+    d["components"]["denoiser"]["outputs"][0]["name"] = "renamed"
+    manifest.write_text(json.dumps(d))
+    one_line_error(run_cli("dit-run", str(engine_copy), "-c", "1", "--no-verify", cwd=tmp_path),
+                   "has no output(s) ['renamed']")
+
+
+@pytest.mark.parametrize("script", ["run", "export"])
+def test_unexpected_failure_is_one_line_without_traceback(digits_engine, tmp_path, monkeypatch, script):
+    from click.testing import CliRunner
+
+    from ditrt.export import cli as export_cli
+    from ditrt.runtime import cli as run_cli_module
+    from ditrt.runtime.pipeline import Pipeline
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("device lost\nmore detail")
+
+    monkeypatch.chdir(tmp_path)
+    if script == "run":
+        monkeypatch.setattr(Pipeline, "load", boom)
+        main, args = run_cli_module.main, [str(digits_engine), "-c", "1"]
+    else:
+        monkeypatch.setattr("ditrt.export.folder.export_model", boom)
+        main, args = export_cli.main, ["digits", "-o", "x"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1 and r.output.strip() == \
+        "error: internal error (RuntimeError: device lost); rerun with --debug for the traceback"
+    r = CliRunner().invoke(main, args + ["--debug"])
+    assert r.exit_code == 1 and isinstance(r.exception, RuntimeError)

@@ -38,6 +38,9 @@ class OrtBackend:
         if names != declared:
             raise ManifestError(f"{path.name!r} has inputs {sorted(names)}, the manifest declares {sorted(declared)}")
         self.output_names = [s.name for s in component.outputs]
+        missing = sorted(set(self.output_names) - {o.name for o in self.session.get_outputs()})
+        if missing:
+            raise ManifestError(f"{path.name!r} has no output(s) {missing} that the manifest declares")
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # InferenceSession.run is thread-safe, so one session serves concurrent requests.
