@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ditrt.runtime.errors import DitError
+from ditrt.runtime.cli import report
 
 from .presets import PRESETS
 
@@ -56,18 +56,8 @@ def main(model, output, lowering, opset, random_weights, seed, external_data, he
         manifest = export_model(model, output, random_weights=random_weights, seed=seed, lowering_name=lowering,
                                 opset=opset, external_data=external_data, height=height, width=width, force=force,
                                 make_parent=output == default_output, command=command)
-    except DitError as e:
-        if debug:
-            raise
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
-    except Exception as e:  # a bug or an environment problem: one line, the traceback with --debug
-        if debug:
-            raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        click.echo(f"error: internal error ({type(e).__name__}: {first}); rerun with --debug for the traceback",
-                   err=True)
-        sys.exit(1)
+    except Exception as e:
+        report(e, debug)
     size = sum(f.bytes for f in manifest.files.values())
     click.echo(f"wrote {output} ({manifest.model}, {len(manifest.files)} file(s), {size / 1e6:.1f} MB)", err=True)
     click.echo(output)

@@ -54,18 +54,8 @@ def main(engines, prompt, negative_prompt, class_label, steps, guidance, seed, w
             start = time.perf_counter()
             paths = result.save(output, overwrite=force, metadata=not no_metadata)
             timings = dict(result.timings_ms, png_encode=(time.perf_counter() - start) * 1e3)
-    except DitError as e:
-        if debug:
-            raise
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
-    except Exception as e:  # a bug or an environment problem: one line, the traceback with --debug
-        if debug:
-            raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        click.echo(f"error: internal error ({type(e).__name__}: {first}); rerun with --debug for the traceback",
-                   err=True)
-        sys.exit(1)
+    except Exception as e:
+        report(e, debug)
     m = pipe.manifest
     for w in result.warnings:
         click.echo(f"warning: {w}", err=True)
@@ -80,6 +70,19 @@ def main(engines, prompt, negative_prompt, class_label, steps, guidance, seed, w
             click.echo(f"seed {result.seeds[0]}, {timings['total']:.0f} ms", err=True)
         for p in paths:
             click.echo(str(p))
+
+
+def report(e: Exception, debug: bool) -> None:
+    """Every CLI failure as one line on stderr: exit 2 for a project error (bad input, damaged folder...), 1 for
+    anything else (a bug or the environment); --debug re-raises for the traceback."""
+    if debug:
+        raise e
+    if isinstance(e, DitError):
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    click.echo(f"error: internal error ({type(e).__name__}: {first}); rerun with --debug for the traceback", err=True)
+    sys.exit(1)
 
 
 class _NoBar:
