@@ -226,3 +226,31 @@ def test_matches_sana_pipeline(tmp_path):
     got = pipe._decode(pipe._denoise(latents.numpy(), cond, 6, 4.5, None, {})).transpose(0, 2, 3, 1)
     # fp32 end to end (Gemma-2, flow DPM-Solver++, Sana, DC-AE): rounding only
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-3)
+
+
+def test_matches_pixart_alpha_pipeline_with_micro_conditions(tmp_path):
+    """PixArt-α: 120 T5 tokens and the resolution / aspect-ratio micro-conditions of a non-square image."""
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+
+    tokenizer = t5_tokenizer()
+    transformer = randomize(PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=6, in_channels=4, out_channels=8, num_layers=2,
+        cross_attention_dim=12, caption_channels=32, sample_size=128, norm_type="ada_norm_single",
+        norm_elementwise_affine=False, norm_eps=1e-6, use_additional_conditions=True), seed=2)  # 128: the
+    # pipeline passes micro-conditions only for the 1024-px config; weights do not depend on sample_size
+    vae = randomize(AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                                  down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2), seed=3)
+    ref = PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=randomize(t5_model(tokenizer), seed=1), vae=vae,
+                              transformer=transformer, scheduler=DPMSolverMultistepScheduler(beta_schedule="linear"))
+    ref.save_pretrained(tmp_path / "alpha")
+    m = export_model(str(tmp_path / "alpha"), tmp_path / "engine", height=8, width=16)
+    assert m.text[0].max_length == 120
+    latents = torch.randn(1, 4, 4, 8, generator=torch.Generator().manual_seed(0))
+    want = ref(PROMPT, num_inference_steps=6, guidance_scale=4.5, height=8, width=16, latents=latents.clone(),
+               clean_caption=False, use_resolution_binning=False, output_type="np").images
+    pipe = Pipeline.load(tmp_path / "engine")
+    cond, _, _ = pipe._conditioning(PROMPT, None, None, 1)
+    np.testing.assert_array_equal(cond["resolution"], [[8, 16]])
+    got = pipe._decode(pipe._denoise(latents.numpy(), cond, 6, 4.5, None, {})).transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-3)  # fp32 end to end: rounding only
