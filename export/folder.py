@@ -110,7 +110,7 @@ def load_text_encoder(path: Path, family: str, cfg, text_len: int, notes: list[s
     -> (graph, [(tokenizer subfolder, transformers tokenizer, manifest TextInput)])."""
     from ditrt.runtime.manifest import TextInput
 
-    from .graphs import FluxPromptGraph, MaskedPromptGraph, SD3PromptGraph
+    from .text_encoders import FluxPromptGraph, MaskedPromptGraph, SD3PromptGraph
 
     if not (path / "text_encoder" / "config.json").is_file():
         return None

@@ -118,56 +118,6 @@ class StepGraph(nn.Module):
         return a * x + b * x0 + c * x0_prev, x0
 
 
-class MaskedPromptGraph(nn.Module):
-    """PixArt/Sana text engine: a masked encoder (T5 / Gemma-2) whose outputs are the denoiser's prompt inputs."""
-
-    def __init__(self, encoder: nn.Module, seq_len: int | str, width: int):
-        super().__init__()  # seq_len "T": any length (Sana's instruction-prefixed prompt is longer than its negative)
-        self.encoder = encoder
-        self.inputs = [IOSpec("input_ids", "int64", ("B", seq_len)), IOSpec("attention_mask", "int64", ("B", seq_len))]
-        self.outputs = [IOSpec("prompt_embeds", "float32", ("B", seq_len, width)),
-                        IOSpec("prompt_attention_mask", "int64", ("B", seq_len))]
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-        return self.encoder(input_ids, attention_mask=attention_mask).last_hidden_state, attention_mask * 1
-
-
-class SD3PromptGraph(nn.Module):
-    """SD3's text engine (diffusers encode_prompt): CLIP-L and CLIP-G penultimate states side by side, zero-padded
-    to T5's width, then T5's tokens after them; pooled = both projected CLIP embeddings."""
-
-    def __init__(self, clip_l: nn.Module, clip_g: nn.Module, t5: nn.Module, clip_len: int = 77, t5_len: int = 256):
-        super().__init__()
-        self.clip_l, self.clip_g, self.t5 = clip_l, clip_g, t5
-        width, pooled = t5.config.d_model, clip_l.config.projection_dim + clip_g.config.projection_dim
-        self.inputs = [IOSpec("clip_l_input_ids", "int64", ("B", clip_len)),
-                       IOSpec("clip_g_input_ids", "int64", ("B", clip_len)), IOSpec("t5_input_ids", "int64", ("B", t5_len))]
-        self.outputs = [IOSpec("prompt_embeds", "float32", ("B", clip_len + t5_len, width)),
-                        IOSpec("pooled_prompt_embeds", "float32", ("B", pooled))]
-
-    def forward(self, clip_l_input_ids: Tensor, clip_g_input_ids: Tensor, t5_input_ids: Tensor) -> tuple[Tensor, Tensor]:
-        l, g = (enc(ids, output_hidden_states=True) for enc, ids in ((self.clip_l, clip_l_input_ids),
-                                                                     (self.clip_g, clip_g_input_ids)))
-        t5 = self.t5(t5_input_ids).last_hidden_state  # (B, 256, 4096); SD3 passes no mask to T5
-        clip = torch.cat([l.hidden_states[-2], g.hidden_states[-2]], dim=-1)  # (B, 77, 768 + 1280)
-        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
-        return torch.cat([clip, t5], dim=1), torch.cat([l.text_embeds, g.text_embeds], dim=-1)
-
-
-class FluxPromptGraph(nn.Module):
-    """Flux's text engine (diffusers FluxPipeline.encode_prompt): T5 states as the prompt, CLIP-L's pooled output."""
-
-    def __init__(self, clip_l: nn.Module, t5: nn.Module, clip_len: int = 77, t5_len: int = 512):
-        super().__init__()
-        self.clip_l, self.t5 = clip_l, t5
-        self.inputs = [IOSpec("clip_l_input_ids", "int64", ("B", clip_len)), IOSpec("t5_input_ids", "int64", ("B", t5_len))]
-        self.outputs = [IOSpec("prompt_embeds", "float32", ("B", t5_len, t5.config.d_model)),
-                        IOSpec("pooled_prompt_embeds", "float32", ("B", clip_l.config.hidden_size))]
-
-    def forward(self, clip_l_input_ids: Tensor, t5_input_ids: Tensor) -> tuple[Tensor, Tensor]:
-        return self.t5(t5_input_ids).last_hidden_state, self.clip_l(clip_l_input_ids).pooler_output
-
-
 class DecoderGraph(nn.Module):
     """VAE decoder engine: sampler latents -> image in [0, 1] (scaling, shift and clamp inside)."""
 

@@ -68,10 +68,67 @@ class EncoderGraph(nn.Module):
         return self.model(input_ids, attention_mask=attention_mask).last_hidden_state
 
 
-def _check(model: nn.Module, types: tuple[type, ...], seq_len: int) -> None:
+# Prompt engines: one graph per pipeline whose outputs are exactly the denoiser step graph's prompt inputs.
+
+class MaskedPromptGraph(nn.Module):
+    """PixArt (T5) / Sana (Gemma-2): masked encoder states, and the mask passed through, as the prompt inputs.
+    seq_len "T" makes the length dynamic (Sana's instruction-prefixed prompt is longer than its negative)."""
+
+    def __init__(self, encoder: T5EncoderModel | Gemma2Model, seq_len: int | str, width: int):
+        super().__init__()
+        self.encoder = EncoderGraph(encoder, seq_len, attention_mask=True)
+        T = seq_len
+        self.inputs = self.encoder.inputs
+        self.outputs = [IOSpec("prompt_embeds", "float32", ("B", T, width)),
+                        IOSpec("prompt_attention_mask", "int64", ("B", T))]
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        return self.encoder(input_ids, attention_mask), attention_mask * 1
+
+
+class SD3PromptGraph(nn.Module):
+    """SD3 (diffusers encode_prompt): CLIP-L and CLIP-G penultimate states side by side, zero-padded to T5's
+    width, then T5's tokens after them; pooled = both projected CLIP embeddings."""
+
+    def __init__(self, clip_l: CLIPTextModelWithProjection, clip_g: CLIPTextModelWithProjection,
+                 t5: T5EncoderModel, clip_len: int = 77, t5_len: int = 256):
+        super().__init__()
+        self.clip_l, self.clip_g = ClipGraph(clip_l, clip_len), ClipGraph(clip_g, clip_len)
+        self.t5 = EncoderGraph(t5, t5_len, attention_mask=False)
+        width, pooled = t5.config.d_model, clip_l.config.projection_dim + clip_g.config.projection_dim
+        self.inputs = [IOSpec(f"{n}_input_ids", "int64", ("B", L))
+                       for n, L in (("clip_l", clip_len), ("clip_g", clip_len), ("t5", t5_len))]
+        self.outputs = [IOSpec("prompt_embeds", "float32", ("B", clip_len + t5_len, width)),
+                        IOSpec("pooled_prompt_embeds", "float32", ("B", pooled))]
+
+    def forward(self, clip_l_input_ids: Tensor, clip_g_input_ids: Tensor, t5_input_ids: Tensor) -> tuple[Tensor, Tensor]:
+        (l_states, l_pooled), (g_states, g_pooled) = self.clip_l(clip_l_input_ids), self.clip_g(clip_g_input_ids)
+        t5 = self.t5(t5_input_ids)  # (B, 256, 4096)
+        clip = torch.cat([l_states, g_states], dim=-1)  # (B, 77, 768 + 1280)
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return torch.cat([clip, t5], dim=1), torch.cat([l_pooled, g_pooled], dim=-1)
+
+
+class FluxPromptGraph(nn.Module):
+    """Flux (diffusers FluxPipeline.encode_prompt): T5 states as the prompt, CLIP-L's pooled output."""
+
+    def __init__(self, clip_l: CLIPTextModel, t5: T5EncoderModel, clip_len: int = 77, t5_len: int = 512):
+        super().__init__()
+        self.clip_l, self.t5 = ClipGraph(clip_l, clip_len), EncoderGraph(t5, t5_len, attention_mask=False)
+        self.inputs = [IOSpec("clip_l_input_ids", "int64", ("B", clip_len)), IOSpec("t5_input_ids", "int64", ("B", t5_len))]
+        self.outputs = [IOSpec("prompt_embeds", "float32", ("B", t5_len, t5.config.d_model)),
+                        IOSpec("pooled_prompt_embeds", "float32", ("B", clip_l.config.hidden_size))]
+
+    def forward(self, clip_l_input_ids: Tensor, t5_input_ids: Tensor) -> tuple[Tensor, Tensor]:
+        return self.t5(t5_input_ids), self.clip_l(clip_l_input_ids)[1]
+
+
+def _check(model: nn.Module, types: tuple[type, ...], seq_len: int | str) -> None:
     if not isinstance(model, types):
         names = ", ".join(t.__name__ for t in types)
         raise ConfigError(f"got a {type(model).__name__}; this graph wraps {names} (see export/text_encoders.py)")
+    if isinstance(seq_len, str):  # a symbolic (dynamic) length
+        return
     if not isinstance(seq_len, int) or seq_len < 1:
         raise ConfigError(f"seq_len {seq_len!r} must be a positive number of tokens")
 

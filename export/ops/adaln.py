@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import PLUGIN_NAMESPACE, current_lowering
+from . import dispatch
 
 PLUGIN_NAME = "AdaLNModulate"
 PLUGIN_VERSION = "1"
@@ -33,11 +33,4 @@ def _(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tensor:
 
 def adaln_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6) -> Tensor:
     """LN(x)·(1 + scale) + shift for x (B, N, D) and shift/scale (B, D), lowered as `ops.lowering` says."""
-    mode = current_lowering()
-    if mode == "reference":
-        return reference(x, shift, scale, eps)
-    if mode == "plugin":
-        attrs = {"eps": float(eps), "plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_VERSION}
-        return torch.onnx.ops.symbolic(f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}", (x, shift, scale), attrs,
-                                       dtype=x.dtype, shape=x.shape, version=1)
-    return _adaln_modulate_op(x, shift, scale, eps)
+    return dispatch(PLUGIN_NAME, PLUGIN_VERSION, _adaln_modulate_op, reference, (x, shift, scale), eps)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import PLUGIN_NAMESPACE, current_lowering
+from . import dispatch
 
 PLUGIN_NAME = "LinearAttention"
 PLUGIN_VERSION = "1"
@@ -41,11 +41,4 @@ def _(q: Tensor, k: Tensor, v: Tensor, eps: float) -> Tensor:
 
 def linear_attention(q: Tensor, k: Tensor, v: Tensor, eps: float = EPS) -> Tensor:
     """ReLU linear attention on (B, heads, N, d) tensors, lowered as `ops.lowering` says."""
-    mode = current_lowering()
-    if mode == "reference":
-        return reference(q, k, v, eps)
-    if mode == "plugin":
-        attrs = {"eps": float(eps), "plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_VERSION}
-        return torch.onnx.ops.symbolic(f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}", (q, k, v), attrs,
-                                       dtype=q.dtype, shape=q.shape, version=1)
-    return _linear_attention_op(q, k, v, eps)
+    return dispatch(PLUGIN_NAME, PLUGIN_VERSION, _linear_attention_op, reference, (q, k, v), eps)
