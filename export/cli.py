@@ -16,7 +16,14 @@ from .presets import PRESETS
 @click.option("-o", "--output", "output", type=click.Path(), help="Engine folder to write (default: engines/MODEL).")
 @click.option("--lowering", type=click.Choice(["portable", "plugin"]), default="portable", show_default=True,
               help="Custom ops as standard ONNX (runs on ONNX Runtime) or as TensorRT plugin nodes.")
-@click.option("--opset", type=click.IntRange(17, 23), default=None, help="ONNX opset (default 18).")
+@click.option("--engine", type=click.Choice(["onnx", "tensorrt"]), default="onnx", show_default=True,
+              help="Also build a TensorRT engine (.plan) per component, from the plugin lowering (needs TensorRT "
+              "and an NVIDIA GPU; the engine runs on that GPU model only).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="Compute precision. fp16/bf16 keep norm statistics, softmax, timestep and RoPE tables in fp32 "
+              "and engine inputs/outputs in fp32; T5 stays fp32, the VAE and Gemma-2 run fp32 under fp16. "
+              "ONNX Runtime on CPU runs fp32 and fp16 engines, not bf16.")
+@click.option("--opset", type=click.IntRange(17, 23), default=None, help="ONNX opset (default 18; 22 for bf16).")
 @click.option("--random-weights", is_flag=True,
               help="Build a built-in architecture with seeded random weights (benchmarks); recorded in the manifest.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --random-weights.")
@@ -28,8 +35,8 @@ from .presets import PRESETS
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--list", "list_models", is_flag=True, help="List the built-in models and exit.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def main(model, output, lowering, opset, random_weights, seed, external_data, height, width, force, list_models,
-         debug):
+def main(model, output, lowering, engine, precision, opset, random_weights, seed, external_data, height, width, force,
+         list_models, debug):
     """Export MODEL to an engine folder: ONNX engines (text encoder, denoiser step, VAE decoder), tokenizer
     files and manifest.json.
 
@@ -44,6 +51,8 @@ def main(model, output, lowering, opset, random_weights, seed, external_data, he
         return
     if not model:
         raise click.UsageError("missing MODEL; see `dit-export --list` for the built-in models")
+    if engine == "tensorrt" and click.get_current_context().get_parameter_source("lowering").name == "DEFAULT":
+        lowering = "plugin"  # TensorRT engines are built from the plugin lowering
     default_output = f"engines/{Path(model).name}"
     output = output or default_output
     try:
@@ -55,7 +64,8 @@ def main(model, output, lowering, opset, random_weights, seed, external_data, he
         command = shlex.join(["dit-export", *sys.argv[1:]])
         manifest = export_model(model, output, random_weights=random_weights, seed=seed, lowering_name=lowering,
                                 opset=opset, external_data=external_data, height=height, width=width, force=force,
-                                make_parent=output == default_output, command=command)
+                                make_parent=output == default_output, command=command, engine=engine,
+                                precision=precision)
     except Exception as e:
         report(e, debug)
     size = sum(f.bytes for f in manifest.files.values())

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from ditrt.runtime.errors import InputError
+from ditrt.runtime.errors import InputError, LoaderError
 from ditrt.runtime.manifest import MANIFEST_NAME, FileEntry, Manifest, sha256_file
 
 
@@ -55,6 +55,15 @@ def resolve_source(source: str, random_weights: bool, seed: int):
     from .presets import FAMILIES, PRESETS, Preset, build_preset, family_defaults, get_preset
 
     path = Path(source)
+    if source in PRESETS and PRESETS[source].folder is not None:  # a demo shipped as a diffusers folder
+        preset = PRESETS[source]
+        if random_weights:
+            raise InputError(f"{source!r} is a trained demo; --random-weights applies to architecture-only models")
+        if not (preset.folder / "model_index.json").is_file():
+            raise LoaderError(f"files for {source!r} are missing at {str(preset.folder)!r}; reinstall the package")
+        model, row, vae, text, notes = resolve_source(str(preset.folder), False, seed)
+        return model, replace(row, name=preset.name, description=preset.description, weights=preset.folder), \
+            vae, text, notes
     if source in PRESETS or not path.exists():
         preset = get_preset(source)
         return build_preset(preset, random_weights, seed), preset, None, None, []
@@ -78,8 +87,9 @@ def resolve_source(source: str, random_weights: bool, seed: int):
         else:
             notes.append(f"vae ({vae_class}) not exported: not supported yet")
     sched_config = path / "scheduler" / "scheduler_config.json"
-    if pipeline and sched_config.is_file() and sampler.name == "flow_euler":  # the folder's own static shift
-        sampler = replace(sampler, shift=float(json.loads(sched_config.read_text()).get("shift", sampler.shift)))
+    shift_key = {"flow_euler": "shift", "flow_dpmsolver++": "flow_shift"}.get(sampler.name)
+    if pipeline and sched_config.is_file() and shift_key:  # the folder's own static shift
+        sampler = replace(sampler, shift=float(json.loads(sched_config.read_text()).get(shift_key, sampler.shift)))
     classes = tuple(str(i) for i in range(model.cfg.num_classes)) if family == "dit" else ()
     row = Preset(path.resolve().name, str(read_config(folder).get("_class_name")), family, model.cfg, sampler,
                  text_len, (128, 128) if family == "flux" else None, class_names=classes)
@@ -184,22 +194,39 @@ def export_component(name: str, graph, inputs, outputs, folder: Path, lowering_n
     from ditrt.runtime.manifest import Component, TensorSpec
 
     from .onnx_export import export_onnx
+    from .precision import precision_of
 
     if external_data is None:  # leave room for the graph under the 2 GB protobuf limit
         external_data = sum(t.numel() * t.element_size() for t in graph.state_dict().values()) > 1.8e9
     (folder / name).mkdir()
     export_onnx(graph, inputs, outputs, folder / name / "model.onnx", lowering_name, opset, external_data)
     specs = [[TensorSpec(s.name, s.dtype, list(s.shape)) for s in ss] for ss in (inputs, outputs)]
-    return Component(f"{name}/model.onnx", "onnxruntime" if lowering_name == "portable" else "tensorrt", "fp32",
-                     lowering_name, *specs)
+    return Component(f"{name}/model.onnx", "onnxruntime" if lowering_name == "portable" else "tensorrt",
+                     precision_of(graph), lowering_name, *specs)
+
+
+def export_opset(lowering_name: str, precision: str, opset: int | None) -> int:
+    """Check the lowering and the precision (before the slow export) -> the ONNX opset to export with."""
+    from .onnx_export import DEFAULT_OPSET, LOWERINGS
+    from .precision import MIN_OPSET, PRECISIONS
+
+    if lowering_name not in LOWERINGS:
+        raise InputError(f"unknown lowering {lowering_name!r}; choose from {', '.join(LOWERINGS)}")
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    need = MIN_OPSET.get(precision, 0)
+    if opset and opset < need:
+        raise InputError(f"{precision} engines need ONNX opset {need} or newer (got --opset {opset}); "
+                         f"use --opset {need} or leave it out")
+    return opset or max(DEFAULT_OPSET, need)
 
 
 def export_model(source: str, out: str | os.PathLike, *, random_weights: bool = False, seed: int = 0,
                  lowering_name: str = "portable", opset: int | None = None, external_data: bool | None = None,
-                 height: int | None = None, width: int | None = None, force: bool = False,
-                 make_parent: bool = False, command: str = "") -> Manifest:
+                 height: int | None = None, width: int | None = None, force: bool = False, precision: str = "fp32",
+                 make_parent: bool = False, command: str = "", engine: str = "onnx") -> Manifest:
     """Export a preset or a diffusers folder (denoiser step graph, and the VAE decoder where there is one)
-    as an engine folder at `out`, atomically; return its manifest."""
+    as an engine folder at `out`, atomically; return its manifest (engine "tensorrt": built .plan files)."""
     import datetime
     import platform
 
@@ -210,16 +237,18 @@ def export_model(source: str, out: str | os.PathLike, *, random_weights: bool = 
     from ditrt.runtime.manifest import Latent, Scheduler
 
     from .graphs import DecoderGraph, StepGraph, decoder_io, default_latent_hw, step_io
-    from .onnx_export import DEFAULT_OPSET, LOWERINGS
+    from .precision import apply_policy
     from .presets import training_info
     from .text_encoders import save_tokenizer
+    from .trt.build import check_engine, engine_components
 
-    if lowering_name not in LOWERINGS:
-        raise InputError(f"unknown lowering {lowering_name!r}; choose from {', '.join(LOWERINGS)}")
+    opset = export_opset(lowering_name, precision, opset)
+    check_engine(engine, lowering_name)  # e.g. TensorRT missing: say so before the slow export
     if Path(out).exists() and not force:  # before the (slow) export, not after it
         raise InputError(f"output folder {str(out)!r} already exists; pass --force to replace it")
     model, row, vae, text, notes = resolve_source(source, random_weights, seed)
-    packing, opset = 2 if row.family == "flux" else 1, opset or DEFAULT_OPSET
+    policy = apply_policy(precision, model, vae, text[0] if text is not None else None)  # engine I/O stays fp32
+    packing = 2 if row.family == "flux" else 1
     hw = image_to_latent(height, width, vae, packing * getattr(model.cfg, "patch_size", 1)) if height or width \
         else row.latent_hw or default_latent_hw(model)
     with staging_folder(Path(out), force, make_parent) as tmp:
@@ -235,6 +264,7 @@ def export_model(source: str, out: str | os.PathLike, *, random_weights: bool = 
         if vae is not None:
             components["vae_decoder"] = export_component("vae_decoder", DecoderGraph(vae), *decoder_io(vae, hw), tmp,
                                                          lowering_name, opset, external_data)
+        components = engine_components(engine, tmp, components)
         s, vcfg = row.sampler, vae.cfg if vae is not None else None
         manifest = Manifest(
             model=row.name, family=row.family, conditioning="class" if row.family == "dit" else "text",
@@ -245,7 +275,7 @@ def export_model(source: str, out: str | os.PathLike, *, random_weights: bool = 
             components=components, files=file_entries(tmp), text=[t[2] for t in text[1]] if text is not None else [],
             export={"command": command, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                     "source": source, "seed": seed if random_weights else None, "text_len": row.text_len,
-                    "notes": notes, "training": training_info(row), "versions": {
+                    "notes": notes, "training": training_info(row), "precision": policy, "versions": {
                         "ditrt": rt.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
                         "opset": opset, "python": platform.python_version()}})
         write_manifest(tmp, manifest)

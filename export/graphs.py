@@ -21,6 +21,8 @@ from .models.sana import Sana
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                 "int64": torch.int64, "int32": torch.int32}
 SCALARS = ("t", "guidance", "p", "q", "a", "b", "c")
+# Float inputs that feed fp32 sinusoids and RoPE tables: never rounded to a reduced compute dtype.
+FP32_INPUTS = ("img_ids", "txt_ids", "resolution", "aspect_ratio")
 
 
 @dataclass(frozen=True)
@@ -90,19 +92,28 @@ def step_io(model: nn.Module, text_len: int = 0,
 
 
 class StepGraph(nn.Module):
-    """One sampler step of any family: model forward (CFG batch inside), guidance combine, update."""
+    """One sampler step of any family: model forward (CFG batch inside), guidance combine, update.
+
+    The model computes in its parameters' dtype; the engine's inputs and outputs stay fp32, cast at the model's
+    boundary, so the guidance combine and the sampler update (the state carried across steps) run in fp32.
+    """
 
     def __init__(self, model: nn.Module, text_len: int = 0, latent_hw: tuple[int, int] | None = None):
         super().__init__()
         self.model, self.cond = model, conditioning(model, text_len, latent_hw or default_latent_hw(model))
+        self.dtype = next(model.parameters()).dtype
+        conds = step_io(model, text_len, latent_hw)[0][2 + len(SCALARS):]
+        self.cast_conds = tuple(s.dtype == "float32" and s.name not in FP32_INPUTS for s in conds)
 
     def forward(self, x: Tensor, x0_prev: Tensor, t: Tensor, guidance: Tensor, p: Tensor, q: Tensor, a: Tensor,
                 b: Tensor, c: Tensor, *conds: Tensor) -> tuple[Tensor, Tensor]:
         B, C, k = x.shape[0], self.model.cfg.in_channels, len(self.cond.paired)
         t = t * self.cond.timestep_scale
+        conds = tuple(v.to(self.dtype) if cast else v for v, cast in zip(conds, self.cast_conds))
         if not self.cond.cfg_batch:  # Flux: guidance goes into the model (dev) or nowhere (schnell)
             g = guidance.expand(B) if getattr(self.model.cfg, "guidance_embeds", False) else None
-            guided = self.model(x, t.expand(B), *conds, **({"guidance": g} if g is not None else {}))
+            guided = self.model(x.to(self.dtype), t.expand(B), *conds, **({"guidance": g} if g is not None else {}))
+            guided = guided.float()
         else:
             if self.cond.null_class is not None:  # class labels: [cond; null]
                 labels = conds[0]
@@ -110,7 +121,8 @@ class StepGraph(nn.Module):
             else:  # text: [negative; positive], in the order diffusers batches them
                 pos, neg, shared = conds[:k], conds[k:2 * k], conds[2 * k:]
                 batched = [torch.cat([n, p_]) for p_, n in zip(pos, neg)] + [torch.cat([s, s]) for s in shared]
-            out = self.model(torch.cat([x, x]), t.expand(2 * B), *batched)[:, :C]  # learned sigma: drop variance
+            out = self.model(torch.cat([x, x]).to(self.dtype), t.expand(2 * B), *batched)
+            out = out[:, :C].float()  # learned sigma: drop the variance channels
             first, second = out[:B], out[B:]  # slices, not chunk(): chunk specialises B at export
             cond, uncond = (first, second) if self.cond.cond_first else (second, first)
             guided = uncond + guidance * (cond - uncond)
@@ -125,8 +137,9 @@ class DecoderGraph(nn.Module):
         super().__init__()
         self.vae = vae
 
-    def forward(self, latents: Tensor) -> Tensor:
-        return (self.vae(latents) / 2 + 0.5).clamp(0, 1)
+    def forward(self, latents: Tensor) -> Tensor:  # fp32 in and out, whatever the VAE's dtype
+        image = self.vae(latents.to(next(self.vae.parameters()).dtype)).float()
+        return (image / 2 + 0.5).clamp(0, 1)
 
 
 def decoder_io(vae: nn.Module, latent_hw: tuple[int, int]) -> tuple[list[IOSpec], list[IOSpec]]:

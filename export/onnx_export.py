@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .graphs import IOSpec, sample_inputs
@@ -15,6 +16,22 @@ from .ops import lowering
 
 LOWERINGS = {"portable": "reference", "plugin": "plugin"}  # manifest name -> ops.lowering mode
 DEFAULT_OPSET = 18
+
+
+@contextlib.contextmanager
+def softmax_casts_first():
+    """softmax(x, dtype=float32) as a Cast then a Softmax. onnxscript (0.7) translates it as Softmax in x's dtype
+    then Cast, which loses the fp32 softmax of transformers' eager attention in fp16/bf16 text encoders."""
+    softmax = F.softmax
+
+    def cast_first(input, dim=None, _stacklevel=3, dtype=None):
+        return softmax(input if dtype is None else input.to(dtype), dim)
+
+    F.softmax = cast_first
+    try:
+        yield
+    finally:
+        F.softmax = softmax
 
 
 def export_onnx(module: nn.Module, inputs: list[IOSpec], outputs: list[IOSpec], path: Path,
@@ -33,7 +50,7 @@ def export_onnx(module: nn.Module, inputs: list[IOSpec], outputs: list[IOSpec], 
     level, quiet.level = quiet.level, logging.ERROR  # the exporter's progress chatter is not for our users
     try:
         with lowering(LOWERINGS[lowering_name]), torch.no_grad(), contextlib.redirect_stdout(log), \
-                warnings.catch_warnings():
+                warnings.catch_warnings(), softmax_casts_first():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(module.eval(), args, dynamic_shapes=tuple(dynamic), dynamo=True,
                                         opset_version=opset, input_names=[s.name for s in inputs],

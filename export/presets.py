@@ -13,7 +13,7 @@ from torch import nn
 
 from ditrt.runtime.errors import ConfigError, LoaderError
 
-from .demos import DIGITS_CONFIG, DIGITS_WEIGHTS
+from .demos import DIGITS_CONFIG, DIGITS_WEIGHTS, TEXT_DIGITS_FOLDER
 from .models.dit import DiT, DiTConfig
 from .models.flux import FLUX_DEV, FLUX_SCHNELL, Flux
 from .models.mmdit import SD3_MEDIUM, SD35_LARGE, SD35_MEDIUM, MMDiT
@@ -64,12 +64,16 @@ class Preset:
     latent_hw: tuple[int, int] | None = None  # latent size to export at (default: the config's sample_size)
     weights: Path | None = None  # shipped trained weights; None: architecture only
     class_names: tuple[str, ...] = ()
+    folder: Path | None = None  # a shipped diffusers pipeline folder, exported like any other folder
 
 
 PRESETS = {p.name: p for p in [
     Preset("digits", "class-conditional DiT trained on scikit-learn's 8x8 digits (16x16 grayscale, classes 0-9)",
            "dit", DIGITS_CONFIG, Sampler("flow_euler", "flow", 20, 3.0), weights=DIGITS_WEIGHTS,
            class_names=tuple(str(i) for i in range(10))),
+    Preset("text-digits", "text-to-image Sana-style model trained on the digits with captions such as "
+           "'a handwritten seven' or 'the digit 3' (16x16 grayscale; own Gemma-2-style encoder and DC-AE)", "sana",
+           None, SANA_DPM, 300, folder=TEXT_DIGITS_FOLDER),
     Preset("dit-xl-2-256", "DiT-XL/2 at 256 px (architecture only)", "dit", DiTConfig(sample_size=32), DDIM,
            class_names=tuple(str(i) for i in range(1000))),
     Preset("pixart-sigma-1024", "PixArt-Σ XL/2 at 1024 px (architecture only)", "pixart", PIXART_SIGMA_1024,
@@ -126,6 +130,9 @@ def random_init(model: nn.Module, seed: int = 0) -> nn.Module:
 def training_info(p: Preset) -> dict:
     if p.weights is None:
         return {}
+    if p.weights.is_dir():  # a shipped folder: its training record sits next to model_index.json
+        record = p.weights / "training.json"
+        return json.loads(record.read_text()) if record.is_file() else {}
     from safetensors import safe_open
 
     with safe_open(str(p.weights), "pt") as f:

@@ -68,7 +68,8 @@ class EncoderGraph(nn.Module):
         return self.model(input_ids, attention_mask=attention_mask).last_hidden_state
 
 
-# Prompt engines: one graph per pipeline whose outputs are exactly the denoiser step graph's prompt inputs.
+# Prompt engines: one graph per pipeline whose outputs are exactly the denoiser step graph's prompt inputs, in fp32
+# whatever precision each encoder computes in (see export/precision.py).
 
 class MaskedPromptGraph(nn.Module):
     """PixArt (T5) / Sana (Gemma-2): masked encoder states, and the mask passed through, as the prompt inputs.
@@ -83,7 +84,7 @@ class MaskedPromptGraph(nn.Module):
                         IOSpec("prompt_attention_mask", "int64", ("B", T))]
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-        return self.encoder(input_ids, attention_mask), attention_mask * 1
+        return self.encoder(input_ids, attention_mask).float(), attention_mask * 1
 
 
 class SD3PromptGraph(nn.Module):
@@ -103,10 +104,10 @@ class SD3PromptGraph(nn.Module):
 
     def forward(self, clip_l_input_ids: Tensor, clip_g_input_ids: Tensor, t5_input_ids: Tensor) -> tuple[Tensor, Tensor]:
         (l_states, l_pooled), (g_states, g_pooled) = self.clip_l(clip_l_input_ids), self.clip_g(clip_g_input_ids)
-        t5 = self.t5(t5_input_ids)  # (B, 256, 4096)
-        clip = torch.cat([l_states, g_states], dim=-1)  # (B, 77, 768 + 1280)
+        t5 = self.t5(t5_input_ids).float()  # (B, 256, 4096); prompt engines output fp32 at any precision
+        clip = torch.cat([l_states.float(), g_states.float()], dim=-1)  # (B, 77, 768 + 1280)
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
-        return torch.cat([clip, t5], dim=1), torch.cat([l_pooled, g_pooled], dim=-1)
+        return torch.cat([clip, t5], dim=1), torch.cat([l_pooled.float(), g_pooled.float()], dim=-1)
 
 
 class FluxPromptGraph(nn.Module):
@@ -120,7 +121,7 @@ class FluxPromptGraph(nn.Module):
                         IOSpec("pooled_prompt_embeds", "float32", ("B", clip_l.config.hidden_size))]
 
     def forward(self, clip_l_input_ids: Tensor, t5_input_ids: Tensor) -> tuple[Tensor, Tensor]:
-        return self.t5(t5_input_ids), self.clip_l(clip_l_input_ids)[1]
+        return self.t5(t5_input_ids).float(), self.clip_l(clip_l_input_ids)[1].float()
 
 
 def _check(model: nn.Module, types: tuple[type, ...], seq_len: int | str) -> None:

@@ -26,7 +26,8 @@ from .errors import DitError
               help="PNG path; a batch writes NAME-0000.png, NAME-0001.png, ...")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @click.option("--no-metadata", is_flag=True, help="Leave the generation parameters out of the PNG.")
-@click.option("--backend", default="onnxruntime", show_default=True, help="Engine backend.")
+@click.option("--backend", default="onnxruntime", show_default=True,
+              help="Engine backend: onnxruntime, or tensorrt for folders exported with --engine tensorrt.")
 @click.option("--threads", type=int, default=None, help="CPU threads for ONNX Runtime (default: all cores).")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the engine files at load.")
 @click.option("--json", "as_json", is_flag=True, help="Print outputs, seeds and per-stage timings as JSON.")

@@ -29,7 +29,7 @@ class TensorSpec:
 class Component:
     file: str  # relative to the folder
     backend: str  # "onnxruntime" | "tensorrt"
-    precision: str  # "fp32" | "fp16" | "bf16"
+    precision: str  # "fp32" | "fp16" | "bf16": the narrowest dtype it computes in; its I/O is as the specs say
     lowering: str  # custom ops: "portable" (standard ONNX) | "plugin" (TensorRT plugin nodes)
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]

@@ -210,7 +210,8 @@ class Pipeline:
             start = time.perf_counter()
             out = engine.run(feeds)
             engine_s += time.perf_counter() - start
-            feeds["x"], feeds["x0_prev"] = out["x_next"], out["x0"]
+            # the sampler state stays fp32 on the host whatever the engine's output dtype
+            feeds["x"], feeds["x0_prev"] = (out[k].astype(np.float32, copy=False) for k in ("x_next", "x0"))
             if on_step is not None:
                 on_step(i + 1, steps)
         timings["denoise_engine"] = engine_s * 1e3

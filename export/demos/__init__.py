@@ -12,6 +12,8 @@ HERE = Path(__file__).parent
 DIGITS_CONFIG = DiTConfig(sample_size=16, in_channels=1, patch_size=4, hidden_size=128, depth=4, num_heads=4,
                           num_classes=10, learn_sigma=False, prediction="flow")
 DIGITS_WEIGHTS = HERE / "digits.safetensors"
+# The text-to-image demo is a diffusers SanaPipeline folder (see train_text_digits.py).
+TEXT_DIGITS_FOLDER = HERE / "text_digits"
 
 
 def digits_images() -> tuple[np.ndarray, np.ndarray]:

@@ -13,6 +13,39 @@ from torch import Tensor, nn
 from ..ops import adaln_modulate, linear_attention
 
 
+# --- fp32 islands: below fp32, norm statistics and softmax run in fp32 between two Casts (kept by a strongly typed
+# TensorRT build); in fp32 every .float() here is a no-op, so fp32 graphs and results are unchanged. --------------
+
+
+def _f32(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.float()
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm with its statistics in fp32 whatever the activation dtype (diffusers' FP32LayerNorm)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x.float(), self.normalized_shape, _f32(self.weight), _f32(self.bias), self.eps).to(x.dtype)
+
+
+class FP32GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm with its statistics in fp32 whatever the activation dtype."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.group_norm(x.float(), self.num_groups, _f32(self.weight), _f32(self.bias), self.eps).to(x.dtype)
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None) -> Tensor:
+    """softmax(q·kᵀ/√d + bias)·v over (B, heads, S, d). fp32: torch's SDPA as is. fp16/bf16: explicit, q scaled
+    first (so q·kᵀ stays in range) and the softmax in fp32, as flash attention keeps its scores."""
+    if q.dtype == torch.float32:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
+    if bias is not None:  # a keep-mask bias (0 or -10000): the same softmax whether added before or after the Cast
+        scores = scores + bias
+    return scores.float().softmax(dim=-1).to(q.dtype) @ v
+
+
 def timestep_embedding(t: Tensor, dim: int, freq_shift: float = 0.0, max_period: float = 10000.0) -> Tensor:
     """Sinusoid [cos, sin] of t (B,) -> (B, dim). freq_shift=1 is diffusers' DiT, 0 the original DiT/SD3/Flux."""
     half = dim // 2
@@ -63,7 +96,7 @@ class PatchEmbed(nn.Module):
 def unpatchify(x: Tensor, h: int, w: int, p: int, c: int) -> Tensor:
     """(B, h·w, p·p·c) -> (B, c, h·p, w·p)."""
     x = x.reshape(x.shape[0], h, w, p, p, c)
-    return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(x.shape[0], c, h * p, w * p)  # a Transpose (ONNX Einsum has no bf16)
 
 
 class Modulation(NamedTuple):
@@ -84,7 +117,7 @@ def adaln_zero(linear: nn.Linear, c: Tensor) -> tuple[Modulation, Modulation]:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with SDPA (softmax in the math kernel, fp32 on CPU).
+    """Multi-head self-attention through `sdpa` (softmax in fp32 at every precision).
 
     qk_norm: per-head RMSNorm on q and k (SD3.5, Flux); out_proj=False leaves the heads unprojected (Flux single
     blocks project attention and MLP together; the last SD3 block discards its text output).
@@ -195,7 +228,7 @@ class CrossAttention(Attention):
         B, N, C = x.shape
         q = self.to_q(x).view(B, N, self.num_heads, -1).transpose(1, 2)  # (B, heads, N, d)
         k, v = (p(context).view(B, context.shape[1], self.num_heads, -1).transpose(1, 2) for p in (self.to_k, self.to_v))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        out = sdpa(q, k, v, bias)
         return self.to_out(out.transpose(1, 2).reshape(B, N, C))
 
 
@@ -261,7 +294,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, rope: tuple[Tensor, Tensor] | Non
     """SDPA over q, k, v (B, heads, S, d), RoPE on q and k first if given -> (B, S, heads·d)."""
     if rope is not None:
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+    return sdpa(q, k, v).transpose(1, 2).flatten(2)
 
 
 class JointAttention(nn.Module):

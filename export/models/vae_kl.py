@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .layers import FP32GroupNorm, sdpa
+
 
 @dataclass(frozen=True)
 class VAEConfig:
@@ -40,9 +42,9 @@ class VAEConfig:
 class ResnetBlock(nn.Module):
     def __init__(self, cin: int, cout: int, groups: int):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, cin, eps=1e-6)
+        self.norm1 = FP32GroupNorm(groups, cin, eps=1e-6)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2 = nn.GroupNorm(groups, cout, eps=1e-6)
+        self.norm2 = FP32GroupNorm(groups, cout, eps=1e-6)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
@@ -56,7 +58,7 @@ class SpatialAttention(nn.Module):
 
     def __init__(self, channels: int, groups: int):
         super().__init__()
-        self.group_norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.group_norm = FP32GroupNorm(groups, channels, eps=1e-6)
         self.to_q, self.to_k, self.to_v = (nn.Linear(channels, channels) for _ in range(3))
         self.to_out = nn.Linear(channels, channels)
 
@@ -64,7 +66,7 @@ class SpatialAttention(nn.Module):
         B, C, H, W = x.shape
         h = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, H·W, C)
         q, k, v = (p(h)[:, None] for p in (self.to_q, self.to_k, self.to_v))  # (B, 1, H·W, C)
-        out = self.to_out(F.scaled_dot_product_attention(q, k, v)[:, 0])
+        out = self.to_out(sdpa(q, k, v)[:, 0])
         return x + out.transpose(1, 2).reshape(B, C, H, W)
 
 
@@ -111,7 +113,7 @@ class Decoder(nn.Module):
         self.up_blocks = nn.ModuleList(
             UpBlock(chans[max(i - 1, 0)], c, cfg.layers_per_block + 1, g, upsample=i < len(chans) - 1)
             for i, c in enumerate(chans))
-        self.conv_norm_out = nn.GroupNorm(g, chans[-1], eps=1e-6)
+        self.conv_norm_out = FP32GroupNorm(g, chans[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(chans[-1], cfg.out_channels, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:

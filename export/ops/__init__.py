@@ -1,7 +1,7 @@
 """Custom ops shared by the model families, each with a reference, a fake impl and two ONNX lowerings.
 
 How an op call is lowered is chosen in one place, `lowering(mode)`:
-  "op"        dispatch through torch.ops.dit.* (eager torch; CUDA kernels register here later)
+  "op"        dispatch through torch.ops.dit.* (eager torch; on CUDA tensors the csrc/ kernels, see kernels/torch_ops)
   "reference" inline the plain-torch reference (training, and the portable ONNX lowering)
   "plugin"    one typed custom node per call, which TensorRT's ONNX parser maps to our plugin
 """
@@ -29,9 +29,10 @@ def current_lowering() -> str:
     return _mode.get()
 
 
-def dispatch(plugin_name: str, plugin_version: str, op, reference, inputs: tuple, eps: float):
+def dispatch(plugin_name: str, plugin_version: str, op, reference, inputs: tuple, eps: float, outputs: int = 1):
     """Call an op the way `lowering` says: the custom op, its plain-torch reference, or a typed plugin node
-    (op type = plugin name, with plugin_namespace/plugin_version attributes, output shaped like inputs[0])."""
+    (op type = plugin name, with plugin_namespace/plugin_version attributes, `outputs` outputs shaped like
+    inputs[0]; a tuple of them when outputs > 1)."""
     mode = _mode.get()
     if mode == "reference":
         return reference(*inputs, eps)
@@ -39,12 +40,21 @@ def dispatch(plugin_name: str, plugin_version: str, op, reference, inputs: tuple
         import torch
 
         attrs = {"eps": float(eps), "plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": plugin_version}
+        if outputs > 1:
+            return tuple(torch.onnx.ops.symbolic_multi_out(
+                f"{PLUGIN_NAMESPACE}::{plugin_name}", inputs, attrs, dtypes=[inputs[0].dtype] * outputs,
+                shapes=[inputs[0].shape] * outputs, version=1))
         return torch.onnx.ops.symbolic(f"{PLUGIN_NAMESPACE}::{plugin_name}", inputs, attrs, dtype=inputs[0].dtype,
                                        shape=inputs[0].shape, version=1)
     return op(*inputs, eps)
 
 
 from .adaln import adaln_modulate  # noqa: E402  (registers dit::adaln_modulate)
+from .adaln_residual import adaln_modulate_residual  # noqa: E402  (registers dit::adaln_modulate_residual)
 from .linear_attention import linear_attention  # noqa: E402  (registers dit::linear_attention)
+from ..kernels.torch_ops import install as _install_cuda_kernels  # noqa: E402
 
-__all__ = ["MODES", "PLUGIN_NAMESPACE", "adaln_modulate", "current_lowering", "linear_attention", "lowering"]
+_install_cuda_kernels()  # CUDA-dispatch entries that load the kernels on first CUDA call: nothing compiles here
+
+__all__ = ["MODES", "PLUGIN_NAMESPACE", "adaln_modulate", "adaln_modulate_residual", "current_lowering",
+           "linear_attention", "lowering"]

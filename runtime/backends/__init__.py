@@ -17,7 +17,7 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-BACKENDS = ("onnxruntime",)
+BACKENDS = ("onnxruntime", "tensorrt")
 
 
 def open_backend(name: str, path: Path, component: Component, threads: int | None = None) -> Backend:
@@ -26,6 +26,10 @@ def open_backend(name: str, path: Path, component: Component, threads: int | Non
     if component.backend != name:
         raise BackendUnavailable(f"{path.name!r} was exported for the {component.backend!r} backend, not {name!r}; "
                                  f"use --backend {component.backend} or re-export for {name}")
+    if name == "tensorrt":
+        from .trt import TrtBackend
+
+        return TrtBackend(path, component, threads=threads)
     from .ort import OrtBackend
 
     return OrtBackend(path, component, threads=threads)

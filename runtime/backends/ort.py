@@ -1,5 +1,6 @@
 """ONNX Runtime backend: CPU by default; CUDA when onnxruntime-gpu is installed and a GPU is visible."""
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,12 @@ class OrtBackend:
             self.session = ort.InferenceSession(str(path), opts, providers=providers)
         except Exception as e:  # ORT raises its own types for corrupt or truncated models
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            missing = re.search(r"NOT_IMPLEMENTED.*implementation for (\w+)", first)
+            if missing and component.precision != "fp32":  # e.g. ORT's CPU provider has almost no bf16 kernels
+                raise BackendUnavailable(
+                    f"the onnxruntime backend ({', '.join(providers)}) cannot run the {component.precision} engine "
+                    f"{component.file!r}: no {component.precision} kernel for {missing[1]}; re-export with "
+                    f"dit-export --precision {'fp16' if component.precision == 'bf16' else 'fp32'}") from None
             raise ManifestError(f"ONNX Runtime cannot load {str(path)!r}: {first}") from None
         self.providers = self.session.get_providers()
         names = {i.name for i in self.session.get_inputs()}
@@ -38,12 +45,15 @@ class OrtBackend:
         if names != declared:
             raise ManifestError(f"{path.name!r} has inputs {sorted(names)}, the manifest declares {sorted(declared)}")
         self.output_names = [s.name for s in component.outputs]
+        # feeds are cast to the declared dtypes (numpy has no bfloat16: such inputs are passed as given)
+        self.dtypes = {s.name: np.dtype(s.dtype) for s in component.inputs if s.dtype != "bfloat16"}
         missing = sorted(set(self.output_names) - {o.name for o in self.session.get_outputs()})
         if missing:
             raise ManifestError(f"{path.name!r} has no output(s) {missing} that the manifest declares")
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # InferenceSession.run is thread-safe, so one session serves concurrent requests.
+        feeds = {k: np.asarray(v, dtype=self.dtypes.get(k)) for k, v in feeds.items()}
         return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
 
     def close(self) -> None:
