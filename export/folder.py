@@ -11,6 +11,8 @@ from typing import Iterator
 from ditrt.runtime.errors import InputError, LoaderError
 from ditrt.runtime.manifest import MANIFEST_NAME, FileEntry, Manifest, sha256_file
 
+from .pixart_bins import manifest_bins
+
 
 @contextmanager
 def staging_folder(out: Path, force: bool = False, make_parent: bool = False) -> Iterator[Path]:
@@ -268,7 +270,7 @@ def export_model(source: str, out: str | os.PathLike, *, random_weights: bool = 
         s, vcfg = row.sampler, vae.cfg if vae is not None else None
         manifest = Manifest(
             model=row.name, family=row.family, conditioning="class" if row.family == "dit" else "text",
-            class_names=list(row.class_names), random_weights=random_weights,
+            class_names=list(row.class_names), random_weights=random_weights, resolution_bins=manifest_bins(row, vae),
             latent=Latent(model.cfg.in_channels // packing**2, hw[0], hw[1], vcfg.scaling_factor if vcfg else 1.0,
                           vcfg.shift_factor if vcfg else 0.0, packing),
             scheduler=Scheduler(s.name, s.prediction, shift=s.shift, default_steps=s.steps, default_guidance=s.guidance),

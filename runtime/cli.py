@@ -19,8 +19,9 @@ from .errors import DitError
               help="Classifier-free guidance scale; 1 = no guidance (default: the model's).")
 @click.option("-s", "--seed", type=int, default=-1, show_default=True,
               help="Seed; negative picks a random one. Image i of a batch uses seed + i.")
-@click.option("-W", "--width", type=int, help="Image width; must be the size the engines were built for.")
-@click.option("-H", "--height", type=int, help="Image height; must be the size the engines were built for.")
+@click.option("-W", "--width", type=int, help="Image width: the engines' size (PixArt: or a size whose resolution "
+              "bin is the engines' size; the image is resized and cropped to it).")
+@click.option("-H", "--height", type=int, help="Image height; as --width.")
 @click.option("-b", "--batch-size", type=int, default=1, show_default=True, help="Images to generate at once.")
 @click.option("-o", "--output", default="output.png", show_default=True,
               help="PNG path; a batch writes NAME-0000.png, NAME-0001.png, ...")

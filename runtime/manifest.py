@@ -88,6 +88,9 @@ class Manifest:
     files: dict[str, FileEntry]
     export: dict[str, Any] = field(default_factory=dict)  # command, versions, created: informational
     text: list[TextInput] = field(default_factory=list)  # text-conditioned models: tokenizers, in encoder order
+    # PixArt's resolution bins: aspect ratio -> (height, width) px; a requested size whose bin is the engines'
+    # size is generated at that size, then resized and centre-cropped as the pipeline does
+    resolution_bins: dict[str, list[int]] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict:

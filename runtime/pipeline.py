@@ -120,10 +120,7 @@ class Pipeline:
         Image i uses seed + i; seed None or < 0 picks one. Steps and guidance default to the manifest's.
         """
         m, sched = self.manifest, self.manifest.scheduler
-        if (width is not None and width != self.image_size[0]) or (height is not None and height != self.image_size[1]):
-            raise InputError(f"size {width or self.image_size[0]}x{height or self.image_size[1]} is not available: "
-                             f"this engine folder generates {self.image_size[0]}x{self.image_size[1]} images; "
-                             "export another with dit-export --width/--height")
+        size = self._output_size(width, height)
         steps = sched.default_steps if steps is None else steps
         guidance = sched.default_guidance if guidance is None else guidance
         _check_int("steps", steps, 1, MAX_STEPS)
@@ -143,11 +140,12 @@ class Pipeline:
         x = initial_noise(seeds, (m.latent.channels, m.latent.height, m.latent.width))
         x = self._denoise(pack(x, m.latent.packing), cond, steps, float(guidance), on_step, timings)
         t2 = time.perf_counter()
-        images = to_uint8(self._decode(x))
+        decoded = self._decode(x)
+        images = to_uint8(decoded if size == self.image_size else resize_and_crop(decoded, *size))
         t3 = time.perf_counter()
         timings.update(text_encode=(t1 - t0) * 1e3, denoise_total=(t2 - t1) * 1e3,
                        denoise_per_step=(t2 - t1) * 1e3 / steps, decode=(t3 - t2) * 1e3, total=(t3 - t0) * 1e3)
-        params = [self._parameters(description, steps, guidance, s) for s in seeds]
+        params = [self._parameters(description, steps, guidance, s, size) for s in seeds]
         return Result(images, seeds, params, timings, tuple(warnings))
 
     def _conditioning(self, prompt, negative_prompt, class_label, batch: int) -> tuple[dict, str, list[str]]:
@@ -225,6 +223,23 @@ class Pipeline:
         lat = self.manifest.latent
         return np.clip((x / lat.scaling_factor + lat.shift_factor + 1) / 2, 0, 1)
 
+    def _output_size(self, width: int | None, height: int | None) -> tuple[int, int]:
+        """(width, height) to return: the engines' size, or a size that PixArt's resolution bins map to it."""
+        w, h = self.image_size
+        width, height = w if width is None else width, h if height is None else height
+        if (width, height) == (w, h):
+            return w, h
+        _check_int("width", width, 1, 16384)
+        _check_int("height", height, 1, 16384)
+        bins = self.manifest.resolution_bins
+        if bins:  # PixArtImageProcessor.classify_height_width_bin
+            ratio = min(bins, key=lambda r: abs(float(r) - height / width))
+            if tuple(bins[ratio]) == (h, w):
+                return width, height
+        raise InputError(f"size {width}x{height} is not available: this engine folder generates {w}x{h} images"
+                         f"{' (and sizes whose resolution bin is ' + f'{w}x{h})' if bins else ''}; "
+                         "export another with dit-export --width/--height")
+
     @property
     def image_size(self) -> tuple[int, int]:
         """(width, height) of the generated images."""
@@ -246,11 +261,11 @@ class Pipeline:
                              f"has classes 0..{len(names) - 1}")
         return class_label
 
-    def _parameters(self, description: str, steps: int, guidance: float, seed: int) -> str:
+    def _parameters(self, description: str, steps: int, guidance: float, seed: int, size: tuple[int, int]) -> str:
         m = self.manifest
         return (f"{description}\n"
                 f"Steps: {steps}, Sampler: {SAMPLER_NAMES.get(m.scheduler.name, m.scheduler.name)}, "
-                f"CFG scale: {guidance:g}, Seed: {seed}, Size: {'x'.join(map(str, self.image_size))}, Model: {m.model}")
+                f"CFG scale: {guidance:g}, Seed: {seed}, Size: {size[0]}x{size[1]}, Model: {m.model}")
 
 
 def _check_int(name: str, value, lo: int, hi: int) -> None:
@@ -291,3 +306,25 @@ def to_uint8(x: np.ndarray) -> list[np.ndarray]:
     """(B, C, H, W) in [0, 1] -> list of uint8 images, (H, W) for C = 1 and (H, W, 3) for C = 3."""
     x = np.clip(np.rint(x * 255), 0, 255).astype(np.uint8)
     return [img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0) for img in x]
+
+
+def _bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) weights of torch's bilinear resize along one axis (align_corners=False, no antialias)."""
+    src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    i1, frac = np.minimum(i0 + 1, n_in - 1), src - np.floor(src)
+    m = np.zeros((n_out, n_in))
+    np.add.at(m, (np.arange(n_out), i0), 1 - frac)
+    np.add.at(m, (np.arange(n_out), i1), frac)
+    return m
+
+
+def resize_and_crop(x: np.ndarray, width: int, height: int) -> np.ndarray:
+    """PixArtImageProcessor.resize_and_crop_tensor in numpy: scale (B, C, H, W) to cover width x height, then
+    crop the centre."""
+    h, w = x.shape[-2:]
+    ratio = max(height / h, width / w)
+    rh, rw = int(h * ratio), int(w * ratio)
+    y = np.einsum("oh,bchw,pw->bcop", _bilinear_matrix(h, rh), x.astype(np.float64), _bilinear_matrix(w, rw))
+    top, left = (rh - height) // 2, (rw - width) // 2
+    return y[:, :, top:top + height, left:left + width].astype(x.dtype)

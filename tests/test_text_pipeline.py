@@ -254,3 +254,41 @@ def test_matches_pixart_alpha_pipeline_with_micro_conditions(tmp_path):
     np.testing.assert_array_equal(cond["resolution"], [[8, 16]])
     got = pipe._decode(pipe._denoise(latents.numpy(), cond, 6, 4.5, None, {})).transpose(0, 2, 3, 1)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-3)  # fp32 end to end: rounding only
+
+
+def test_pixart_resolution_binning(tmp_path):
+    """A size whose PixArt resolution bin is the engines' size is generated at that size, then resized and
+    centre-cropped as PixArtAlphaPipeline does; a size that bins elsewhere is refused naming the engines' size."""
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+
+    from ditrt.runtime.pipeline import resize_and_crop
+
+    tokenizer = t5_tokenizer()
+    transformer = randomize(PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=4, in_channels=4, out_channels=8, num_layers=1,
+        cross_attention_dim=8, caption_channels=32, sample_size=32, patch_size=2, norm_type="ada_norm_single",
+        norm_elementwise_affine=False, norm_eps=1e-6), seed=2)  # sample_size 32: the 256-px bins
+    vae = randomize(AutoencoderKL(block_out_channels=(4, 4, 4, 4), layers_per_block=1, norm_num_groups=2,
+                                  down_block_types=("DownEncoderBlock2D",) * 4,
+                                  up_block_types=("UpDecoderBlock2D",) * 4), seed=3)  # f8, so the bins are pixels
+    with torch.no_grad():  # decoded values inside (-1, 1): the pipeline resizes before clamping, we after
+        vae.decoder.conv_out.weight.mul_(0.5), vae.decoder.conv_out.bias.zero_()
+    ref = PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=randomize(t5_model(tokenizer), seed=1), vae=vae,
+                              transformer=transformer, scheduler=DPMSolverMultistepScheduler(beta_schedule="linear"))
+    ref.save_pretrained(tmp_path / "alpha")
+    m = export_model(str(tmp_path / "alpha"), tmp_path / "engine")
+    assert m.resolution_bins["1.0"] == [256, 256] and len(m.resolution_bins) == 33
+    latents = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    want = ref(PROMPT, num_inference_steps=3, guidance_scale=4.5, height=250, width=244, latents=latents.clone(),
+               clean_caption=False, output_type="np").images  # bins to 256x256 (ratio 1.02 -> "1.0")
+    pipe = Pipeline.load(tmp_path / "engine")
+    assert pipe._output_size(244, 250) == (244, 250)
+    cond, _, _ = pipe._conditioning(PROMPT, None, None, 1)
+    got = resize_and_crop(pipe._decode(pipe._denoise(latents.numpy(), cond, 3, 4.5, None, {})), 244, 250)
+    assert want.shape == (1, 250, 244, 3) and 0 < want.min() and want.max() < 1 and np.ptp(want) > 0.05, np.ptp(want)
+    np.testing.assert_allclose(got.transpose(0, 2, 3, 1), want, rtol=0, atol=1e-3)  # fp32: rounding only
+    r = pipe(prompt=PROMPT, steps=2, width=244, height=250)
+    assert r.images[0].shape == (250, 244, 3) and "Size: 244x250" in r.parameters[0]
+    with pytest.raises(InputError, match=r"size 512x256 is not available: .* 256x256 images \(and sizes whose "
+                                         r"resolution bin is 256x256\)"):
+        pipe(prompt=PROMPT, width=512, height=256)

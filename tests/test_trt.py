@@ -80,7 +80,8 @@ def dims(value_info) -> list:
     return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
 
 
-@pytest.mark.parametrize("name,ops", [("dit", {"AdaLNModulate"}), ("sana", {"AdaLNModulate", "LinearAttention"}),
+@pytest.mark.parametrize("name,ops", [("dit", {"AdaLNModulate", "AdaLNModulateResidual"}),
+                                      ("sana", {"AdaLNModulate", "LinearAttention"}),
                                       ("residual", {"AdaLNModulateResidual"})])
 def test_plugin_graph_is_what_the_parser_maps(plugin_graphs, name, ops):
     model = onnx.load(str(plugin_graphs[name][0]))

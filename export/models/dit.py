@@ -5,8 +5,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .layers import (Attention, FeedForward, FinalLayer, PatchEmbed, TimestepEmbedder, adaln_zero, modulate,
-                     sincos_pos_embed_2d, unpatchify)
+from .layers import (Attention, FeedForward, FinalLayer, PatchEmbed, TimestepEmbedder, adaln_zero, gated_modulate,
+                     modulate, sincos_pos_embed_2d, unpatchify)
 
 PREDICTIONS = ("epsilon", "flow")
 
@@ -50,8 +50,8 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         msa, mlp = adaln_zero(self.adaLN, c)
-        x = x + msa.gate[:, None] * self.attn(modulate(x, msa))
-        return x + mlp.gate[:, None] * self.ff(modulate(x, mlp, self.mlp_norm_eps))
+        x, h = gated_modulate(x, self.attn(modulate(x, msa)), msa.gate, mlp, self.mlp_norm_eps)
+        return x + mlp.gate[:, None] * self.ff(h)
 
 
 class DiT(nn.Module):

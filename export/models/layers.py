@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import adaln_modulate, linear_attention
+from ..ops import adaln_modulate, adaln_modulate_residual, linear_attention
 
 
 # --- fp32 islands: below fp32, norm statistics and softmax run in fp32 between two Casts (kept by a strongly typed
@@ -108,6 +108,12 @@ class Modulation(NamedTuple):
 def modulate(x: Tensor, mod: Modulation, eps: float = 1e-6) -> Tensor:
     """LN(x)·(1 + scale) + shift: the single call site of the adaln_modulate op."""
     return adaln_modulate(x, mod.shift, mod.scale, eps)
+
+
+def gated_modulate(x: Tensor, y: Tensor, gate: Tensor, mod: Modulation, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """(x + gate·y, modulate(x + gate·y, mod)) as one fused op: a sub-block's gated residual and the next
+    sub-block's modulation."""
+    return adaln_modulate_residual(x, y, gate, mod.shift, mod.scale, eps)
 
 
 def adaln_zero(linear: nn.Linear, c: Tensor) -> tuple[Modulation, Modulation]:
