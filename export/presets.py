@@ -97,6 +97,9 @@ def get_preset(name: str) -> Preset:
 
 def build_preset(p: Preset, random_weights: bool = False, seed: int = 0) -> nn.Module:
     """The preset's model in fp32: shipped weights (loaded strictly), or seeded random ones when asked for."""
+    if p.folder is not None:
+        raise ConfigError(f"{p.name!r} is a shipped pipeline folder ({str(p.folder)!r}); export it with "
+                          "dit-export / export_model, which load every component")
     if p.weights is None and not random_weights:
         raise ConfigError(f"{p.name!r} ships no weights; pass --random-weights to export its architecture with "
                           "random weights (for benchmarks), or export a diffusers folder holding real weights")

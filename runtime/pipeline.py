@@ -236,8 +236,8 @@ class Pipeline:
             ratio = min(bins, key=lambda r: abs(float(r) - height / width))
             if tuple(bins[ratio]) == (h, w):
                 return width, height
-        raise InputError(f"size {width}x{height} is not available: this engine folder generates {w}x{h} images"
-                         f"{' (and sizes whose resolution bin is ' + f'{w}x{h})' if bins else ''}; "
+        also = f" (and sizes whose resolution bin is {w}x{h})" if bins else ""
+        raise InputError(f"size {width}x{height} is not available: this engine folder generates {w}x{h} images{also}; "
                          "export another with dit-export --width/--height")
 
     @property

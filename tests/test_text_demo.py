@@ -33,6 +33,14 @@ def test_shipped_folder_is_small_and_safetensors_only():
     assert index["_class_name"] == "SanaPipeline" and index["vae"] == ["diffusers", "AutoencoderDC"]
 
 
+def test_the_folder_preset_is_not_built_as_a_bare_denoiser():
+    from ditrt.export.presets import build_preset, get_preset
+    from ditrt.runtime.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'text-digits' is a shipped pipeline folder"):
+        build_preset(get_preset("text-digits"))
+
+
 def test_exports_every_component(text_digits):
     _, m = text_digits
     assert m.model == "text-digits" and m.family == "sana" and not m.random_weights

@@ -5,7 +5,6 @@ Module names follow diffusers' `Decoder`, so the checkpoint's `decoder.*` keys l
 
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
