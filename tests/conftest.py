@@ -51,6 +51,15 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
+def one_line_error(r, *fragments):
+    """A CLI run that failed with exit code 2 and one stderr line containing every fragment."""
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
 def randomize(model, seed: int = 0, buffers: bool = False):
     """diffusers zero-inits some layers; random values everywhere (and in stored buffers such as SD3's position
     table, with buffers=True) make every weight count."""

@@ -4,7 +4,7 @@ import shutil
 import pytest
 from PIL import Image
 
-from conftest import run_cli
+from conftest import one_line_error, run_cli
 
 
 def test_export_then_run_end_to_end(tmp_path):
@@ -36,13 +36,6 @@ def test_list_and_help():
         r = run_cli(script, "--help")
         assert r.returncode == 0 and "Usage:" in r.stdout
 
-
-def one_line_error(r, *fragments):
-    assert r.returncode == 2, (r.stdout, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
 
 
 @pytest.mark.parametrize("args,fragments", [

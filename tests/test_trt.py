@@ -19,7 +19,7 @@ from ditrt.export.trt.build import DEFAULT_DIMS, check_engine, profile_shapes
 from ditrt.runtime.errors import BackendUnavailable, InputError
 from ditrt.runtime.manifest import Component, TensorSpec
 
-from conftest import run_cli
+from conftest import one_line_error, run_cli
 
 TINY = {  # name: (model, text tokens)
     "dit": (lambda: DiT(DiTConfig(sample_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=5)), 0),
@@ -225,13 +225,6 @@ def test_tensorrt_engines_need_the_plugin_lowering():
     with pytest.raises(InputError, match="unknown engine 'tvm'"):
         check_engine("tvm", "plugin")
 
-
-def one_line_error(r, *fragments):
-    assert r.returncode == 2, (r.stdout, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
 
 
 @pytest.mark.skipif(not tensorrt_missing(), reason="TensorRT is installed here")
