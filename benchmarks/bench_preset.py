@@ -52,7 +52,7 @@ def main() -> None:
         hw = preset.latent_hw or default_latent_hw(model)
         graph = StepGraph(model, preset.text_len, hw).eval()
         inputs, _ = step_io(model, preset.text_len, hw)
-        tensors = sample_inputs(inputs, {"B": args.batch})
+        tensors = sample_inputs(inputs, {"B": args.batch, "n": 2})  # CFG: both branches
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = args.threads
         start = time.perf_counter()

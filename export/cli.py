@@ -32,11 +32,14 @@ from .presets import PRESETS
 @click.option("-H", "--height", type=int, help="Image height the engines are built for (pipeline folders; "
               "default: the model's native size).")
 @click.option("-W", "--width", type=int, help="Image width the engines are built for.")
+@click.option("--variant", help="Weights variant of a diffusers folder, as diffusers' variant= (e.g. fp16: "
+              "*.fp16.safetensors); components without it use their plain weights. Default: the plain weights, or a "
+              "component's only variant.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--list", "list_models", is_flag=True, help="List the built-in models and exit.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def main(model, output, lowering, engine, precision, opset, random_weights, seed, external_data, height, width, force,
-         list_models, debug):
+def main(model, output, lowering, engine, precision, opset, random_weights, seed, external_data, height, width, variant,
+         force, list_models, debug):
     """Export MODEL to an engine folder: ONNX engines (text encoder, denoiser step, VAE decoder), tokenizer
     files and manifest.json.
 
@@ -56,8 +59,12 @@ def main(model, output, lowering, engine, precision, opset, random_weights, seed
     default_output = f"engines/{Path(model).name}"
     output = output or default_output
     try:
+        from transformers.utils import logging as transformers_logging
+
         from .folder import export_model
         from .presets import get_preset
+
+        transformers_logging.disable_progress_bar()  # its weight-loading bars are not ours to show
 
         if not Path(model).exists():
             get_preset(model)  # fail on a bad name before the slow part
@@ -65,7 +72,7 @@ def main(model, output, lowering, engine, precision, opset, random_weights, seed
         manifest = export_model(model, output, random_weights=random_weights, seed=seed, lowering_name=lowering,
                                 opset=opset, external_data=external_data, height=height, width=width, force=force,
                                 make_parent=output == default_output, command=command, engine=engine,
-                                precision=precision)
+                                precision=precision, variant=variant)
     except Exception as e:
         report(e, debug)
     size = sum(f.bytes for f in manifest.files.values())

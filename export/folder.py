@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from ditrt.runtime.errors import InputError, LoaderError
+from ditrt.runtime.errors import ConfigError, InputError, LoaderError
 from ditrt.runtime.manifest import MANIFEST_NAME, FileEntry, Manifest, sha256_file
 
 from .pixart_bins import manifest_bins
@@ -49,8 +49,10 @@ def write_manifest(folder: Path, manifest: Manifest) -> None:
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
 
 
-def resolve_source(source: str, random_weights: bool, seed: int):
-    """A preset name or a diffusers folder -> (denoiser, Preset-like row describing it, VAE decoder or None, notes)."""
+def resolve_source(source: str, random_weights: bool, seed: int, variant: str | None = None):
+    """A preset name or a diffusers folder -> (denoiser, Preset-like row describing it, VAE decoder or None, notes).
+
+    variant: diffusers' weights variant (e.g. "fp16") for every component, as `loaders.diffusers.pick_variant` says."""
     from dataclasses import replace
 
     from .loaders.diffusers import load_component, read_config
@@ -63,39 +65,103 @@ def resolve_source(source: str, random_weights: bool, seed: int):
             raise InputError(f"{source!r} is a trained demo; --random-weights applies to architecture-only models")
         if not (preset.folder / "model_index.json").is_file():
             raise LoaderError(f"files for {source!r} are missing at {str(preset.folder)!r}; reinstall the package")
-        model, row, vae, text, notes = resolve_source(str(preset.folder), False, seed)
+        model, row, vae, text, notes = resolve_source(str(preset.folder), False, seed, variant)
         return model, replace(row, name=preset.name, description=preset.description, weights=preset.folder), \
             vae, text, notes
     if source in PRESETS or not path.exists():
         preset = get_preset(source)
+        if variant is not None:
+            raise InputError(f"--variant {variant} applies to diffusers folders, not to the built-in model {source!r}")
         return build_preset(preset, random_weights, seed), preset, None, None, []
     if random_weights:
         raise InputError("--random-weights applies to built-in architectures, not to a checkpoint folder")
     pipeline = (path / "model_index.json").is_file()
     folder = path / "transformer" if pipeline else path
-    model = load_component(folder)
+    # the folder's own scheduler replaces the family's default; refused before the slow loading if unsupported
+    scheduler = folder_scheduler(path / "scheduler") if pipeline and (path / "scheduler").is_dir() else None
+    notes: list[str] = []
+    model = load_component(folder, variant, notes)
     family = next((f for f, cls in FAMILIES.items() if isinstance(model, cls)), None)
     if family is None:
         raise InputError(f"{str(folder)!r} holds a {type(model).__name__}, not a denoiser; pass a pipeline folder "
                          "(model_index.json) or a transformer folder")
-    vae, notes = None, []
-    sampler, text_len = family_defaults(family, model.cfg)
-    text = load_text_encoder(path, family, model.cfg, text_len, notes) if pipeline else None
+    vae = None
+    pipeline_class = read_json(path / "model_index.json").get("_class_name") if pipeline else None
+    sampler, text_len = family_defaults(family, model.cfg, pipeline_class)
+    text = load_text_encoder(path, family, model.cfg, text_len, notes, variant) if pipeline else None
     vae_config = path / "vae" / "config.json"
     if pipeline and vae_config.is_file():
         vae_class = read_config(path / "vae").get("_class_name")
         if vae_class in ("AutoencoderKL", "AutoencoderDC"):
-            vae = load_component(path / "vae")
+            vae = load_component(path / "vae", variant, notes)
         else:
             notes.append(f"vae ({vae_class}) not exported: not supported yet")
-    sched_config = path / "scheduler" / "scheduler_config.json"
-    shift_key = {"flow_euler": "shift", "flow_dpmsolver++": "flow_shift"}.get(sampler.name)
-    if pipeline and sched_config.is_file() and shift_key:  # the folder's own static shift
-        sampler = replace(sampler, shift=float(json.loads(sched_config.read_text()).get(shift_key, sampler.shift)))
+    if scheduler is not None:
+        sampler = replace(sampler, config=scheduler)
     classes = tuple(str(i) for i in range(model.cfg.num_classes)) if family == "dit" else ()
     row = Preset(path.resolve().name, str(read_config(folder).get("_class_name")), family, model.cfg, sampler,
                  text_len, (128, 128) if family == "flux" else None, class_names=classes)
     return model, row, vae, text, notes
+
+
+def provenance(opset: int) -> dict:
+    """When and with what an engine folder was built (the manifest's informational `export` fields)."""
+    import datetime
+    import platform
+
+    import onnx
+    import torch
+
+    import ditrt.runtime as rt
+
+    return {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(), "versions": {
+        "ditrt": rt.__version__, "torch": torch.__version__, "onnx": onnx.__version__, "opset": opset,
+        "python": platform.python_version()}}
+
+
+def manifest_scheduler(row, model, latent_hw: tuple[int, int], packing: int):
+    """The manifest's scheduler: the (folder's) diffusers config, checked to be reproducible for this pipeline's
+    set_timesteps call, whose μ follows the number of image tokens the transformer sees at this size."""
+    from ditrt.runtime.manifest import Scheduler
+    from ditrt.runtime.schedules import check_config, prediction_of
+
+    from .presets import FAMILY_TIMESTEP_CALL
+
+    call = dict(FAMILY_TIMESTEP_CALL.get(row.family, {}))
+    if call:
+        k = packing * getattr(model.cfg, "patch_size", 1)
+        call["image_seq_len"] = (latent_hw[0] // k) * (latent_hw[1] // k)
+    config = check_config(row.sampler.config, call)
+    return Scheduler(config, prediction_of(config), row.sampler.steps, row.sampler.guidance, call)
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from a diffusers folder (model_index.json, scheduler_config.json), or a one-line error."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LoaderError(f"{str(path)!r} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise LoaderError(f"{str(path)!r} must hold a JSON object")
+    return value
+
+
+def folder_scheduler(folder: Path) -> dict:
+    """scheduler/scheduler_config.json of a pipeline folder, checked to be a class and options the runtime
+    reproduces (whether this pipeline can call it so is checked with the family, in manifest_scheduler)."""
+    from ditrt.runtime.schedules import check_config
+
+    path = folder / "scheduler_config.json"
+    if not path.is_file():
+        raise LoaderError(f"{str(folder)!r} has no scheduler_config.json; a pipeline folder's scheduler/ needs one")
+    config = read_json(path)
+    if not isinstance(config.get("_class_name"), str):
+        raise LoaderError(f"{str(path)!r} names no scheduler class (_class_name)")
+    try:
+        check_config(config)
+    except ConfigError as e:
+        raise ConfigError(f"the folder's scheduler ({str(path)!r}) cannot be reproduced: {e}") from None
+    return config
 
 
 # SanaPipeline's default complex_human_instruction (diffusers pipeline_sana.py), byte for byte.
@@ -117,19 +183,26 @@ SANA_INSTRUCTION = (
 )
 
 
-def load_text_encoder(path: Path, family: str, cfg, text_len: int, notes: list[str]):
+def load_text_encoder(path: Path, family: str, cfg, text_len: int | str, notes: list[str],
+                      variant: str | None = None):
     """The pipeline folder's text encoders as one engine graph whose outputs are the denoiser's prompt inputs
     -> (graph, [(tokenizer subfolder, transformers tokenizer, manifest TextInput)])."""
     from ditrt.runtime.manifest import TextInput
 
+    from .presets import T5_LENGTH
     from .text_encoders import FluxPromptGraph, MaskedPromptGraph, SD3PromptGraph
 
     if not (path / "text_encoder" / "config.json").is_file():
         return None
+    import torch
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
 
-    def load(cls, sub):
-        return cls.from_pretrained(path / sub, use_safetensors=True).float().eval()
+    from .loaders.diffusers import pick_variant
+
+    def load(cls, sub):  # fp32 whatever config.json's dtype says (transformers' default dtype="auto" would follow it)
+        v, note = pick_variant(path / sub, variant)
+        notes.extend([note] if note else [])
+        return cls.from_pretrained(path / sub, use_safetensors=True, variant=v, dtype=torch.float32).eval()
 
     if family == "pixart":
         tok = AutoTokenizer.from_pretrained(path / "tokenizer")
@@ -148,18 +221,19 @@ def load_text_encoder(path: Path, family: str, cfg, text_len: int, notes: list[s
     if family == "mmdit" and (path / "text_encoder_3" / "config.json").is_file():
         graph = SD3PromptGraph(load(CLIPTextModelWithProjection, "text_encoder"),
                                load(CLIPTextModelWithProjection, "text_encoder_2"), load(T5EncoderModel, "text_encoder_3"),
-                               77, text_len - 77)
+                               77, text_len)
         return graph, unmasked_tokenizers(path, [("tokenizer", "clip_l", 77), ("tokenizer_2", "clip_g", 77),
-                                                 ("tokenizer_3", "t5", text_len - 77)])
+                                                 ("tokenizer_3", "t5", T5_LENGTH[family])])
     if family == "flux" and (path / "text_encoder_2" / "config.json").is_file():
         graph = FluxPromptGraph(load(CLIPTextModel, "text_encoder"), load(T5EncoderModel, "text_encoder_2"), 77, text_len)
-        return graph, unmasked_tokenizers(path, [("tokenizer", "clip_l", 77), ("tokenizer_2", "t5", text_len)])
+        return graph, unmasked_tokenizers(path, [("tokenizer", "clip_l", 77), ("tokenizer_2", "t5", T5_LENGTH[family])])
     notes.append(f"text encoders of this {family!r} pipeline not exported: not supported yet")
     return None
 
 
-def image_to_latent(height: int | None, width: int | None, vae, multiple: int) -> tuple[int, int]:
-    """--height/--width (pixels) -> latent (H, W); engines are built for one size, so it is checked here."""
+def image_to_latent(height: int | None, width: int | None, vae, multiple: int, model=None) -> tuple[int, int]:
+    """--height/--width (pixels) -> latent (H, W); engines are built for one size, so it is checked here, with the
+    model's own limits (e.g. a stored position table) in pixels, before the slow export."""
     if vae is None:
         raise InputError("--height/--width need a pipeline folder with a VAE (the pixel-to-latent factor comes from it)")
     if not height or not width:
@@ -170,20 +244,25 @@ def image_to_latent(height: int | None, width: int | None, vae, multiple: int) -
             raise InputError(f"{name} {v} is not allowed; use a multiple of {step} (e.g. {max(step, v // step * step)} "
                              f"or {(v // step + 1) * step})")
     f = step // multiple
+    if hasattr(model, "check_latent_size"):
+        model.check_latent_size(height // f, width // f, vae_factor=f)
     return height // f, width // f
 
 
 def unmasked_tokenizers(path: Path, rows: list[tuple[str, str, int]]) -> list:
-    """SD3/Flux tokenizers (their encoders take no mask): (subfolder, tokenizer, TextInput) per (subfolder, name, length)."""
+    """SD3/Flux tokenizers (their encoders take no mask): (subfolder, tokenizer, TextInput) per (subfolder, name, length).
+    T5's length is chosen per request (max_sequence_length, up to T5_MAX); CLIP's is fixed."""
     from transformers import AutoTokenizer
 
     from ditrt.runtime.manifest import TextInput
+
+    from .presets import T5_MAX
 
     out = []
     for sub, name, n in rows:
         tok = AutoTokenizer.from_pretrained(path / sub)
         out.append((sub, tok, TextInput(f"{sub}/tokenizer.json", n, tok.pad_token_id, input_ids=f"{name}_input_ids",
-                                        attention_mask=None)))
+                                        attention_mask=None, length_range=[2, T5_MAX] if name == "t5" else [])))
     return out
 
 
@@ -226,17 +305,11 @@ def export_opset(lowering_name: str, precision: str, opset: int | None) -> int:
 def export_model(source: str, out: str | os.PathLike, *, random_weights: bool = False, seed: int = 0,
                  lowering_name: str = "portable", opset: int | None = None, external_data: bool | None = None,
                  height: int | None = None, width: int | None = None, force: bool = False, precision: str = "fp32",
-                 make_parent: bool = False, command: str = "", engine: str = "onnx") -> Manifest:
+                 make_parent: bool = False, command: str = "", engine: str = "onnx",
+                 variant: str | None = None) -> Manifest:
     """Export a preset or a diffusers folder (denoiser step graph, and the VAE decoder where there is one)
     as an engine folder at `out`, atomically; return its manifest (engine "tensorrt": built .plan files)."""
-    import datetime
-    import platform
-
-    import onnx
-    import torch
-
-    import ditrt.runtime as rt
-    from ditrt.runtime.manifest import Latent, Scheduler
+    from ditrt.runtime.manifest import Latent
 
     from .graphs import DecoderGraph, StepGraph, decoder_io, default_latent_hw, step_io
     from .precision import apply_policy
@@ -248,13 +321,15 @@ def export_model(source: str, out: str | os.PathLike, *, random_weights: bool = 
     check_engine(engine, lowering_name)  # e.g. TensorRT missing: say so before the slow export
     if Path(out).exists() and not force:  # before the (slow) export, not after it
         raise InputError(f"output folder {str(out)!r} already exists; pass --force to replace it")
-    model, row, vae, text, notes = resolve_source(source, random_weights, seed)
+    model, row, vae, text, notes = resolve_source(source, random_weights, seed, variant)
     policy = apply_policy(precision, model, vae, text[0] if text is not None else None)  # engine I/O stays fp32
     packing = 2 if row.family == "flux" else 1
-    hw = image_to_latent(height, width, vae, packing * getattr(model.cfg, "patch_size", 1)) if height or width \
-        else row.latent_hw or default_latent_hw(model)
+    hw = image_to_latent(height, width, vae, packing * getattr(model.cfg, "patch_size", 1), model) \
+        if height or width else row.latent_hw or default_latent_hw(model)
+    scheduler = manifest_scheduler(row, model, hw, packing)  # refuses what the runtime cannot reproduce
+    step = StepGraph(model, row.text_len, hw)
     with staging_folder(Path(out), force, make_parent) as tmp:
-        components = {"denoiser": export_component("denoiser", StepGraph(model, row.text_len, hw),
+        components = {"denoiser": export_component("denoiser", step,
                                                    *step_io(model, row.text_len, hw), tmp, lowering_name, opset,
                                                    external_data)}
         if text is not None:
@@ -267,18 +342,17 @@ def export_model(source: str, out: str | os.PathLike, *, random_weights: bool = 
             components["vae_decoder"] = export_component("vae_decoder", DecoderGraph(vae), *decoder_io(vae, hw), tmp,
                                                          lowering_name, opset, external_data)
         components = engine_components(engine, tmp, components)
-        s, vcfg = row.sampler, vae.cfg if vae is not None else None
+        vcfg = vae.cfg if vae is not None else None
         manifest = Manifest(
             model=row.name, family=row.family, conditioning="class" if row.family == "dit" else "text",
             class_names=list(row.class_names), random_weights=random_weights, resolution_bins=manifest_bins(row, vae),
             latent=Latent(model.cfg.in_channels // packing**2, hw[0], hw[1], vcfg.scaling_factor if vcfg else 1.0,
                           vcfg.shift_factor if vcfg else 0.0, packing),
-            scheduler=Scheduler(s.name, s.prediction, shift=s.shift, default_steps=s.steps, default_guidance=s.guidance),
+            scheduler=scheduler, null_class=step.cond.null_class,
             components=components, files=file_entries(tmp), text=[t[2] for t in text[1]] if text is not None else [],
-            export={"command": command, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                    "source": source, "seed": seed if random_weights else None, "text_len": row.text_len,
-                    "notes": notes, "training": training_info(row), "precision": policy, "versions": {
-                        "ditrt": rt.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
-                        "opset": opset, "python": platform.python_version()}})
+            export={"command": command, "source": source, "seed": seed if random_weights else None,
+                    "text_len": row.text_len, "variant": variant, "notes": notes, "training": training_info(row),
+                    "precision": policy,
+                    **provenance(opset)})
         write_manifest(tmp, manifest)
     return manifest

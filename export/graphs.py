@@ -3,8 +3,11 @@
 The denoiser *step* graph holds the CFG batch, the guidance combine and the sampler update, so the runtime
 loop is one engine call per step plus a buffer swap (see DESIGN.md). Per-step scalars come from
 runtime/schedules.py:
-    x0     = p·x + q·guided_model_output
-    x_next = a·x + b·x0 + c·x0_prev
+    x0     = clamp(p·x + q·g, −clip, clip)
+    x_next = a·x + b·x0 + c·x0_prev + e·x0_prev2 + d·g
+where g is the guided model output. Classifier-free guidance is a leading "n" axis on the paired conditioning
+inputs: n = 2 holds [negative; positive] and the graph combines g = out_u + guidance·(out_c − out_u); n = 1 holds
+the positive branch alone (diffusers' guidance_scale <= 1), which halves the denoiser work and gives g = out_c.
 """
 
 from dataclasses import dataclass
@@ -20,7 +23,9 @@ from .models.sana import Sana
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                 "int64": torch.int64, "int32": torch.int32}
-SCALARS = ("t", "guidance", "p", "q", "a", "b", "c")
+SCALARS = ("t", "guidance", "p", "q", "a", "b", "c", "e", "d", "clip")
+STATE = ("x", "x0_prev", "x0_prev2")  # the sampler state the runtime carries between steps
+BRANCH_AXIS = "n"  # CFG branches: 1 (positive only) or 2 (negative, positive)
 # Float inputs that feed fp32 sinusoids and RoPE tables: never rounded to a reduced compute dtype.
 FP32_INPUTS = ("img_ids", "txt_ids", "resolution", "aspect_ratio")
 
@@ -35,11 +40,11 @@ class IOSpec:
 @dataclass(frozen=True)
 class Conditioning:
     """How a family's step graph feeds its model, beyond (x, t)."""
-    paired: tuple[IOSpec, ...]  # per-sample inputs with a negative twin ("negative_" + name) for CFG
-    shared: tuple[IOSpec, ...] = ()  # inputs used as they are by both CFG halves (micro-conditions, ids)
+    paired: tuple[IOSpec, ...]  # per-sample inputs, given per CFG branch: shape ("n", "B", ...) in the engine
+    shared: tuple[IOSpec, ...] = ()  # inputs used as they are by every branch (micro-conditions, ids)
     cfg_batch: bool = True  # False: one forward per step, guidance embedded in the model (Flux)
-    cond_first: bool = False  # CFG batch order: DiT/SiT [cond; uncond], PixArt/Sana/SD3 [uncond; cond]
-    null_class: int | None = None  # class-conditional: the negative is this label, built in the graph
+    cond_first: bool = False  # model batch order: DiT/SiT [cond; uncond], PixArt/Sana/SD3 [uncond; cond]
+    null_class: int | None = None  # class-conditional: the label of the negative branch (the runtime fills it)
     timestep_scale: float = 1.0  # model timestep = t · scale (Flux takes σ, the scheduler gives σ·1000)
 
 
@@ -84,15 +89,14 @@ def step_io(model: nn.Module, text_len: int = 0,
             latent_hw: tuple[int, int] | None = None) -> tuple[list[IOSpec], list[IOSpec]]:
     latent_hw = latent_hw or default_latent_hw(model)
     cond, latent = conditioning(model, text_len, latent_hw), latent_shape(model, latent_hw)
-    negatives = tuple(IOSpec("negative_" + s.name, s.dtype, s.shape) for s in cond.paired) \
-        if cond.cfg_batch and cond.null_class is None else ()
-    inputs = [IOSpec("x", "float32", latent), IOSpec("x0_prev", "float32", latent)]
-    inputs += [IOSpec(s, "float32", ()) for s in SCALARS] + list(cond.paired + negatives + cond.shared)
+    paired = tuple(IOSpec(s.name, s.dtype, (BRANCH_AXIS, *s.shape)) if cond.cfg_batch else s for s in cond.paired)
+    inputs = [IOSpec(s, "float32", latent) for s in STATE]
+    inputs += [IOSpec(s, "float32", ()) for s in SCALARS] + list(paired + cond.shared)
     return inputs, [IOSpec("x_next", "float32", latent), IOSpec("x0", "float32", latent)]
 
 
 class StepGraph(nn.Module):
-    """One sampler step of any family: model forward (CFG batch inside), guidance combine, update.
+    """One sampler step of any family: model forward over the CFG branches, guidance combine, update.
 
     The model computes in its parameters' dtype; the engine's inputs and outputs stay fp32, cast at the model's
     boundary, so the guidance combine and the sampler update (the state carried across steps) run in fp32.
@@ -102,11 +106,12 @@ class StepGraph(nn.Module):
         super().__init__()
         self.model, self.cond = model, conditioning(model, text_len, latent_hw or default_latent_hw(model))
         self.dtype = next(model.parameters()).dtype
-        conds = step_io(model, text_len, latent_hw)[0][2 + len(SCALARS):]
+        conds = step_io(model, text_len, latent_hw)[0][len(STATE) + len(SCALARS):]
         self.cast_conds = tuple(s.dtype == "float32" and s.name not in FP32_INPUTS for s in conds)
 
-    def forward(self, x: Tensor, x0_prev: Tensor, t: Tensor, guidance: Tensor, p: Tensor, q: Tensor, a: Tensor,
-                b: Tensor, c: Tensor, *conds: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, x0_prev: Tensor, x0_prev2: Tensor, t: Tensor, guidance: Tensor, p: Tensor,
+                q: Tensor, a: Tensor, b: Tensor, c: Tensor, e: Tensor, d: Tensor, clip: Tensor,
+                *conds: Tensor) -> tuple[Tensor, Tensor]:
         B, C, k = x.shape[0], self.model.cfg.in_channels, len(self.cond.paired)
         t = t * self.cond.timestep_scale
         conds = tuple(v.to(self.dtype) if cast else v for v, cast in zip(conds, self.cast_conds))
@@ -115,19 +120,22 @@ class StepGraph(nn.Module):
             guided = self.model(x.to(self.dtype), t.expand(B), *conds, **({"guidance": g} if g is not None else {}))
             guided = guided.float()
         else:
-            if self.cond.null_class is not None:  # class labels: [cond; null]
-                labels = conds[0]
-                batched = [torch.cat([labels, torch.full_like(labels, self.cond.null_class)])]
-            else:  # text: [negative; positive], in the order diffusers batches them
-                pos, neg, shared = conds[:k], conds[k:2 * k], conds[2 * k:]
-                batched = [torch.cat([n, p_]) for p_, n in zip(pos, neg)] + [torch.cat([s, s]) for s in shared]
-            out = self.model(torch.cat([x, x]).to(self.dtype), t.expand(2 * B), *batched)
-            out = out[:, :C].float()  # learned sigma: drop the variance channels
-            first, second = out[:B], out[B:]  # slices, not chunk(): chunk specialises B at export
-            cond, uncond = (first, second) if self.cond.cond_first else (second, first)
+            paired, shared = conds[:k], conds[k:]
+            n = paired[0].shape[0]  # CFG branches, [negative; positive]: 2, or 1 (positive only)
+            if self.cond.cond_first:  # DiT batches [cond; uncond]
+                paired = tuple(v.flip(0) for v in paired)
+            batched = [v.reshape(n * B, *v.shape[2:]) for v in paired]  # (n, B, ...) -> (n·B, ...)
+            batched += [s.unsqueeze(0).expand(n, *s.shape).reshape(n * B, *s.shape[1:]) for s in shared]
+            x_in = x.unsqueeze(0).expand(n, *x.shape).reshape(n * B, *x.shape[1:]).to(self.dtype)
+            out = self.model(x_in, t.expand(n * B), *batched)
+            out = out[:, :C].float().reshape(n, B, C, *out.shape[2:])  # learned sigma: drop the variance channels
+            if self.cond.cond_first:
+                out = out.flip(0)
+            uncond, cond = out[0], out[n - 1]  # n = 1: both are the positive branch, so g = out_c
             guided = uncond + guidance * (cond - uncond)
-        x0 = p * x + q * guided
-        return a * x + b * x0 + c * x0_prev, x0
+        x0 = torch.clamp(p * x + q * guided, -clip, clip)
+        x_next = a * x + b * x0 + c * x0_prev + e * x0_prev2 + d * guided
+        return x_next, x0
 
 
 class DecoderGraph(nn.Module):

@@ -11,11 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ditrt.runtime.errors import DitError
+
 from .graphs import IOSpec, sample_inputs
 from .ops import lowering
 
 LOWERINGS = {"portable": "reference", "plugin": "plugin"}  # manifest name -> ops.lowering mode
 DEFAULT_OPSET = 18
+DIM_MAX = {"n": 2}  # CFG branches: positive only, or negative and positive
 
 
 @contextlib.contextmanager
@@ -34,11 +37,23 @@ def softmax_casts_first():
         F.softmax = softmax
 
 
+def project_error(e: BaseException) -> DitError | None:
+    """The project error that caused e, if any: torch.export wraps what model code raises in its own exceptions."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, DitError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def export_onnx(module: nn.Module, inputs: list[IOSpec], outputs: list[IOSpec], path: Path,
                 lowering_name: str = "portable", opset: int = DEFAULT_OPSET, external_data: bool = False,
                 max_dim: int = 1024) -> None:
     """Write module as ONNX at path. Symbolic axes (e.g. "B") become dynamic dims named after them."""
-    dims = {d: torch.export.Dim(d, min=1, max=max_dim) for s in inputs for d in s.shape if isinstance(d, str)}
+    dims = {d: torch.export.Dim(d, min=1, max=DIM_MAX.get(d, max_dim)) for s in inputs for d in s.shape
+            if isinstance(d, str)}
     dynamic = [{i: dims[d] for i, d in enumerate(s.shape) if isinstance(d, str)} or None for s in inputs]
     params = inspect.signature(module.forward).parameters.values()
     if any(p.kind is p.VAR_POSITIONAL for p in params):  # forward(x, ..., *conds): the tail is one nested tuple
@@ -55,8 +70,16 @@ def export_onnx(module: nn.Module, inputs: list[IOSpec], outputs: list[IOSpec], 
             program = torch.onnx.export(module.eval(), args, dynamic_shapes=tuple(dynamic), dynamo=True,
                                         opset_version=opset, input_names=[s.name for s in inputs],
                                         output_names=[s.name for s in outputs], verbose=False, optimize=True)
+    except Exception as e:  # a check in model code (e.g. a size limit) reaches the user as itself, not as an export bug
+        error = project_error(e)
+        if error is None:
+            raise
+    else:
+        error = None
     finally:
         quiet.setLevel(level)
+    if error is not None:  # raised outside the handler, so that it does not chain back to the export error
+        raise error
     for value in program.model.graph.inputs:  # the exporter may specialise a dim instead of failing
         spec = next(s for s in inputs if s.name == value.name)
         got = tuple(d if isinstance(d, int) else str(d) for d in value.shape)

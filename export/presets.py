@@ -25,30 +25,53 @@ FAMILIES: dict[str, type[nn.Module]] = {"dit": DiT, "pixart": PixArt, "sana": Sa
 
 @dataclass(frozen=True)
 class Sampler:
-    """Pipeline defaults (reference/architectures.md §7.4); the runtime reads them from the manifest."""
-    name: str
-    prediction: str  # "flow" (v = noise − x0) | "epsilon"
+    """Pipeline defaults (reference/architectures.md §7.4): a diffusers scheduler config (the class's defaults
+    fill the rest), steps and guidance. A pipeline folder's own scheduler_config.json replaces `config`."""
+    config: dict
     steps: int
     guidance: float
-    shift: float = 1.0
 
 
-FLOW_EULER = Sampler("flow_euler", "flow", 20, 4.0)
-DDIM = Sampler("ddim", "epsilon", 50, 4.0)
-PIXART_DPM = Sampler("dpmsolver++", "epsilon", 20, 4.5)
-SANA_DPM = Sampler("flow_dpmsolver++", "flow", 20, 4.5, shift=3.0)
-SD3_EULER = Sampler("flow_euler", "flow", 28, 7.0, shift=3.0)
-FLUX_DEV_EULER = Sampler("flow_euler_dynamic", "flow", 28, 3.5)
-FLUX_SCHNELL_EULER = Sampler("flow_euler_linspace", "flow", 4, 0.0)
+def _sched(cls: str, **options) -> dict:
+    return {"_class_name": cls, **options}
+
+
+FLOW_EULER = Sampler(_sched("FlowMatchEulerDiscreteScheduler"), 20, 4.0)
+DDIM = Sampler(_sched("DDIMScheduler", clip_sample=False), 50, 4.0)  # facebook/DiT-XL-2-256
+PIXART_DPM = Sampler(_sched("DPMSolverMultistepScheduler"), 20, 4.5)
+SANA_DPM = Sampler(_sched("DPMSolverMultistepScheduler", prediction_type="flow_prediction", use_flow_sigmas=True,
+                          flow_shift=3.0), 20, 4.5)
+SD3_EULER = Sampler(_sched("FlowMatchEulerDiscreteScheduler", shift=3.0), 28, 7.0)
+FLUX_DEV_EULER = Sampler(_sched("FlowMatchEulerDiscreteScheduler", shift=3.0, use_dynamic_shifting=True,
+                                base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096), 28, 3.5)
+FLUX_SCHNELL_EULER = Sampler(_sched("FlowMatchEulerDiscreteScheduler", shift=1.0), 4, 0.0)
 FAMILY_SAMPLERS = {"dit": DDIM, "pixart": PIXART_DPM, "sana": SANA_DPM, "mmdit": SD3_EULER, "flux": FLUX_DEV_EULER}
-FAMILY_TEXT_LEN = {"dit": 0, "pixart": 300, "sana": 300, "mmdit": 333, "flux": 512}  # diffusers pipeline defaults
+# Text tokens the denoiser is built for, as the diffusers pipelines default. SD3/Flux: "T", a length chosen per
+# request (their T5 max_sequence_length, T5_LENGTH by default, at most T5_MAX; SD3 adds CLIP's 77 in front).
+FAMILY_TEXT_LEN = {"dit": 0, "pixart": 300, "sana": 300, "mmdit": "T", "flux": "T"}
+T5_LENGTH = {"mmdit": 256, "flux": 512}
+T5_MAX = 512  # the pipelines refuse a longer max_sequence_length
+# How each pipeline calls scheduler.set_timesteps beyond the step count (runtime/schedules.timestep_args):
+# FluxPipeline passes sigmas linspace(1, 1/n, n) and μ(image tokens) always; StableDiffusion3Pipeline passes μ
+# when the scheduler shifts dynamically; the others pass nothing. mu_defaults: the pipeline's fallbacks for
+# base/max image tokens and base/max shift. PixArt's pipelines multiply the initial latents by the scheduler's
+# init_noise_sigma (DiTPipeline and the flow pipelines do not), which matters for EulerDiscreteScheduler;
+# DiTPipeline steps the scale_model_input result, so a σ-space scheduler cannot run in it.
+FAMILY_TIMESTEP_CALL = {"flux": {"custom_sigmas": "linspace", "mu": "always", "mu_defaults": [256, 4096, 0.5, 1.15]},
+                        "mmdit": {"mu": "dynamic", "mu_defaults": [256, 4096, 0.5, 1.16]},
+                        "pixart": {"scales_initial_noise": True}, "dit": {"steps_scaled_input": True}}
 
 
-def family_defaults(family: str, cfg) -> tuple[Sampler, int]:
-    """Sampler and text length that diffusers' pipeline uses for a checkpoint of this family."""
-    if family == "flux" and not cfg.guidance_embeds:  # schnell: 4 steps, no guidance, 256 T5 tokens
-        return FLUX_SCHNELL_EULER, 256
-    if family == "pixart" and cfg.micro_conditions:  # PixArt-α: 120 T5 tokens (Σ: 300)
+def family_defaults(family: str, cfg, pipeline_class: str | None = None) -> tuple[Sampler, int | str]:
+    """Sampler and text length that diffusers' pipeline (model_index.json's class, where known) uses for a
+    checkpoint of this family."""
+    if pipeline_class == "PixArtAlphaPipeline":  # 120 T5 tokens, whatever the transformer's config
+        return PIXART_DPM, 120
+    if pipeline_class == "PixArtSigmaPipeline":
+        return PIXART_DPM, 300
+    if family == "flux" and not cfg.guidance_embeds:  # schnell: 4 steps, no guidance (T5 length as dev: 512)
+        return FLUX_SCHNELL_EULER, FAMILY_TEXT_LEN[family]
+    if family == "pixart" and cfg.micro_conditions:  # a transformer folder alone: PixArt-α 1024 has micro-conditions
         return PIXART_DPM, 120
     return FAMILY_SAMPLERS[family], FAMILY_TEXT_LEN[family]
 
@@ -60,7 +83,7 @@ class Preset:
     family: str
     config: object
     sampler: Sampler
-    text_len: int = 0  # text tokens the step graph is built for (0: class-conditional)
+    text_len: int | str = 0  # text tokens the step graph is built for (0: class-conditional; "T": chosen per request)
     latent_hw: tuple[int, int] | None = None  # latent size to export at (default: the config's sample_size)
     weights: Path | None = None  # shipped trained weights; None: architecture only
     class_names: tuple[str, ...] = ()
@@ -69,7 +92,7 @@ class Preset:
 
 PRESETS = {p.name: p for p in [
     Preset("digits", "class-conditional DiT trained on scikit-learn's 8x8 digits (16x16 grayscale, classes 0-9)",
-           "dit", DIGITS_CONFIG, Sampler("flow_euler", "flow", 20, 3.0), weights=DIGITS_WEIGHTS,
+           "dit", DIGITS_CONFIG, Sampler(_sched("FlowMatchEulerDiscreteScheduler"), 20, 3.0), weights=DIGITS_WEIGHTS,
            class_names=tuple(str(i) for i in range(10))),
     Preset("text-digits", "text-to-image Sana-style model trained on the digits with captions such as "
            "'a handwritten seven' or 'the digit 3' (16x16 grayscale; own Gemma-2-style encoder and DC-AE)", "sana",

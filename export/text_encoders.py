@@ -99,7 +99,8 @@ class SD3PromptGraph(nn.Module):
         width, pooled = t5.config.d_model, clip_l.config.projection_dim + clip_g.config.projection_dim
         self.inputs = [IOSpec(f"{n}_input_ids", "int64", ("B", L))
                        for n, L in (("clip_l", clip_len), ("clip_g", clip_len), ("t5", t5_len))]
-        self.outputs = [IOSpec("prompt_embeds", "float32", ("B", clip_len + t5_len, width)),
+        S = clip_len + t5_len if isinstance(t5_len, int) else f"{clip_len}+{t5_len}"  # T5's tokens after CLIP's
+        self.outputs = [IOSpec("prompt_embeds", "float32", ("B", S, width)),
                         IOSpec("pooled_prompt_embeds", "float32", ("B", pooled))]
 
     def forward(self, clip_l_input_ids: Tensor, clip_g_input_ids: Tensor, t5_input_ids: Tensor) -> tuple[Tensor, Tensor]:

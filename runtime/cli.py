@@ -7,6 +7,7 @@ import time
 import click
 
 from .errors import DitError
+from .schedules import SAMPLERS
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -17,6 +18,13 @@ from .errors import DitError
 @click.option("--steps", type=int, default=None, help="Sampling steps (default: the model's, from the manifest).")
 @click.option("-g", "--guidance", "--cfg-scale", "guidance", type=float, default=None,
               help="Classifier-free guidance scale; 1 = no guidance (default: the model's).")
+@click.option("--sampler", default=None, help=f"Switch the folder's scheduler as diffusers' X.from_config(config) "
+              f"does (default: the folder's): {', '.join(SAMPLERS)}. euler: flow models; ddim: epsilon/v models; "
+              "dpm++*: both.")
+@click.option("--shift", type=float, default=None, help="Static flow shift for euler / flow dpm++ samplers "
+              "(default: the folder's).")
+@click.option("--max-sequence-length", type=int, default=None, help="T5 tokens per prompt for SD3/Flux folders "
+              "(default: the pipeline's, 256 / 512), within the range the engines were built for.")
 @click.option("-s", "--seed", type=int, default=-1, show_default=True,
               help="Seed; negative picks a random one. Image i of a batch uses seed + i.")
 @click.option("-W", "--width", type=int, help="Image width: the engines' size (PixArt: or a size whose resolution "
@@ -34,7 +42,7 @@ from .errors import DitError
 @click.option("--json", "as_json", is_flag=True, help="Print outputs, seeds and per-stage timings as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def main(engines, prompt, negative_prompt, class_label, steps, guidance, seed, width, height, batch_size, output,
+def main(engines, prompt, negative_prompt, class_label, steps, guidance, sampler, shift, max_sequence_length, seed, width, height, batch_size, output,
          force, no_metadata, backend, threads, no_verify, as_json, quiet, debug):
     """Generate images with the engine folder ENGINES (written by dit-export).
 
@@ -52,6 +60,7 @@ def main(engines, prompt, negative_prompt, class_label, steps, guidance, seed, w
                                    file=sys.stderr) if show else _NoBar() as bar:
                 result = pipe(prompt=prompt, negative_prompt=negative_prompt, class_label=label, steps=steps,
                               guidance=guidance, seed=seed, batch_size=batch_size, width=width, height=height,
+                              sampler=sampler, shift=shift, max_sequence_length=max_sequence_length,
                               on_step=lambda i, n: bar.update(1))
             start = time.perf_counter()
             paths = result.save(output, overwrite=force, metadata=not no_metadata)
@@ -65,6 +74,7 @@ def main(engines, prompt, negative_prompt, class_label, steps, guidance, seed, w
         click.echo(json.dumps({"outputs": [str(p) for p in paths], "seeds": result.seeds, "model": m.model,
                                "family": m.family, "backend": backend, "steps": steps or m.scheduler.default_steps,
                                "guidance": m.scheduler.default_guidance if guidance is None else guidance,
+                               "sampler": pipe.scheduler_config(sampler, shift)["_class_name"],
                                "size": list(pipe.image_size), "warnings": list(result.warnings),
                                "timings_ms": {k: round(v, 3) for k, v in timings.items()}}))
     else:

@@ -13,7 +13,7 @@ from typing import Any
 
 from .errors import ManifestError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32")
 
@@ -47,12 +47,14 @@ class Latent:
 
 @dataclass(frozen=True)
 class Scheduler:
-    name: str  # "flow_euler"
-    prediction: str  # "flow" (v = noise − x0) | "epsilon"
-    num_train_timesteps: int = 1000
-    shift: float = 1.0
+    # the diffusers scheduler config the pipeline runs: "_class_name" and every option, defaults filled in
+    config: dict
+    prediction: str  # what the model predicts: "flow" (v = noise − x0) | "epsilon" | "v_prediction" | "sample"
     default_steps: int = 20
     default_guidance: float = 4.0
+    # how the diffusers pipeline calls set_timesteps beyond the step count (runtime/schedules.timestep_args):
+    # custom_sigmas ("linspace"), mu ("always" | "dynamic"), image_seq_len, mu_defaults
+    call: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,9 @@ class TextInput:
     lowercase: bool = False  # PixArt/Sana pipelines lower-case and strip the prompt first
     prefix: str = ""  # Sana: an instruction prepended to the positive prompt only...
     prefixed_max_length: int = 0  # ...tokenized to this length, of which BOS + the last max_length−1 are kept
+    # [lo, hi]: the engines take any length in this range, chosen per request (SD3/Flux T5's max_sequence_length;
+    # max_length is then the pipeline's default); empty: the length is fixed at max_length
+    length_range: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,7 @@ class Manifest:
     # PixArt's resolution bins: aspect ratio -> (height, width) px; a requested size whose bin is the engines'
     # size is generated at that size, then resized and centre-cropped as the pipeline does
     resolution_bins: dict[str, list[int]] = field(default_factory=dict)
+    null_class: int | None = None  # class-conditional: the label of the unconditional (negative) CFG branch
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict:

@@ -16,19 +16,21 @@ from typing import Callable
 import numpy as np
 
 from .backends import open_backend
-from .errors import InputError, ManifestError
+from .errors import ConfigError, InputError, ManifestError
 from .manifest import Manifest, load_manifest, resolve_inside
-from .schedules import SCHEDULERS, STEP_SCALARS, make_plan
+from .schedules import SAMPLERS, STEP_SCALARS, check_config, label, make_plan, switch
 from .tokenizer import TextTokenizer, TokenizerConfig
 
 MAX_BATCH = 64
 MAX_STEPS = 1000
-SAMPLER_NAMES = {"flow_euler": "Euler", "flow_euler_dynamic": "Euler", "flow_euler_linspace": "Euler", "ddim": "DDIM", "dpmsolver++": "DPM++ 2M", "flow_dpmsolver++": "DPM++ 2M"}
+MAX_GUIDANCE = 100.0  # as ComfyUI; far past where any model gives usable images
+BRANCH_AXIS = "n"  # CFG branches of the step engine's paired inputs: [negative; positive], or [positive]
 
 
 @dataclass(frozen=True)
 class Result:
     images: list[np.ndarray]  # uint8, (H, W) for one channel, (H, W, 3) for RGB
+    pixels: np.ndarray  # the same images as float32 (B, H, W, C) in [0, 1], before rounding to 8 bits
     seeds: list[int]  # image i was generated from seeds[i]
     parameters: list[str]  # A1111-style generation parameters, one per image
     timings_ms: dict[str, float]
@@ -92,9 +94,14 @@ class Pipeline:
         if manifest.latent.channels not in (1, 3) and "vae_decoder" not in manifest.components:
             raise ManifestError(f"{str(folder)!r} has {manifest.latent.channels}-channel latents and no decoder "
                                 "component, so its latents cannot become an image")
-        if manifest.scheduler.name not in SCHEDULERS:
-            raise ManifestError(f"scheduler {manifest.scheduler.name!r} is unknown to this runtime; "
-                                f"known: {', '.join(SCHEDULERS)}")
+        try:
+            check_config(manifest.scheduler.config, manifest.scheduler.call)
+        except ConfigError as e:
+            raise ManifestError(f"the folder's scheduler cannot be run by this runtime: {e}") from None
+        branched = any(s.shape[:1] == [BRANCH_AXIS] for s in manifest.components["denoiser"].inputs)
+        if manifest.conditioning == "class" and branched and manifest.null_class is None:
+            raise ManifestError(f"{str(folder)!r} is class-conditional with classifier-free guidance but its manifest "
+                                "names no null_class; re-export the folder")
         engines = {name: open_backend(backend, resolve_inside(folder, c.file), c, threads)
                    for name, c in manifest.components.items()}
         tokenizers = [TextTokenizer(resolve_inside(folder, t.tokenizer),
@@ -114,10 +121,16 @@ class Pipeline:
     def __call__(self, *, prompt: str | None = None, negative_prompt: str | None = None,
                  class_label: int | str | None = None, steps: int | None = None, guidance: float | None = None,
                  seed: int | None = None, batch_size: int = 1, width: int | None = None, height: int | None = None,
-                 on_step: Callable[[int, int], None] | None = None) -> Result:
+                 sampler: str | None = None, shift: float | None = None, latents: np.ndarray | None = None,
+                 max_sequence_length: int | None = None, on_step: Callable[[int, int], None] | None = None) -> Result:
         """Generate `batch_size` images of `prompt` (text models) or `class_label` (class-conditional models).
 
         Image i uses seed + i; seed None or < 0 picks one. Steps and guidance default to the manifest's.
+        `sampler` (see `samplers`) and `shift` switch the scheduler as diffusers' `X.from_config(config)` would.
+        `latents` (B, C, H, W) float32 replaces the seeded initial noise, as diffusers' `latents=` argument does.
+        `max_sequence_length`: T5 tokens for SD3/Flux folders, within the manifest's range (default: the pipeline's).
+        Classifier-free guidance runs where the diffusers pipeline runs it (guidance > 1); at guidance <= 1 only
+        the conditional branch is computed.
         """
         m, sched = self.manifest, self.manifest.scheduler
         size = self._output_size(width, height)
@@ -126,47 +139,95 @@ class Pipeline:
         _check_int("steps", steps, 1, MAX_STEPS)
         _check_int("batch_size", batch_size, 1, MAX_BATCH)
         if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance) \
-                or guidance < 0:
-            raise InputError(f"guidance {guidance!r} is not allowed; use a finite number >= 0")
+                or not 0 <= guidance <= MAX_GUIDANCE:
+            raise InputError(f"guidance {guidance!r} is not allowed; use a finite number in 0..{MAX_GUIDANCE:g}")
+        config = self.scheduler_config(sampler, shift)
         if seed is None or (isinstance(seed, int) and not isinstance(seed, bool) and seed < 0):
             seed = secrets.randbelow(2**31)
         _check_int("seed", seed, 0, 2**63 - 1 - batch_size)
+        shape = (m.latent.channels, m.latent.height, m.latent.width)
+        if latents is not None:
+            latents = np.asarray(latents)
+            if latents.dtype != np.float32 or latents.shape[1:] != shape or len(latents) != batch_size:
+                raise InputError(f"latents of shape {latents.shape} and dtype {latents.dtype} are not allowed; "
+                                 f"give float32 ({batch_size}, {', '.join(map(str, shape))})")
         timings = {"load": self.load_ms}
 
         t0 = time.perf_counter()
-        cond, description, warnings = self._conditioning(prompt, negative_prompt, class_label, batch_size)
+        cond, description, warnings = self._conditioning(prompt, negative_prompt, class_label, batch_size,
+                                                         cfg=guidance > 1, lengths=self._text_lengths(max_sequence_length))
         t1 = time.perf_counter()
         seeds = [seed + i for i in range(batch_size)]
-        x = initial_noise(seeds, (m.latent.channels, m.latent.height, m.latent.width))
-        x = self._denoise(pack(x, m.latent.packing), cond, steps, float(guidance), on_step, timings)
+        x = initial_noise(seeds, shape) if latents is None else latents.copy()
+        x = self._denoise(pack(x, m.latent.packing), cond, steps, float(guidance), config, on_step, timings)
         t2 = time.perf_counter()
         decoded = self._decode(x)
-        images = to_uint8(decoded if size == self.image_size else resize_and_crop(decoded, *size))
+        decoded = decoded if size == self.image_size else resize_and_crop(decoded, *size)
+        if not np.isfinite(decoded).all():
+            raise InputError(f"the denoiser produced non-finite values (guidance {guidance:g}, {steps} steps, "
+                             f"sampler {label(config)}); lower the guidance or change the sampler")
+        images = to_uint8(decoded)
         t3 = time.perf_counter()
         timings.update(text_encode=(t1 - t0) * 1e3, denoise_total=(t2 - t1) * 1e3,
                        denoise_per_step=(t2 - t1) * 1e3 / steps, decode=(t3 - t2) * 1e3, total=(t3 - t0) * 1e3)
-        params = [self._parameters(description, steps, guidance, s, size) for s in seeds]
-        return Result(images, seeds, params, timings, tuple(warnings))
+        params = [self._parameters(description, steps, guidance, s, size, config) for s in seeds]
+        return Result(images, decoded.transpose(0, 2, 3, 1).astype(np.float32), seeds, params, timings,
+                      tuple(warnings))
 
-    def _conditioning(self, prompt, negative_prompt, class_label, batch: int) -> tuple[dict, str, list[str]]:
-        """Per-request denoiser inputs (computed once, not per step), the prompt line for PNGs, warnings."""
+    @property
+    def samplers(self) -> list[str]:
+        """Sampler names `sampler=` accepts for this model (its prediction type decides which apply)."""
+        out = []
+        for name in SAMPLERS:
+            try:
+                self.scheduler_config(name)
+                out.append(name)
+            except InputError:
+                pass
+        return out
+
+    def scheduler_config(self, sampler: str | None = None, shift: float | None = None) -> dict:
+        """The diffusers scheduler config a request runs: the folder's, or switched to `sampler` / `shift`."""
+        sched = self.manifest.scheduler
+        if sampler is None and shift is None:
+            return sched.config
+        try:
+            config = switch(sched.config, sampler or sched.config["_class_name"], sched.prediction, shift)
+            return check_config(config, sched.call)
+        except ConfigError as e:
+            raise InputError(str(e)) from None
+
+    def _conditioning(self, prompt, negative_prompt, class_label, batch: int, cfg: bool,
+                      lengths: list[int]) -> tuple[dict, str, list[str]]:
+        """Per-request denoiser inputs (computed once, not per step), the prompt line for PNGs, warnings.
+
+        Inputs with a leading CFG branch axis get [negative; positive] when cfg, else [positive] alone."""
         m = self.manifest
         if m.conditioning == "class":
             if prompt is not None or negative_prompt is not None:
                 raise InputError(f"model {m.model!r} is class-conditional: give a class label, not a prompt")
-            label = self._class_index(class_label)
-            return ({"class_labels": np.full((batch,), label, dtype=np.int64)},
-                    f"class {label} ({m.class_names[label]})", [])
-        if class_label is not None:
-            raise InputError(f"model {m.model!r} is text-conditioned: give a prompt, not a class label")
-        if not isinstance(prompt, str) or (negative_prompt is not None and not isinstance(negative_prompt, str)):
-            raise InputError(f"model {m.model!r} needs a prompt (a string); got {prompt!r}")
-        negative_prompt = negative_prompt or ""
-        (pos, warnings), (neg, _) = self._encode_text(prompt), self._encode_text(negative_prompt, negative=True)
-        feeds = {k: np.repeat(v, batch, axis=0) for k, v in pos.items()}
-        feeds.update({"negative_" + k: np.repeat(v, batch, axis=0) for k, v in neg.items()})
-        names = {s.name for s in m.components["denoiser"].inputs}
-        feeds = {k: v for k, v in feeds.items() if k in names}  # Flux: no negative branch in its graph
+            label_ = self._class_index(class_label)
+            pos = {"class_labels": np.full((batch,), label_, dtype=np.int64)}
+            neg = {"class_labels": np.full((batch,), m.null_class if m.null_class is not None else -1, np.int64)}
+            description, warnings = f"class {label_} ({m.class_names[label_]})", []
+        else:
+            if class_label is not None:
+                raise InputError(f"model {m.model!r} is text-conditioned: give a prompt, not a class label")
+            if not isinstance(prompt, str) or (negative_prompt is not None and not isinstance(negative_prompt, str)):
+                raise InputError(f"model {m.model!r} needs a prompt (a string); got {prompt!r}")
+            negative_prompt = negative_prompt or ""
+            (pos, warnings), (neg, _) = (self._encode_text(prompt, lengths),
+                                         self._encode_text(negative_prompt, lengths, negative=True))
+            pos = {k: np.repeat(v, batch, axis=0) for k, v in pos.items()}
+            neg = {k: np.repeat(v, batch, axis=0) for k, v in neg.items()}
+            description = prompt + (f"\nNegative prompt: {negative_prompt}" if negative_prompt else "")
+        feeds = {}
+        for spec in m.components["denoiser"].inputs:
+            if spec.shape[:1] == [BRANCH_AXIS]:
+                feeds[spec.name] = np.stack([neg[spec.name], pos[spec.name]] if cfg else [pos[spec.name]])
+            elif spec.name in pos:  # Flux: the prompt alone, guidance is embedded in the model
+                feeds[spec.name] = pos[spec.name]
+        names = set(feeds) | {s.name for s in m.components["denoiser"].inputs}
         if "img_ids" in names:  # Flux: (row, column) ids of the packed latent grid; text ids are zeros
             feeds["img_ids"] = image_ids(m.latent.height // 2, m.latent.width // 2)
             feeds["txt_ids"] = np.zeros((feeds["prompt_embeds"].shape[1], 3), dtype=np.float32)
@@ -174,34 +235,47 @@ class Pipeline:
             w, h = self.image_size
             feeds["resolution"] = np.tile(np.array([[h, w]], dtype=np.float32), (batch, 1))
             feeds["aspect_ratio"] = np.full((batch, 1), h / w, dtype=np.float32)
-        line = prompt + (f"\nNegative prompt: {negative_prompt}" if negative_prompt else "")
-        return feeds, line, warnings
+        return feeds, description, warnings
 
-    def _encode_text(self, text: str, negative: bool = False) -> tuple[dict[str, np.ndarray], list[str]]:
+    def _text_lengths(self, max_sequence_length: int | None) -> list[int]:
+        """Tokens per text encoder for this request: the manifest's, or max_sequence_length where it may vary."""
+        specs = self.manifest.text
+        ranged = [t for t in specs if t.length_range]
+        if max_sequence_length is None:
+            return [t.max_length for t in specs]
+        if not ranged:
+            fixed = ", ".join(str(t.max_length) for t in specs) or "none (no text encoder)"
+            raise InputError(f"max_sequence_length {max_sequence_length!r} cannot be chosen for this engine folder; "
+                             f"its text lengths are fixed ({fixed})")
+        lo, hi = ranged[0].length_range
+        _check_int("max_sequence_length", max_sequence_length, lo, hi)
+        return [max_sequence_length if t.length_range else t.max_length for t in specs]
+
+    def _encode_text(self, text: str, lengths: list[int],
+                     negative: bool = False) -> tuple[dict[str, np.ndarray], list[str]]:
         feeds, warnings, keep = {}, [], None
-        for spec, tokenizer in zip(self.manifest.text, self.tokenizers):
+        for spec, tokenizer, length in zip(self.manifest.text, self.tokenizers, lengths):
             text = text.lower().strip() if spec.lowercase else text
             if spec.prefix and not negative:  # Sana: instruction + prompt, then BOS + the last max_length−1 tokens
                 tokens = tokenizer(spec.prefix + text, max_length=spec.prefixed_max_length)
                 keep = [0, *range(spec.prefixed_max_length - spec.max_length + 1, spec.prefixed_max_length)]
             else:
-                tokens = tokenizer(text)
+                tokens = tokenizer(text, max_length=length)
             if tokens.truncated[0]:
-                warnings.append(f"prompt truncated to the text encoder's limit of {spec.max_length} tokens")
+                warnings.append(f"prompt truncated to the text encoder's limit of {length} tokens")
             feeds[spec.input_ids] = tokens.input_ids
             if spec.attention_mask:
                 feeds[spec.attention_mask] = tokens.attention_mask
         out = self.engines["text_encoder"].run(feeds)
         return ({k: v[:, keep] for k, v in out.items()} if keep else out), warnings
 
-    def _denoise(self, x: np.ndarray, cond: dict[str, np.ndarray], steps: int, guidance: float,
+    def _denoise(self, x: np.ndarray, cond: dict[str, np.ndarray], steps: int, guidance: float, config: dict,
                  on_step: Callable[[int, int], None] | None, timings: dict) -> np.ndarray:
-        sched = self.manifest.scheduler
-        lat = self.manifest.latent
-        tokens = (lat.height // lat.packing) * (lat.width // lat.packing)
-        plan = make_plan(sched.name, steps, sched.shift, sched.num_train_timesteps, tokens)
-        per_step = [{k: np.asarray(plan[k][i], dtype=np.float32) for k in STEP_SCALARS} for i in range(steps)]
-        feeds = {"x": x, "x0_prev": np.zeros_like(x), "guidance": np.asarray(guidance, dtype=np.float32), **cond}
+        plan = make_plan(config, steps, self.manifest.scheduler.call)
+        x = x * plan["init"]  # 1, or EulerDiscreteScheduler's initial scale (see schedules._euler)
+        per_step = [{k: np.asarray(plan[k][i], dtype=np.float32) for k in STEP_SCALARS} for i in range(len(plan["t"]))]
+        zeros = np.zeros_like(x)
+        feeds = {"x": x, "x0_prev": zeros, "x0_prev2": zeros, "guidance": np.asarray(guidance, np.float32), **cond}
         engine, engine_s = self.engines["denoiser"], 0.0
         for i, scalars in enumerate(per_step):
             feeds.update(scalars)
@@ -209,11 +283,12 @@ class Pipeline:
             out = engine.run(feeds)
             engine_s += time.perf_counter() - start
             # the sampler state stays fp32 on the host whatever the engine's output dtype
+            feeds["x0_prev2"] = feeds["x0_prev"]
             feeds["x"], feeds["x0_prev"] = (out[k].astype(np.float32, copy=False) for k in ("x_next", "x0"))
             if on_step is not None:
                 on_step(i + 1, steps)
         timings["denoise_engine"] = engine_s * 1e3
-        return feeds["x"]
+        return feeds["x"] * plan["final"]
 
     def _decode(self, x: np.ndarray) -> np.ndarray:
         """Final latents -> images (B, C, H, W) in [0, 1]: the VAE engine, or latents that are pixels in [-1, 1]."""
@@ -261,11 +336,11 @@ class Pipeline:
                              f"has classes 0..{len(names) - 1}")
         return class_label
 
-    def _parameters(self, description: str, steps: int, guidance: float, seed: int, size: tuple[int, int]) -> str:
-        m = self.manifest
+    def _parameters(self, description: str, steps: int, guidance: float, seed: int, size: tuple[int, int],
+                    config: dict) -> str:
         return (f"{description}\n"
-                f"Steps: {steps}, Sampler: {SAMPLER_NAMES.get(m.scheduler.name, m.scheduler.name)}, "
-                f"CFG scale: {guidance:g}, Seed: {seed}, Size: {size[0]}x{size[1]}, Model: {m.model}")
+                f"Steps: {steps}, Sampler: {label(config)}, "
+                f"CFG scale: {guidance:g}, Seed: {seed}, Size: {size[0]}x{size[1]}, Model: {self.manifest.model}")
 
 
 def _check_int(name: str, value, lo: int, hi: int) -> None:

@@ -63,7 +63,7 @@ FILE_BUDGET = {"export/models/dit.py": 200, "export/models/layers.py": 400, "exp
                "export/models/dc_ae.py": 210}
 FORWARD_BUDGET = 40
 FUNCTION_BUDGET = 60
-RUNTIME_BUDGET = 1500
+RUNTIME_BUDGET = 1700  # 1500 until schedules.py reproduced four diffusers scheduler classes option by option
 CLI_ENTRY_POINTS = {("export/cli.py", "main"), ("runtime/cli.py", "main")}
 
 

@@ -44,6 +44,10 @@ def test_list_and_help():
     (["-c", "3", "--guidance", "-1"], ["guidance -1.0 is not allowed"]),
     (["-c", "3", "-b", "0"], ["batch_size 0 is not allowed"]),
     (["-c", "3", "-o", "out.jpg"], ["must end in .png"]),
+    (["-c", "3", "--guidance", "250"], ["guidance 250.0 is not allowed", "0..100"]),
+    (["-c", "3", "--sampler", "lms"], ["unknown sampler 'lms'", "euler, euler-karras, ddim, dpm++1"]),
+    (["-c", "3", "--sampler", "ddim"], ["'ddim' (DDIMScheduler) needs an epsilon/v-prediction model"]),
+    (["-c", "3", "--shift", "0"], ["shift 0.0 is not allowed"]),
 ])
 def test_run_errors(digits_engine, tmp_path, args, fragments):
     r = run_cli("dit-run", str(digits_engine), *args, cwd=tmp_path)

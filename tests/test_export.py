@@ -33,7 +33,7 @@ def assert_engine_matches_torch(model: DiT, path, batches=(1, 3)):
     inputs, _ = step_io(model)
     session = ort.InferenceSession(str(path))
     for B in batches:
-        args = sample_inputs(inputs, {"B": B}, seed=B)
+        args = sample_inputs(inputs, {"B": B, "n": 2}, seed=B)
         args = tuple(torch.randint(0, model.cfg.num_classes, a.shape) if s.name == "class_labels" else a
                      for s, a in zip(inputs, args))
         with torch.no_grad():
@@ -63,15 +63,18 @@ def test_step_graph_guidance_and_update_algebra():
     model = random_model(TINY)
     graph = StepGraph(model)
     inputs, _ = step_io(model)
-    x, x0_prev, t, g, p, q, a, b, c, labels = sample_inputs(inputs, {"B": 2})
-    labels = labels % 5
+    x, x0_prev, x0_prev2, t, g, p, q, a, b, c, e, d, clip, labels = sample_inputs(inputs, {"B": 2, "n": 2})
+    labels = torch.stack([torch.full_like(labels[1], 5), labels[1] % 5])  # CFG branches [null; class]
+    clip = torch.tensor(0.3)  # DDIM's clip_sample range: x0 is clamped, the ε direction (d·g) is not
     with torch.no_grad():
-        cond = model(x, t.expand(2), labels)
-        uncond = model(x, t.expand(2), torch.full_like(labels, 5))
-        x_next, x0 = graph(x, x0_prev, t, g, p, q, a, b, c, labels)
+        cond = model(x, t.expand(2), labels[1])
+        uncond = model(x, t.expand(2), labels[0])
+        x_next, x0 = graph(x, x0_prev, x0_prev2, t, g, p, q, a, b, c, e, d, clip, labels)
     guided = uncond[:, :4] + g * (cond[:, :4] - uncond[:, :4])
-    torch.testing.assert_close(x0, p * x + q * guided, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(x_next, a * x + b * x0 + c * x0_prev, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x0, (p * x + q * guided).clamp(-0.3, 0.3), atol=1e-5, rtol=1e-5)
+    assert (p * x + q * guided).abs().max() > 0.3  # the clamp was exercised
+    torch.testing.assert_close(x_next, a * x + b * x0 + c * x0_prev + e * x0_prev2 + d * guided, atol=1e-5,
+                               rtol=1e-5)
 
 
 def test_export_folder_contents(digits_engine):
@@ -79,7 +82,8 @@ def test_export_folder_contents(digits_engine):
     assert sorted(p.relative_to(digits_engine).as_posix() for p in digits_engine.rglob("*") if p.is_file()) == \
         ["denoiser/model.onnx", "manifest.json"]
     spec = {s.name: s.shape for s in m.components["denoiser"].inputs}
-    assert spec["x"] == ["B", 1, 16, 16] and spec["class_labels"] == ["B"] and spec["t"] == []
+    assert spec["x"] == ["B", 1, 16, 16] and spec["class_labels"] == ["n", "B"] and spec["t"] == []
+    assert m.null_class == 10  # the unconditional label of the CFG branch
     assert m.family == "dit" and m.conditioning == "class" and not m.random_weights
     assert m.scheduler.prediction == "flow" and m.latent.channels == 1
 

@@ -83,13 +83,15 @@ def test_packing_matches_flux_pipeline():
 
 
 def test_rope_tables_match_diffusers_at_full_size():
-    """diffusers builds the angles from fp64 frequencies; ours are fp32 (no fp64 in TensorRT): ~1e-5 off at 1024²."""
+    """diffusers builds the angles in fp64; ours multiply fp32 ids by its frequencies rounded to fp32 (no fp64 in
+    TensorRT): ~1e-5 off at 1024²."""
     from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 
-    from ditrt.export.models.layers import rope_freqs
+    from ditrt.export.models.layers import rope_freqs, rope_omega
 
     ids = torch.cat([torch.zeros(512, 3), latent_image_ids(128, 128)])  # 1024² image, T5 length 512
-    for got, want in zip(rope_freqs(ids, (16, 56, 56)), FluxPosEmbed(10000, [16, 56, 56])(ids)):
+    axes = (16, 56, 56)
+    for got, want in zip(rope_freqs(ids, axes, rope_omega(axes)), FluxPosEmbed(10000, list(axes))(ids)):
         torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
 
 

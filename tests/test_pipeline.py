@@ -44,7 +44,7 @@ def test_matches_diffusers_scheduler_loop_over_the_torch_model(pipe):
     from ditrt.export.presets import build_preset, get_preset
 
     model, steps, g = build_preset(get_preset("digits")), 8, 3.0
-    sched = FlowMatchEulerDiscreteScheduler(shift=pipe.manifest.scheduler.shift)
+    sched = FlowMatchEulerDiscreteScheduler(shift=pipe.manifest.scheduler.config["shift"])
     sched.set_timesteps(steps)
     x = torch.from_numpy(initial_noise([7, 8], (1, 16, 16)))
     y = torch.tensor([4, 4, 10, 10])
@@ -52,9 +52,9 @@ def test_matches_diffusers_scheduler_loop_over_the_torch_model(pipe):
         for t in sched.timesteps:
             cond, uncond = model(torch.cat([x, x]), t.expand(4), y).chunk(2)
             x = sched.step(uncond + g * (cond - uncond), t, x).prev_sample
-    ours = pipe._denoise(initial_noise([7, 8], (1, 16, 16)), {"class_labels": np.array([4, 4])}, steps, g, None, {})
-    # fp32; 8 steps of O(1) latents, ORT vs torch kernels differ by rounding only
-    np.testing.assert_allclose(ours, x.numpy(), rtol=0, atol=1e-4)
+    ours = pipe(class_label=4, seed=7, batch_size=2, steps=steps, guidance=g).pixels[..., 0]
+    # fp32; 8 steps of O(1) latents, ORT vs torch kernels differ by rounding only (pixels = (x + 1) / 2, clamped)
+    np.testing.assert_allclose(ours, ((x.numpy()[:, 0] + 1) / 2).clip(0, 1), rtol=0, atol=1e-4)
 
 
 def test_concurrent_calls_are_independent(pipe):
@@ -98,6 +98,12 @@ def test_timings_and_defaults(pipe):
     ({"class_label": 1, "guidance": float("nan")}, "guidance nan is not allowed"),
     ({"class_label": 1, "batch_size": 0}, "batch_size 0 is not allowed"),
     ({"class_label": 1, "batch_size": 1000}, "batch_size 1000 is not allowed"),
+    ({"class_label": 1, "guidance": 101}, "guidance 101 is not allowed; use a finite number in 0..100"),
+    ({"class_label": 1, "sampler": "heun"}, "unknown sampler 'heun'"),
+    ({"class_label": 1, "max_sequence_length": 64}, "max_sequence_length 64 cannot be chosen for this engine folder"),
+    ({"class_label": 1, "latents": np.zeros((1, 1, 8, 8), np.float32)}, "latents of shape .1, 1, 8, 8."),
+    ({"class_label": 1, "latents": np.zeros((1, 1, 16, 16))}, "latents of shape .* dtype float64"),
+    ({"class_label": 1, "latents": np.full((1, 1, 16, 16), 3e38, np.float32)}, "non-finite values .guidance 3"),
 ])
 def test_bad_requests(pipe, kwargs, match):
     with pytest.raises(InputError, match=match):
@@ -128,3 +134,20 @@ def test_save_refuses_to_overwrite_and_bad_paths(pipe, tmp_path):
     r.save(tmp_path / "x.png", overwrite=True)
     assert (tmp_path / "x-0001.png").read_bytes() != b"precious"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x-0000.png", "x-0001.png"]  # no temp files
+
+
+def test_guidance_at_most_one_runs_the_conditional_branch_alone(pipe):
+    """diffusers' rule (guidance > 1: CFG): at 1 and below the image is the conditional model's, whatever g."""
+    at_one, below, zero = (pipe(class_label=5, seed=2, steps=6, guidance=g).pixels for g in (1.0, 0.5, 0.0))
+    np.testing.assert_array_equal(at_one, below)
+    np.testing.assert_array_equal(at_one, zero)
+    assert np.abs(pipe(class_label=5, seed=2, steps=6, guidance=1.5).pixels - at_one).max() > 1e-3
+
+
+def test_sampler_switch_is_recorded_and_changes_the_image(pipe):
+    assert pipe.samplers[:2] == ["euler", "dpm++1"] and "ddim" not in pipe.samplers  # a flow model
+    euler = pipe(class_label=3, seed=1, steps=8)
+    dpm = pipe(class_label=3, seed=1, steps=8, sampler="dpm++2m")
+    shifted = pipe(class_label=3, seed=1, steps=8, shift=3.0)
+    assert "Sampler: Euler," in euler.parameters[0] and "Sampler: DPM++ 2M," in dpm.parameters[0]
+    assert np.abs(dpm.pixels - euler.pixels).max() > 1e-3 and np.abs(shifted.pixels - euler.pixels).max() > 1e-3

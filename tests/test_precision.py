@@ -16,7 +16,7 @@ from ditrt.runtime import Pipeline
 from ditrt.runtime.cli import main as run_cli
 from ditrt.runtime.errors import BackendUnavailable, InputError
 from ditrt.runtime.manifest import load_manifest
-from ditrt.runtime.pipeline import initial_noise, pack
+from ditrt.runtime.pipeline import initial_noise, unpack
 from test_text_pipeline import PROMPT, build_flux
 
 F32, F16, BF16 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16
@@ -49,8 +49,9 @@ def islands(model: onnx.ModelProto) -> dict[str, list[bool]]:
 
 
 def step_feeds(x: np.ndarray, **cond) -> dict:
-    scalars = dict(t=500.0, guidance=4.0, p=1.0, q=-0.5, a=0.5, b=0.5, c=0.1)
-    return dict(cond, x=x, x0_prev=np.ones_like(x), **{k: np.float32(v) for k, v in scalars.items()})
+    scalars = dict(t=500.0, guidance=4.0, p=1.0, q=-0.5, a=0.5, b=0.5, c=0.1, e=0.0, d=0.0, clip=np.inf)
+    return dict(cond, x=x, x0_prev=np.ones_like(x), x0_prev2=np.zeros_like(x),
+                **{k: np.float32(v) for k, v in scalars.items()})
 
 
 def test_digits_fp16_engine_matches_fp32(digits_engine, tmp_path):
@@ -67,15 +68,15 @@ def test_digits_fp16_engine_matches_fp32(digits_engine, tmp_path):
 
     p32, p16 = Pipeline.load(digits_engine), Pipeline.load(tmp_path / "fp16")
     x = initial_noise(list(range(10)), (1, 16, 16))
-    feeds = step_feeds(x, class_labels=np.arange(10))
+    feeds = step_feeds(x, class_labels=np.stack([np.full(10, 10), np.arange(10)]))  # CFG: [null; labels]
     a, b = p32.engines["denoiser"].run(feeds), p16.engines["denoiser"].run(feeds)
     assert b["x0"].dtype == np.float32
     # one step: fp16 rounding (unit roundoff 4.9e-4) through 4 blocks, amplified by guidance 4 in x0 (|x0| ≤ 2.8):
     # measured 8.1e-3 on x0, 4.0e-3 on x_next
     np.testing.assert_allclose(b["x0"], a["x0"], rtol=0, atol=3e-2)
     np.testing.assert_allclose(b["x_next"], a["x_next"], rtol=0, atol=3e-2)
-    cond = {"class_labels": np.arange(10)}
-    img32, img16 = (p._decode(p._denoise(x, cond, 20, 3.0, None, {})) for p in (p32, p16))
+    img32, img16 = (np.concatenate([p(class_label=i, steps=20, guidance=3.0, latents=x[i:i + 1]).pixels
+                                    for i in range(10)]) for p in (p32, p16))
     # 20 Euler steps, one image per class: measured 4.0e-4 on [0, 1] pixels (the samples are mostly saturated
     # strokes on black, so the clamp hides most of the drift); 5e-3 is about one uint8 level
     np.testing.assert_allclose(img16, img32, rtol=0, atol=5e-3)
@@ -105,12 +106,11 @@ def test_flux_fp16_engine_matches_fp32(tmp_path):
     noise = initial_noise([0], (16, 8, 4))
     want = ref(PROMPT, num_inference_steps=10, guidance_scale=3.5, height=16, width=8, max_sequence_length=512,
                latents=FluxPipeline._pack_latents(torch.from_numpy(noise), 1, 16, 8, 4), output_type="latent").images
-    cond, _, _ = pipe._conditioning(PROMPT, None, None, 1)
-    got = pipe._denoise(pack(noise, 2), cond, 10, 3.5, None, {})
-    # 10 Euler steps at |x| ≤ 3.5: measured 5.6e-4 (20 steps: 6.5e-4; fp16's unit roundoff is 4.9e-4)
-    np.testing.assert_allclose(got, want.numpy(), rtol=0, atol=1e-2)
-    # decoded by the same fp32 VAE engine: measured 6.7e-6 on [0, 1] pixels (the tiny random VAE compresses)
-    np.testing.assert_allclose(pipe._decode(got), pipe._decode(want.numpy()), rtol=0, atol=1e-3)
+    got = pipe(prompt=PROMPT, steps=10, guidance=3.5, latents=noise).pixels
+    # decoded by the same fp32 VAE engine: measured 6.7e-6 on [0, 1] pixels after 10 Euler steps at |x| ≤ 3.5
+    # (latents 5.6e-4 apart; fp16's unit roundoff is 4.9e-4; the tiny random VAE compresses)
+    decoded = pipe.engines["vae_decoder"].run({"latents": unpack(want.numpy(), 2, 8, 4)})["image"]
+    np.testing.assert_allclose(got, decoded.transpose(0, 2, 3, 1), rtol=0, atol=1e-3)
 
 
 def test_bf16_engine_is_well_typed_and_refused_on_cpu(tmp_path):

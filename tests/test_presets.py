@@ -95,9 +95,10 @@ def test_export_diffusers_pipeline_folder_cli(tmp_path):
     assert r.returncode == 0, r.stderr
     m = load_manifest(tmp_path / "eng")
     assert (m.family, m.conditioning, m.random_weights) == ("pixart", "text", False)
-    assert (m.scheduler.name, m.scheduler.default_steps, m.scheduler.default_guidance) == ("dpmsolver++", 20, 4.5)
+    assert (m.scheduler.config["_class_name"], m.scheduler.default_steps, m.scheduler.default_guidance) == \
+        ("DPMSolverMultistepScheduler", 20, 4.5)
     names = [s.name for s in m.components["denoiser"].inputs]
-    assert {"prompt_embeds", "negative_prompt_embeds", "prompt_attention_mask"} <= set(names)
+    assert {"prompt_embeds", "prompt_attention_mask"} <= set(names)
     # the runtime says plainly what it cannot do yet, instead of failing later
     r = run_cli("dit-run", "eng", "-c", "1", cwd=tmp_path)
     assert r.returncode == 2 and "needs text encoders and a VAE decoder" in r.stderr

@@ -44,13 +44,14 @@ def build(name):
     return model, StepGraph(model, text_len, hw), *step_io(model, text_len, hw)
 
 
-def feeds(inputs, B, seed=0):
-    args = dict(zip([s.name for s in inputs], sample_inputs(inputs, {"B": B}, seed)))
+def feeds(inputs, B, seed=0, n=2):
+    args = dict(zip([s.name for s in inputs], sample_inputs(inputs, {"B": B, "n": n}, seed)))
     for name, v in args.items():
         if name.endswith("attention_mask"):  # real masks: 1 = token, 0 = padding
-            args[name] = (torch.arange(v.shape[1])[None] < torch.tensor([3, 5, 2][:B])[:, None]).long()
+            args[name] = (torch.arange(v.shape[-1]) < torch.tensor([3, 5, 2][:B])[:, None]).long().expand(v.shape)
         if name == "class_labels":
             args[name] = v % 5
+    args["clip"] = torch.tensor(float("inf"))
     return args
 
 
@@ -60,8 +61,9 @@ def test_step_engine_matches_torch(name, tmp_path):
     export_onnx(graph, inputs, outputs, tmp_path / "step.onnx")
     session = ort.InferenceSession(str(tmp_path / "step.onnx"))
     assert [i.name for i in session.get_inputs()] == [s.name for s in inputs]
-    for B in (1, 3):
-        args = feeds(inputs, B, seed=B)
+    for B, n in ((1, 1), (1, 2), (3, 1), (3, 2)):  # batch sizes, with and without the CFG branch
+        args = feeds(inputs, B, seed=B, n=n)
+        args["clip"] = torch.tensor(0.5 if n == 1 else float("inf"))  # DDIM's clip_sample, or none
         with torch.no_grad():
             want = graph(*args.values())
         got = session.run(None, {k: v.numpy() for k, v in args.items()})
@@ -69,25 +71,30 @@ def test_step_engine_matches_torch(name, tmp_path):
             np.testing.assert_allclose(o, w.numpy(), rtol=0, atol=ATOL)
 
 
-@pytest.mark.parametrize("name", ["pixart-alpha", "sana", "sd35-medium"])
-def test_text_cfg_is_uncond_plus_g_times_difference(name):
+@pytest.mark.parametrize("name", ["dit", "pixart-alpha", "sana", "sd35-medium"])
+def test_cfg_branches(name):
+    """n = 2: g = uncond + guidance·(cond − uncond), in the pipeline's batch order; n = 1: g = cond alone."""
     model, graph, inputs, _ = build(name)
     args = feeds(inputs, 2)
-    paired = [n for n in args if "negative_" + n in args]
+    paired = [s.name for s in inputs if s.shape[:1] == ("n",)]
     shared = [n for n in args if n in ("resolution", "aspect_ratio")]
-    t, g = args["t"], args["guidance"]
+    t, g, x = args["t"], args["guidance"], args["x"]
     C = model.cfg.in_channels
+    args.update(p=torch.tensor(0.0), q=torch.tensor(1.0), a=torch.tensor(0.0), b=torch.tensor(1.0))  # out: x0 = g
     with torch.no_grad():
-        cond = model(args["x"], t.expand(2), *[args[n] for n in paired + shared])[:, :C]
-        uncond = model(args["x"], t.expand(2), *[args["negative_" + n] for n in paired], *[args[n] for n in shared])[:, :C]
-        x_next, x0 = graph(*args.values())
-    torch.testing.assert_close(x0, args["p"] * args["x"] + args["q"] * (uncond + g * (cond - uncond)), atol=1e-5, rtol=0)
+        uncond, cond = (model(x, t.expand(2), *[args[k][i] for k in paired], *[args[k] for k in shared])[:, :C]
+                        for i in (0, 1))
+        _, x0 = graph(*args.values())
+        _, x0_cond_only = graph(*{**args, **{k: args[k][1:] for k in paired}}.values())
+    torch.testing.assert_close(x0, uncond + g * (cond - uncond), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x0_cond_only, cond, atol=1e-5, rtol=0)
+    assert (cond - uncond).abs().max() > 1e-3  # the branches differ, so the check above means something
 
 
 def test_flux_dev_embeds_guidance_without_cfg_batch():
     model, graph, inputs, _ = build("flux-dev")
     args = feeds(inputs, 2)
-    assert not any(n.startswith("negative_") for n in args)
+    assert not any(s.shape[:1] == ("n",) for s in inputs)  # no CFG branches
     with torch.no_grad():
         v = model(args["x"], (args["t"] / 1000).expand(2), args["prompt_embeds"], args["pooled_prompt_embeds"],
                   args["img_ids"], args["txt_ids"], guidance=args["guidance"].expand(2))

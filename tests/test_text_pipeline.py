@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import randomize, run_cli
+from conftest import one_line_error, randomize, run_cli
 from ditrt.export.folder import export_model
 from ditrt.runtime import InputError, Pipeline
 from test_text_encoders import t5_model, t5_tokenizer
@@ -49,11 +49,10 @@ def test_matches_pixart_sigma_pipeline(pixart, negative):
     want = ref(PROMPT, negative_prompt=negative, num_inference_steps=8, guidance_scale=4.5, height=8, width=8,
                latents=latents.clone(), clean_caption=False, use_resolution_binning=False, output_type="np").images
     pipe = Pipeline.load(engine)
-    cond, line, warnings = pipe._conditioning(PROMPT, negative, None, 1)
-    got = pipe._decode(pipe._denoise(latents.numpy(), cond, 8, 4.5, None, {})).transpose(0, 2, 3, 1)
+    result = pipe(prompt=PROMPT, negative_prompt=negative, steps=8, guidance=4.5, latents=latents.numpy())
     # fp32 end to end (T5, DPM-Solver++, PixArt, VAE); ORT vs torch kernels: rounding only
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-3)
-    assert not warnings and line.startswith(PROMPT)
+    np.testing.assert_allclose(result.pixels, want, rtol=0, atol=1e-3)
+    assert not result.warnings and result.parameters[0].startswith(PROMPT)
 
 
 def test_prompt_changes_the_image_and_long_prompts_warn(pixart):
@@ -117,22 +116,25 @@ def sd3(tmp_path_factory):
     return ref, root.parent / "engine", m
 
 
-@pytest.mark.parametrize("negative", ["", "blurry"])
-def test_matches_stable_diffusion_3_pipeline(sd3, negative):
+@pytest.mark.parametrize("negative,guidance,t5_len", [("", 7.0, None), ("blurry", 7.0, 40), ("blurry", 0.0, None)],
+                         ids=["default", "negative-t5-40", "guidance-0"])  # SD3.5-Large-Turbo runs at 0.0
+def test_matches_stable_diffusion_3_pipeline(sd3, negative, guidance, t5_len):
     ref, engine, m = sd3
-    assert [t.max_length for t in m.text] == [77, 77, 256] and m.scheduler.shift == 3.0
+    assert [t.max_length for t in m.text] == [77, 77, 256] and m.scheduler.config["shift"] == 3.0
+    assert m.text[2].length_range == [2, 512] and not m.text[0].length_range
     latents = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(0))
-    want = ref(PROMPT, negative_prompt=negative, num_inference_steps=8, guidance_scale=7.0, height=8, width=8,
-               latents=latents.clone(), output_type="np").images
+    want = ref(PROMPT, negative_prompt=negative, num_inference_steps=8, guidance_scale=guidance, height=8, width=8,
+               latents=latents.clone(), max_sequence_length=t5_len or 256, output_type="np").images
     pipe = Pipeline.load(engine)
-    cond, _, _ = pipe._conditioning(PROMPT, negative, None, 1)
-    assert cond["prompt_embeds"].shape == (1, 333, 48) and cond["pooled_prompt_embeds"].shape == (1, 32)
-    got = pipe._decode(pipe._denoise(latents.numpy(), cond, 8, 7.0, None, {})).transpose(0, 2, 3, 1)
+    denoiser = {s.name: s.shape for s in m.components["denoiser"].inputs}
+    assert denoiser["prompt_embeds"] == ["n", "B", "T", 48] and denoiser["pooled_prompt_embeds"] == ["n", "B", 32]
+    got = pipe(prompt=PROMPT, negative_prompt=negative, steps=8, guidance=guidance, latents=latents.numpy(),
+               max_sequence_length=t5_len).pixels
     # fp32 end to end (two CLIPs, T5, flow Euler, MMDiT, 16-channel VAE): rounding only
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-3)
 
 
-def build_flux(root, guidance_embeds: bool):
+def build_flux(root, guidance_embeds: bool, dynamic: bool | None = None):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -151,34 +153,35 @@ def build_flux(root, guidance_embeds: bool):
                                   down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                                   use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611,
                                   shift_factor=0.1159), seed=4)
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True) if guidance_embeds \
-        else FlowMatchEulerDiscreteScheduler(shift=1.0)
+    dynamic = guidance_embeds if dynamic is None else dynamic  # FLUX.1-dev shifts by resolution, schnell not
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0 if guidance_embeds else 1.0, use_dynamic_shifting=dynamic)
     ref = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tok_l, text_encoder_2=t5,
                        tokenizer_2=tok_t5, transformer=transformer)
     ref.save_pretrained(root)
     return ref
 
 
-@pytest.mark.parametrize("dev", [True, False], ids=["flux-dev", "flux-schnell"])
-def test_matches_flux_pipeline(tmp_path, dev):
+@pytest.mark.parametrize("dev,dynamic", [(True, True), (False, False), (True, False)],
+                         ids=["flux-dev", "flux-schnell", "flux-dev-static-shift"])
+def test_matches_flux_pipeline(tmp_path, dev, dynamic):
     from diffusers import FluxPipeline
 
-    ref = build_flux(tmp_path / "flux", dev)
+    ref = build_flux(tmp_path / "flux", dev, dynamic)
     m = export_model(str(tmp_path / "flux"), tmp_path / "engine", height=16, width=8)
     assert m.latent.packing == 2 and (m.latent.height, m.latent.width) == (8, 4)
-    assert [t.max_length for t in m.text] == [77, 512 if dev else 256]
+    assert [t.max_length for t in m.text] == [77, 512]  # FluxPipeline's default max_sequence_length, dev and schnell
     noise = torch.randn(1, 16, 8, 4, generator=torch.Generator().manual_seed(0))
     steps, g = (6, 3.5) if dev else (4, 0.0)
-    want = ref(PROMPT, num_inference_steps=steps, guidance_scale=g, height=16, width=8,
-               latents=FluxPipeline._pack_latents(noise, 1, 16, 8, 4), max_sequence_length=m.text[1].max_length,
-               output_type="np").images
     pipe = Pipeline.load(tmp_path / "engine")
-    from ditrt.runtime.pipeline import pack
-
-    cond, _, _ = pipe._conditioning(PROMPT, None, None, 1)
-    got = pipe._decode(pipe._denoise(pack(noise.numpy(), 2), cond, steps, g, None, {})).transpose(0, 2, 3, 1)
-    # fp32 end to end (CLIP-L, T5, Flux, flow Euler with Flux's schedule, VAE); RoPE fp32 vs fp64: rounding only
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-3)
+    for t5_len in (None, 256, 9):  # the pipeline's default (512), schnell's model-card value, a short one
+        want = ref(PROMPT, num_inference_steps=steps, guidance_scale=g, height=16, width=8,
+                   latents=FluxPipeline._pack_latents(noise, 1, 16, 8, 4), max_sequence_length=t5_len or 512,
+                   output_type="np").images
+        got = pipe(prompt=PROMPT, steps=steps, guidance=g, latents=noise.numpy(), max_sequence_length=t5_len).pixels
+        # fp32 end to end (CLIP-L, T5, Flux, flow Euler with Flux's schedule, VAE); RoPE fp32 vs fp64: rounding only
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-3)
+    with pytest.raises(InputError, match=r"max_sequence_length 513 is not allowed; use an integer in 2..512"):
+        pipe(prompt=PROMPT, max_sequence_length=513)
     assert pipe(prompt="a cat", seed=0, steps=2).images[0].shape == (16, 8, 3)
 
 
@@ -191,10 +194,21 @@ def test_export_size_errors(tmp_path):
     assert not (tmp_path / "e").exists()
 
 
-def test_matches_sana_pipeline(tmp_path):
-    """Gemma-2 with the instruction prefix on the positive prompt only, Sana (linear attention), flow DPM-Solver++,
-    DC-AE: the runtime against SanaPipeline from the same noise."""
-    from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
+SANA_SCHEDULERS = {  # the release's flow DPM-Solver++, and the flow Euler schedulers users swap in
+    "dpm-flow": ("DPMSolverMultistepScheduler", dict(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                     flow_shift=3.0)),
+    "euler-shift-7": ("FlowMatchEulerDiscreteScheduler", dict(shift=7.0)),
+    "euler-shift-3": ("FlowMatchEulerDiscreteScheduler", dict(shift=3.0)),
+}
+
+
+@pytest.mark.parametrize("scheduler", [pytest.param(k, marks=[pytest.mark.slow] if k != "dpm-flow" else [])
+                                       for k in SANA_SCHEDULERS])
+def test_matches_sana_pipeline(tmp_path, scheduler):
+    """Gemma-2 with the instruction prefix on the positive prompt only, Sana (linear attention), the folder's
+    scheduler, DC-AE: the runtime against SanaPipeline from the same noise."""
+    import diffusers
+    from diffusers import AutoencoderDC, SanaPipeline, SanaTransformer2DModel
     from transformers import Gemma2Config, Gemma2Model
 
     from test_dc_ae import tiny_config
@@ -211,7 +225,8 @@ def test_matches_sana_pipeline(tmp_path):
         num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=32,
         sample_size=8), seed=2)
     vae = randomize(AutoencoderDC(**tiny_config("interpolate")), seed=3)
-    scheduler = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    cls, options = SANA_SCHEDULERS[scheduler]
+    scheduler = getattr(diffusers, cls)(**options)
     ref = SanaPipeline(tokenizer=tok, text_encoder=gemma, vae=vae, transformer=transformer, scheduler=scheduler)
     ref.save_pretrained(tmp_path / "sana")
     m = export_model(str(tmp_path / "sana"), tmp_path / "engine")
@@ -221,11 +236,50 @@ def test_matches_sana_pipeline(tmp_path):
     want = ref(PROMPT, negative_prompt="", num_inference_steps=6, guidance_scale=4.5, height=32, width=32,
                latents=latents.clone(), clean_caption=False, use_resolution_binning=False, output_type="np").images
     pipe = Pipeline.load(tmp_path / "engine")
-    cond, _, _ = pipe._conditioning(PROMPT, "", None, 1)
-    assert cond["prompt_embeds"].shape == (1, 300, 32) and cond["negative_prompt_embeds"].shape == (1, 300, 32)
-    got = pipe._decode(pipe._denoise(latents.numpy(), cond, 6, 4.5, None, {})).transpose(0, 2, 3, 1)
+    assert {s.name: s.shape for s in m.components["denoiser"].inputs}["prompt_embeds"] == ["n", "B", 300, 32]
+    got = pipe(prompt=PROMPT, negative_prompt="", steps=6, guidance=4.5, latents=latents.numpy()).pixels
     # fp32 end to end (Gemma-2, flow DPM-Solver++, Sana, DC-AE): rounding only
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("scheduler,options", [
+    ("DDIMScheduler", {}),  # DDIMScheduler() defaults: clip_sample=True, leading spacing
+    ("EulerDiscreteScheduler", {}),  # σ-space: PixArt scales its initial noise by init_noise_sigma
+    pytest.param("DPMSolverMultistepScheduler", {"solver_order": 3, "use_karras_sigmas": True}, marks=pytest.mark.slow),
+])
+def test_pixart_folder_with_another_scheduler(pixart, tmp_path, scheduler, options):
+    """A PixArt-Σ folder whose scheduler is not the release's: the runtime runs that scheduler, as diffusers does,
+    at guidance > 1 (CFG) and <= 1 (conditional branch only)."""
+    import diffusers
+    from diffusers import PixArtSigmaPipeline
+
+    ref, _, _ = pixart
+    ref = PixArtSigmaPipeline(**{**ref.components, "scheduler": getattr(diffusers, scheduler)(**options)})
+    ref.save_pretrained(tmp_path / "folder")
+    m = export_model(str(tmp_path / "folder"), tmp_path / "engine")
+    assert m.scheduler.config["_class_name"] == scheduler
+    pipe = Pipeline.load(tmp_path / "engine")
+    latents = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    for guidance in (4.5, 1.0):
+        want = ref(PROMPT, negative_prompt="blurry", num_inference_steps=8, guidance_scale=guidance, height=8,
+                   width=8, latents=latents.clone(), clean_caption=False, use_resolution_binning=False,
+                   output_type="np").images
+        got = pipe(prompt=PROMPT, negative_prompt="blurry", steps=8, guidance=guidance, latents=latents.numpy())
+        np.testing.assert_allclose(got.pixels, want, rtol=0, atol=1e-3)  # fp32 end to end: rounding only
+        label = {"DDIMScheduler": "DDIM", "EulerDiscreteScheduler": "Euler"}.get(scheduler, "DPM++ 3M Karras")
+        assert f"Sampler: {label}," in got.parameters[0]
+
+
+def test_folder_with_an_unsupported_scheduler_is_refused(pixart, tmp_path):
+    from diffusers import EulerAncestralDiscreteScheduler, PixArtSigmaPipeline
+
+    ref, _, _ = pixart
+    PixArtSigmaPipeline(**{**ref.components, "scheduler": EulerAncestralDiscreteScheduler()}).save_pretrained(
+        tmp_path / "folder")
+    r = run_cli("dit-export", str(tmp_path / "folder"), "-o", str(tmp_path / "engine"))
+    one_line_error(r, "scheduler class 'EulerAncestralDiscreteScheduler' is not supported",
+                   "FlowMatchEulerDiscreteScheduler, DDIMScheduler, DPMSolverMultistepScheduler")
+    assert not (tmp_path / "engine").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["folder"]
 
 
 def test_matches_pixart_alpha_pipeline_with_micro_conditions(tmp_path):
@@ -250,9 +304,7 @@ def test_matches_pixart_alpha_pipeline_with_micro_conditions(tmp_path):
     want = ref(PROMPT, num_inference_steps=6, guidance_scale=4.5, height=8, width=16, latents=latents.clone(),
                clean_caption=False, use_resolution_binning=False, output_type="np").images
     pipe = Pipeline.load(tmp_path / "engine")
-    cond, _, _ = pipe._conditioning(PROMPT, None, None, 1)
-    np.testing.assert_array_equal(cond["resolution"], [[8, 16]])
-    got = pipe._decode(pipe._denoise(latents.numpy(), cond, 6, 4.5, None, {})).transpose(0, 2, 3, 1)
+    got = pipe(prompt=PROMPT, steps=6, guidance=4.5, latents=latents.numpy()).pixels
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-3)  # fp32 end to end: rounding only
 
 
@@ -260,8 +312,6 @@ def test_pixart_resolution_binning(tmp_path):
     """A size whose PixArt resolution bin is the engines' size is generated at that size, then resized and
     centre-cropped as PixArtAlphaPipeline does; a size that bins elsewhere is refused naming the engines' size."""
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
-
-    from ditrt.runtime.pipeline import resize_and_crop
 
     tokenizer = t5_tokenizer()
     transformer = randomize(PixArtTransformer2DModel(
@@ -283,10 +333,9 @@ def test_pixart_resolution_binning(tmp_path):
                clean_caption=False, output_type="np").images  # bins to 256x256 (ratio 1.02 -> "1.0")
     pipe = Pipeline.load(tmp_path / "engine")
     assert pipe._output_size(244, 250) == (244, 250)
-    cond, _, _ = pipe._conditioning(PROMPT, None, None, 1)
-    got = resize_and_crop(pipe._decode(pipe._denoise(latents.numpy(), cond, 3, 4.5, None, {})), 244, 250)
+    got = pipe(prompt=PROMPT, steps=3, guidance=4.5, width=244, height=250, latents=latents.numpy()).pixels
     assert want.shape == (1, 250, 244, 3) and 0 < want.min() and want.max() < 1 and np.ptp(want) > 0.05, np.ptp(want)
-    np.testing.assert_allclose(got.transpose(0, 2, 3, 1), want, rtol=0, atol=1e-3)  # fp32: rounding only
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-3)  # fp32: rounding only
     r = pipe(prompt=PROMPT, steps=2, width=244, height=250)
     assert r.images[0].shape == (250, 244, 3) and "Size: 244x250" in r.parameters[0]
     with pytest.raises(InputError, match=r"size 512x256 is not available: .* 256x256 images \(and sizes whose "

@@ -245,7 +245,7 @@ def tensorrt_folder(folder):
     x = TensorSpec("x", "float32", ["B", 1, 8, 8])
     denoiser = Component("denoiser/denoiser.plan", "tensorrt", "fp32", "plugin", [x], [x])
     write_manifest(folder, Manifest("tiny", "dit", "class", ["0"], True, Latent(1, 8, 8),
-                                    Scheduler("flow_euler", "flow"), {"denoiser": denoiser}, file_entries(folder)))
+                                    Scheduler({"_class_name": "FlowMatchEulerDiscreteScheduler"}, "flow"), {"denoiser": denoiser}, file_entries(folder)))
     return folder
 
 

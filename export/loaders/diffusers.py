@@ -1,7 +1,8 @@
 """diffusers component folders -> (config, state dict) -> our modules. safetensors only, strict.
 
 A component folder holds `config.json` and either one `*.safetensors` file or shards listed in a
-`*.safetensors.index.json`. Weights are upcast to fp32 (our reference path); pickled `.bin` files are refused.
+`*.safetensors.index.json`, plain or in diffusers' variants (`variant="fp16"`: `*.fp16.safetensors`). Weights are
+upcast to fp32 (our reference path); pickled `.bin` files are refused.
 """
 
 import json
@@ -18,6 +19,12 @@ from . import keymaps
 from .keymaps import KeyRule
 
 WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
+# A weights entry: `{name}.safetensors`, or a shard index `{name}.safetensors.index.json`; a variant (`variant=`,
+# e.g. fp16) as diffusers and transformers save it (`{name}.fp16.safetensors`, `{name}.safetensors.index.fp16.json`
+# naming shards `{name}.fp16-00001-of-00002.safetensors`), older diffusers (`{name}.safetensors.fp16.index.json`) or
+# as seen on the Hub (`{name}.fp16.safetensors.index.json`).
+WEIGHT_ENTRY = re.compile(r"(?:diffusion_pytorch_model|model)(?:\.(?P<a>\w+))?\.safetensors"
+                          r"(?:(?:\.(?P<b>\w+))?\.index(?:\.(?P<c>\w+))?\.json)?")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -31,25 +38,72 @@ def read_config(folder: Path) -> dict:
         raise LoaderError(f"{str(path)!r} is not valid JSON ({e})") from None
 
 
-def weight_files(folder: Path, variant: str | None = None) -> list[Path]:
-    """The safetensors files of a component: one file, or the shards named by an index file."""
-    folder, suffix = Path(folder), f".{variant}.safetensors" if variant else ".safetensors"
-    for stem in WEIGHT_NAMES:
-        single = folder / f"{stem}{suffix}"
-        if single.is_file():
-            return [single]
-        index = folder / f"{stem}{suffix}.index.json"
-        if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            missing = [s for s in shards if not (folder / s).is_file()]
-            if missing:
-                raise LoaderError(f"{str(index)!r} lists shard {missing[0]!r}, which is missing")
-            return [folder / s for s in shards]
+def weight_entries(folder: Path) -> dict[str | None, Path]:
+    """Every safetensors weights entry of a component folder (one file or a shard index), keyed by its variant
+    (None: the plain weights); diffusers' `diffusion_pytorch_model` before transformers' `model`, a file before an
+    index."""
+    found = {}
+    for path in sorted(Path(folder).iterdir()) if Path(folder).is_dir() else ():
+        m = WEIGHT_ENTRY.fullmatch(path.name)
+        variants = [v for v in m.group("a", "b", "c") if v] if m else []
+        if m and path.is_file() and len(variants) <= 1:
+            found.setdefault(variants[0] if variants else None, path)
+    return found
+
+
+def pick_variant(folder: Path, variant: str | None = None) -> tuple[str | None, str | None]:
+    """The weights variant to load from a component folder -> (variant, None for the plain weights; a note for the
+    manifest when it is not the one asked for, else None).
+
+    As diffusers' pipelines choose: the variant asked for, or the plain weights of a component that has no such
+    variant; asked for none, the plain weights, or the only variant there is. Anything else is refused, naming the
+    weights found.
+    """
+    folder, found = Path(folder), weight_entries(folder)
+    others = sorted(v for v in found if v is not None)
+    if variant in found:
+        return variant, None
+    if variant is not None and None in found:
+        return None, f"{folder.name}: no {variant!r} variant, loaded {found[None].name}"
+    if variant is None and len(others) == 1:
+        return others[0], f"{folder.name}: no plain weights, loaded the only variant, {others[0]!r} " \
+                          f"({found[others[0]].name})"
+    raise no_weights(folder, variant, found)
+
+
+def no_weights(folder: Path, variant: str | None, found: dict[str | None, Path]) -> LoaderError:
+    """The error for a component folder without the weights asked for, naming the weights it does hold."""
+    what = "plain (non-variant)" if variant is None else f"{variant!r} variant"
+    if found:
+        options = " or ".join("leave out --variant" if v is None else f"--variant {v}" for v in found)
+        return LoaderError(f"{str(folder)!r} has no {what} safetensors weights; found "
+                           f"{', '.join(p.name for p in found.values())}: pass {options}")
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.ckpt")):
-        raise LoaderError(f"{str(folder)!r} has only pickled weights (.bin/.pt/.ckpt), which are never loaded "
-                          "(they can run code); convert them to safetensors first")
-    raise LoaderError(f"{str(folder)!r} has no {suffix.lstrip('.')} weights "
-                      f"(looked for {' / '.join(WEIGHT_NAMES)}{suffix} and their .index.json)")
+        return LoaderError(f"{str(folder)!r} has only pickled weights (.bin/.pt/.ckpt), which are never loaded "
+                           "(they can run code); convert them to safetensors first")
+    loose = sorted(p.name for p in folder.glob("*.safetensors"))
+    return LoaderError(f"{str(folder)!r} has no safetensors weights (looked for {' / '.join(WEIGHT_NAMES)}"
+                       "[.VARIANT].safetensors and their index files)"
+                       + (f"; found only {', '.join(loose[:4])}, which no index file lists" if loose else ""))
+
+
+def weight_files(folder: Path, variant: str | None = None) -> list[Path]:
+    """The safetensors files of a component's weights in `variant` (None: the plain ones): one file, or the shards
+    named by an index file."""
+    folder, found = Path(folder), weight_entries(folder)
+    if variant not in found:
+        raise no_weights(folder, variant, found)
+    entry = found[variant]
+    if not entry.name.endswith(".json"):
+        return [entry]
+    try:
+        shards = sorted(set(json.loads(entry.read_text())["weight_map"].values()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise LoaderError(f"{str(entry)!r} is not a safetensors index (no readable weight_map: {e!r})") from None
+    missing = [s for s in shards if not (folder / s).is_file()]
+    if missing:
+        raise LoaderError(f"{str(entry)!r} lists shard {missing[0]!r}, which is missing")
+    return [folder / s for s in shards]
 
 
 def read_state_dict(folder: Path, variant: str | None = None) -> dict[str, torch.Tensor]:
@@ -105,13 +159,19 @@ def fill(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     return model.eval()
 
 
-def load_component(folder: str | Path, variant: str | None = None) -> nn.Module:
-    """A diffusers component folder (config.json + safetensors: a transformer or a VAE) as our module, in fp32."""
+def load_component(folder: str | Path, variant: str | None = None, notes: list[str] | None = None) -> nn.Module:
+    """A diffusers component folder (config.json + safetensors: a transformer or a VAE) as our module, in fp32.
+
+    variant: diffusers' `variant=` (e.g. "fp16"), chosen as `pick_variant` says; its note, if any, goes to notes.
+    """
     folder = Path(folder)
     config = read_config(folder)
     name = config.get("_class_name")
     if name not in FAMILIES:
         raise LoaderError(f"{str(folder)!r} holds a {name!r}; supported: {', '.join(sorted(FAMILIES))}")
+    variant, note = pick_variant(folder, variant)
+    if note and notes is not None:
+        notes.append(note)
     to_config, model_cls, rules = FAMILIES[name]
     model = model_cls(to_config(config))
     return fill(model, remap(read_state_dict(folder, variant), rules))

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ditrt.runtime.errors import InputError
+
 from .layers import (Attention, FeedForward, FinalLayer, PatchEmbed, TimestepEmbedder, adaln_zero, gated_modulate,
                      modulate, sincos_pos_embed_2d, unpatchify)
 
@@ -66,8 +68,17 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
         self.final = FinalLayer(D, cfg.patch_size, cfg.out_channels)
 
+    def check_latent_size(self, height: int, width: int, vae_factor: int | None = None) -> None:
+        """Refuse any latent but sample_size² (the position table is fixed); with vae_factor, in image pixels."""
+        S, f = self.cfg.sample_size, vae_factor or 1
+        if (height, width) != (S, S):
+            what, unit = ("image", " px") if vae_factor else ("latent", "")
+            raise InputError(f"{what} {height * f}x{width * f}{unit} is not allowed: this DiT's position table is fixed "
+                             f"at {S * f}x{S * f}{unit} (sample_size={S}{f' × VAE factor {f}' if vae_factor else ''})")
+
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         """x (B, C, H, W) latents, t (B,) model timesteps, y (B,) int class labels -> (B, C_out, H, W)."""
+        self.check_latent_size(*x.shape[-2:])
         p = self.cfg.patch_size
         h, w = x.shape[-2] // p, x.shape[-1] // p
         tokens = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # (B, h·w, D)

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from ditrt.runtime.errors import ConfigError, InputError
 
 from .layers import (Attention, FeedForward, FinalLayer, JointAttention, MLPEmbedder, TimestepEmbedder, adaln_mods,
-                     adaln_zero, modulate, rope_freqs)
+                     adaln_zero, modulate, rope_freqs, rope_omega)
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,7 @@ class Flux(nn.Module):
         D = cfg.hidden_size
         self.x_embedder = nn.Linear(cfg.in_channels, D)
         self.t_embedder = TimestepEmbedder(D)
+        self.rope_omega = rope_omega(cfg.axes_dims_rope, cfg.rope_theta)  # a constant, not a buffer
         if cfg.guidance_embeds:
             self.guidance_embedder = TimestepEmbedder(D)
         self.pooled_embedder = MLPEmbedder(cfg.pooled_projection_dim, D)
@@ -134,7 +135,7 @@ class Flux(nn.Module):
         x = self.x_embedder(hidden_states)  # (B, N, D)
         temb = self.conditioning(t, guidance, pooled_projections, x.dtype)  # (B, D)
         c = self.context_embedder(encoder_hidden_states)  # (B, T, D)
-        rope = rope_freqs(torch.cat([txt_ids, img_ids]), self.cfg.axes_dims_rope, self.cfg.rope_theta)
+        rope = rope_freqs(torch.cat([txt_ids, img_ids]), self.cfg.axes_dims_rope, self.rope_omega)
         for block in self.transformer_blocks:
             x, c = block(x, c, temb, rope)
         h = torch.cat([c, x], dim=1)  # (B, T+N, D): one stream from here on

@@ -6,6 +6,7 @@ Semantics follow diffusers (see reference/architectures.md §0); each numeric qu
 import math
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -46,40 +47,57 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None) -> Tensor:
     return scores.float().softmax(dim=-1).to(q.dtype) @ v
 
 
-def timestep_embedding(t: Tensor, dim: int, freq_shift: float = 0.0, max_period: float = 10000.0) -> Tensor:
-    """Sinusoid [cos, sin] of t (B,) -> (B, dim). freq_shift=1 is diffusers' DiT, 0 the original DiT/SD3/Flux."""
+def timestep_freqs(dim: int, freq_shift: float = 0.0, max_period: float = 10000.0) -> Tensor:
+    """The sinusoid's (dim/2,) frequencies exp(−ln(max_period)·i/(dim/2 − freq_shift)), fp32, as torch computes them
+    (diffusers' get_timestep_embedding). Computed here, eagerly, so that an exported graph holds them as a constant:
+    an in-graph Exp (and the exporter's folding of it) is 1–2 ulp off in 54 of 128 entries, which moves the sin/cos
+    arguments by up to 1e-4 at t = 1000."""
     half = dim // 2
-    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift)
-    args = t.float()[:, None] * torch.exp(exponent)[None]
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device="cpu") / (half - freq_shift)
+    return torch.exp(exponent)
+
+
+def timestep_embedding(t: Tensor, freqs: Tensor) -> Tensor:
+    """Sinusoid [cos, sin] of t (B,) at freqs (dim/2,) from `timestep_freqs` -> (B, dim), fp32."""
+    args = t.float()[:, None] * freqs.to(t.device)[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
 class TimestepEmbedder(nn.Module):
-    """Sinusoid (256) -> Linear -> SiLU -> Linear, as diffusers' Timesteps + TimestepEmbedding."""
+    """Sinusoid (256) -> Linear -> SiLU -> Linear, as diffusers' Timesteps + TimestepEmbedding.
+
+    freq_shift=1 is diffusers' DiT, 0 the original DiT/SD3/Flux. The frequency table is a plain attribute, not a
+    buffer: no state-dict key, and `.to(fp16)` leaves it fp32.
+    """
 
     def __init__(self, hidden_size: int, freq_dim: int = 256, freq_shift: float = 0.0):
         super().__init__()
-        self.freq_dim, self.freq_shift = freq_dim, freq_shift
+        self.freqs = timestep_freqs(freq_dim, freq_shift)
         self.linear_1 = nn.Linear(freq_dim, hidden_size)
         self.linear_2 = nn.Linear(hidden_size, hidden_size)
 
     def forward(self, t: Tensor) -> Tensor:
-        emb = timestep_embedding(t, self.freq_dim, self.freq_shift).to(self.linear_1.weight.dtype)
+        emb = timestep_embedding(t, self.freqs).to(self.linear_1.weight.dtype)
         return self.linear_2(F.silu(self.linear_1(emb)))
 
 
 def sincos_pos_embed_2d(dim: int, h: int, w: int, base_size: int, interpolation_scale: float = 1.0) -> Tensor:
-    """Fixed 2-D sin-cos table (h·w, dim), row-major tokens; first half encodes the column (w), second the row."""
-    grid_h = torch.arange(h, dtype=torch.float64) / (h / base_size) / interpolation_scale
-    grid_w = torch.arange(w, dtype=torch.float64) / (w / base_size) / interpolation_scale
-    gh, gw = torch.meshgrid(grid_h, grid_w, indexing="ij")
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    """Fixed 2-D sin-cos table (h·w, dim), row-major tokens; first half encodes the column (w), second the row.
 
-    def half(pos: Tensor) -> Tensor:
+    Computed in fp64 on the host with numpy (diffusers computes it in fp64 with torch: the same fp32 table, bit for
+    bit, measured on 21M entries) and returned as a constant: traced torch ops would leave fp64 Sin/Cos in the
+    exported graph wherever the exporter does not fold them (TensorRT has no fp64).
+    """
+    grid_h = np.arange(h, dtype=np.float64) / (h / base_size) / interpolation_scale
+    grid_w = np.arange(w, dtype=np.float64) / (w / base_size) / interpolation_scale
+    gh, gw = np.meshgrid(grid_h, grid_w, indexing="ij")
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
+
+    def half(pos: np.ndarray) -> np.ndarray:
         out = pos.reshape(-1)[:, None] * omega[None]
-        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
-    return torch.cat([half(gw), half(gh)], dim=1).float()
+    return torch.from_numpy(np.concatenate([half(gw), half(gh)], axis=1).astype(np.float32))
 
 
 class PatchEmbed(nn.Module):
@@ -323,17 +341,23 @@ class JointAttention(nn.Module):
         return self.img.to_out(out[:, T:]), self.txt.to_out(out[:, :T])
 
 
-def rope_freqs(ids: Tensor, axes_dims: tuple[int, ...], theta: float = 10000.0) -> tuple[Tensor, Tensor]:
+def rope_omega(axes_dims: tuple[int, ...], theta: float = 10000.0) -> Tensor:
+    """Flux RoPE frequencies (sum(axes_dims)/2,), fp32: for each id axis a in turn, theta^(−2j/d_a), j < d_a/2.
+
+    diffusers' FluxPosEmbed formula in fp64, rounded once. Computed eagerly, so that an exported graph holds them as
+    a constant (an in-graph Pow is not torch's, and TensorRT has no fp64)."""
+    return torch.cat([1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device="cpu") / d)
+                      for d in axes_dims]).float()
+
+
+def rope_freqs(ids: Tensor, axes_dims: tuple[int, ...], omega: Tensor) -> tuple[Tensor, Tensor]:
     """Flux RoPE tables: ids (S, n_axes) -> cos, sin (S, sum(axes_dims)) in fp32, each angle repeated for its pair.
 
-    Axis a turns pair j by pos_a·theta^(−2j/d_a) (diffusers FluxPosEmbed). diffusers takes the frequencies in
-    fp64; TensorRT has none, and in fp32 the angle error stays ~1e-5 rad at position 128.
+    Axis a turns pair j by pos_a·omega (`rope_omega`). diffusers multiplies in fp64; in fp32 the angle error stays
+    ~1e-5 rad at position 128.
     """
-    angles = []
-    for i, d in enumerate(axes_dims):
-        omega = theta ** (-torch.arange(0, d, 2, dtype=torch.float32, device=ids.device) / d)  # (d/2,)
-        angles.append(ids[:, i].float()[:, None] * omega[None])  # (S, d/2)
-    angles = torch.cat(angles, dim=-1)
+    pos = torch.cat([ids[:, i:i + 1].float().expand(-1, d // 2) for i, d in enumerate(axes_dims)], dim=-1)  # (S, hd/2)
+    angles = pos * omega.to(ids.device)[None]
     angles = torch.stack([angles, angles], dim=-1).flatten(-2)  # (S, head_dim): a0 a0 a1 a1 ...
     return angles.cos(), angles.sin()
 

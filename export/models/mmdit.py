@@ -108,15 +108,24 @@ class MMDiT(nn.Module):
         self.transformer_blocks = nn.ModuleList(MMDiTBlock(cfg, i) for i in range(cfg.depth))
         self.final = FinalLayer(D, cfg.patch_size, cfg.out_channels)
 
+    def check_latent_size(self, height: int, width: int, vae_factor: int | None = None) -> None:
+        """Refuse a latent larger than the stored position table covers; with vae_factor, in image pixels."""
+        M, p, f = self.cfg.pos_embed_max_size, self.cfg.patch_size, vae_factor or 1
+        if max(height, width) > M * p:
+            what, unit = ("image", " px") if vae_factor else ("latent", "")
+            raise InputError(f"{what} {height * f}x{width * f}{unit} is larger than this model's position table "
+                             f"covers: at most {M * p * f}{unit} per side (pos_embed_max_size={M} × patch_size={p}"
+                             f"{f' × VAE factor {f}' if vae_factor else ''})")
+
     def cropped_pos_embed(self, height: int, width: int) -> Tensor:
         """The centre h×w crop of the M×M table for a height×width latent -> (1, h·w, D), row-major tokens.
 
         Gathered by index: as slices, torch.onnx (2.13) rounds the symbolic slice end wrongly for odd h or w.
         """
         M, p = self.cfg.pos_embed_max_size, self.cfg.patch_size
-        if height % p or width % p or height > M * p or width > M * p:
-            raise InputError(f"latent {height}x{width} must be multiples of patch_size={p} and at most {M * p} "
-                             f"(pos_embed_max_size={M}), i.e. images up to {8 * M * p} px")
+        if height % p or width % p:
+            raise InputError(f"latent {height}x{width} must be multiples of patch_size={p}")
+        self.check_latent_size(height, width)
         h, w = height // p, width // p
         rows = torch.arange(h, device=self.pos_embed.device) + (M - h) // 2
         cols = torch.arange(w, device=self.pos_embed.device) + (M - w) // 2

@@ -19,7 +19,8 @@ class PixArtConfig:
     hidden_size: int = 1152
     depth: int = 28
     num_heads: int = 16
-    caption_channels: int = 4096  # T5-XXL width
+    caption_channels: int = 4096  # T5-XXL width: the prompt states' width
+    caption_projection: bool = True  # False: the states go to cross-attention as they are (diffusers' None)
     interpolation_scale: float = 2.0  # sin-cos grid rescaling (diffusers default max(sample_size // 64, 1))
     micro_conditions: bool = False  # PixArt-α 1024: resolution and aspect-ratio embeddings
     norm_eps: float = 1e-6
@@ -39,7 +40,7 @@ class PixArtBlock(nn.Module):
         self.eps = cfg.norm_eps
         self.scale_shift_table = nn.Parameter(torch.zeros(6, D))
         self.attn = Attention(D, cfg.num_heads)
-        self.cross_attn = CrossAttention(D, D, cfg.num_heads)
+        self.cross_attn = CrossAttention(D, D if cfg.caption_projection else cfg.caption_channels, cfg.num_heads)
         self.ff = FeedForward(D, 4 * D)
 
     def forward(self, x: Tensor, t6: Tensor, y: Tensor, y_bias: Tensor | None) -> Tensor:
@@ -60,7 +61,7 @@ class PixArt(nn.Module):
         if cfg.micro_conditions:
             self.resolution_embedder = TimestepEmbedder(D // 3)
             self.aspect_ratio_embedder = TimestepEmbedder(D // 3)
-        self.caption_projection = CaptionProjection(cfg.caption_channels, D)
+        self.caption_projection = CaptionProjection(cfg.caption_channels, D) if cfg.caption_projection else nn.Identity()
         self.blocks = nn.ModuleList(PixArtBlock(cfg) for _ in range(cfg.depth))
         self.scale_shift_table = nn.Parameter(torch.zeros(2, D))
         self.proj_out = nn.Linear(D, cfg.patch_size**2 * cfg.out_channels)
@@ -103,14 +104,19 @@ def config_from_diffusers(d: dict) -> PixArtConfig:
         if d.get(key, want) != want:
             raise ConfigError(f"PixArt config {key}={d[key]!r} is not supported (only {want!r})")
     heads, head_dim = d.get("num_attention_heads", 16), d.get("attention_head_dim", 72)
-    if d.get("cross_attention_dim", heads * head_dim) != heads * head_dim:
+    projected = d.get("caption_channels", 4096) is not None  # None: no projection, cross-attention reads the states
+    if projected and d.get("cross_attention_dim", heads * head_dim) != heads * head_dim:
         raise ConfigError(f"PixArt config cross_attention_dim={d['cross_attention_dim']} must equal the width "
-                          f"{heads * head_dim}")
+                          f"{heads * head_dim} when caption_channels projects the text")
+    if not projected and not isinstance(d.get("cross_attention_dim"), int):
+        raise ConfigError("PixArt config caption_channels=None needs cross_attention_dim (the text width), got "
+                          f"{d.get('cross_attention_dim')!r}")
     sample = d.get("sample_size", 128)
     micro = d.get("use_additional_conditions")
     return PixArtConfig(
         sample_size=sample, in_channels=d.get("in_channels", 4), out_channels=d.get("out_channels") or 8,
         patch_size=d.get("patch_size", 2), hidden_size=heads * head_dim, depth=d.get("num_layers", 28),
-        num_heads=heads, caption_channels=d.get("caption_channels", 4096),
+        num_heads=heads, caption_channels=d.get("caption_channels", 4096) if projected else d["cross_attention_dim"],
+        caption_projection=projected,
         interpolation_scale=d.get("interpolation_scale") or max(sample // 64, 1),
         micro_conditions=sample == 128 if micro is None else micro, norm_eps=d.get("norm_eps", 1e-6))

@@ -15,7 +15,7 @@ from ditrt.runtime.manifest import Component, TensorSpec
 ENGINES = ("onnx", "tensorrt")
 
 # Batch: 1..4 as TensorRT's diffusion demo; text tokens: up to the ONNX export's dynamic-dim bound.
-DEFAULT_DIMS = {"B": (1, 1, 4), "T": (1, 300, 1024)}
+DEFAULT_DIMS = {"B": (1, 1, 4), "T": (1, 300, 1024), "n": (1, 2, 2)}
 
 
 def import_tensorrt():
