@@ -78,8 +78,8 @@ def resolve_source(source: str, random_weights: bool, seed: int, variant: str | 
     pipeline = (path / "model_index.json").is_file()
     folder = path / "transformer" if pipeline else path
     # the folder's own scheduler replaces the family's default; refused before the slow loading if unsupported
-    scheduler = folder_scheduler(path / "scheduler") if pipeline and (path / "scheduler").is_dir() else None
     notes: list[str] = []
+    scheduler = folder_scheduler(path, notes) if pipeline and (path / "scheduler").is_dir() else None
     model = load_component(folder, variant, notes)
     family = next((f for f, cls in FAMILIES.items() if isinstance(model, cls)), None)
     if family is None:
@@ -127,7 +127,7 @@ def manifest_scheduler(row, model, latent_hw: tuple[int, int], packing: int):
 
     from .presets import FAMILY_TIMESTEP_CALL
 
-    call = dict(FAMILY_TIMESTEP_CALL.get(row.family, {}))
+    call = {**FAMILY_TIMESTEP_CALL.get(row.family, {}), **row.sampler.call}
     if call:
         k = packing * getattr(model.cfg, "patch_size", 1)
         call["image_seq_len"] = (latent_hw[0] // k) * (latent_hw[1] // k)
@@ -146,15 +146,22 @@ def read_json(path: Path) -> dict:
     return value
 
 
-def folder_scheduler(folder: Path) -> dict:
-    """scheduler/scheduler_config.json of a pipeline folder, checked to be a class and options the runtime
-    reproduces (whether this pipeline can call it so is checked with the family, in manifest_scheduler)."""
+def folder_scheduler(pipeline: Path, notes: list[str]) -> dict:
+    """The scheduler a pipeline folder's diffusers pipeline builds: the class model_index.json names (diffusers
+    loads that one, with the scheduler_config.json options it accepts), checked to be a class and options the
+    runtime reproduces (whether this pipeline can call it so is checked with the family, in manifest_scheduler)."""
     from ditrt.runtime.schedules import check_config
 
-    path = folder / "scheduler_config.json"
+    path = pipeline / "scheduler" / "scheduler_config.json"
     if not path.is_file():
-        raise LoaderError(f"{str(folder)!r} has no scheduler_config.json; a pipeline folder's scheduler/ needs one")
+        raise LoaderError(f"{str(path.parent)!r} has no scheduler_config.json; a pipeline folder's scheduler/ needs one")
     config = read_json(path)
+    entry = read_json(pipeline / "model_index.json").get("scheduler")
+    named = entry[1] if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str) else None
+    if named and named != config.get("_class_name"):
+        notes.append(f"scheduler: model_index.json names {named}, scheduler_config.json {config.get('_class_name')}; "
+                     f"{named} is used, as diffusers does")
+        config = {**config, "_class_name": named}
     if not isinstance(config.get("_class_name"), str):
         raise LoaderError(f"{str(path)!r} names no scheduler class (_class_name)")
     try:

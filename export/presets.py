@@ -5,7 +5,7 @@ benchmarking without downloads: exporting them needs --random-weights, and their
 """
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -30,6 +30,7 @@ class Sampler:
     config: dict
     steps: int
     guidance: float
+    call: dict = field(default_factory=dict)  # pipeline-specific set_timesteps/step behaviour (schedules.make_plan)
 
 
 def _sched(cls: str, **options) -> dict:
@@ -65,8 +66,8 @@ FAMILY_TIMESTEP_CALL = {"flux": {"custom_sigmas": "linspace", "mu": "always", "m
 def family_defaults(family: str, cfg, pipeline_class: str | None = None) -> tuple[Sampler, int | str]:
     """Sampler and text length that diffusers' pipeline (model_index.json's class, where known) uses for a
     checkpoint of this family."""
-    if pipeline_class == "PixArtAlphaPipeline":  # 120 T5 tokens, whatever the transformer's config
-        return PIXART_DPM, 120
+    if pipeline_class == "PixArtAlphaPipeline":  # 120 T5 tokens; one step returns the step's x0
+        return replace(PIXART_DPM, call={"one_step_x0": True}), 120
     if pipeline_class == "PixArtSigmaPipeline":
         return PIXART_DPM, 300
     if family == "flux" and not cfg.guidance_embeds:  # schnell: 4 steps, no guidance (T5 length as dev: 512)

@@ -18,7 +18,7 @@ import numpy as np
 from .backends import open_backend
 from .errors import ConfigError, InputError, ManifestError
 from .manifest import Manifest, load_manifest, resolve_inside
-from .schedules import SAMPLERS, STEP_SCALARS, check_config, label, make_plan, switch
+from .schedules import SAMPLERS, STEP_SCALARS, check_config, label, make_plan, prediction_of, switch
 from .tokenizer import TextTokenizer, TokenizerConfig
 
 MAX_BATCH = 64
@@ -95,9 +95,12 @@ class Pipeline:
             raise ManifestError(f"{str(folder)!r} has {manifest.latent.channels}-channel latents and no decoder "
                                 "component, so its latents cannot become an image")
         try:
-            check_config(manifest.scheduler.config, manifest.scheduler.call)
+            config = check_config(manifest.scheduler.config, manifest.scheduler.call)
         except ConfigError as e:
             raise ManifestError(f"the folder's scheduler cannot be run by this runtime: {e}") from None
+        if manifest.scheduler.prediction != prediction_of(config):
+            raise ManifestError(f"manifest scheduler.prediction {manifest.scheduler.prediction!r} contradicts its "
+                                f"config ({prediction_of(config)!r}); re-export the folder")
         branched = any(s.shape[:1] == [BRANCH_AXIS] for s in manifest.components["denoiser"].inputs)
         if manifest.conditioning == "class" and branched and manifest.null_class is None:
             raise ManifestError(f"{str(folder)!r} is class-conditional with classifier-free guidance but its manifest "
@@ -142,15 +145,15 @@ class Pipeline:
                 or not 0 <= guidance <= MAX_GUIDANCE:
             raise InputError(f"guidance {guidance!r} is not allowed; use a finite number in 0..{MAX_GUIDANCE:g}")
         config = self.scheduler_config(sampler, shift)
+        try:
+            plan = make_plan(config, steps, sched.call)
+        except ConfigError as e:  # e.g. a schedule that divides by zero at this step count
+            raise InputError(str(e)) from None
         if seed is None or (isinstance(seed, int) and not isinstance(seed, bool) and seed < 0):
             seed = secrets.randbelow(2**31)
         _check_int("seed", seed, 0, 2**63 - 1 - batch_size)
         shape = (m.latent.channels, m.latent.height, m.latent.width)
-        if latents is not None:
-            latents = np.asarray(latents)
-            if latents.dtype != np.float32 or latents.shape[1:] != shape or len(latents) != batch_size:
-                raise InputError(f"latents of shape {latents.shape} and dtype {latents.dtype} are not allowed; "
-                                 f"give float32 ({batch_size}, {', '.join(map(str, shape))})")
+        _check_latents(latents, batch_size, shape)
         timings = {"load": self.load_ms}
 
         t0 = time.perf_counter()
@@ -159,7 +162,7 @@ class Pipeline:
         t1 = time.perf_counter()
         seeds = [seed + i for i in range(batch_size)]
         x = initial_noise(seeds, shape) if latents is None else latents.copy()
-        x = self._denoise(pack(x, m.latent.packing), cond, steps, float(guidance), config, on_step, timings)
+        x = self._denoise(pack(x, m.latent.packing), cond, float(guidance), plan, on_step, timings)
         t2 = time.perf_counter()
         decoded = self._decode(x)
         decoded = decoded if size == self.image_size else resize_and_crop(decoded, *size)
@@ -171,7 +174,7 @@ class Pipeline:
         timings.update(text_encode=(t1 - t0) * 1e3, denoise_total=(t2 - t1) * 1e3,
                        denoise_per_step=(t2 - t1) * 1e3 / steps, decode=(t3 - t2) * 1e3, total=(t3 - t0) * 1e3)
         params = [self._parameters(description, steps, guidance, s, size, config) for s in seeds]
-        return Result(images, decoded.transpose(0, 2, 3, 1).astype(np.float32), seeds, params, timings,
+        return Result(images, decoded.transpose(0, 2, 3, 1).astype(np.float32, copy=False), seeds, params, timings,
                       tuple(warnings))
 
     @property
@@ -192,7 +195,8 @@ class Pipeline:
         if sampler is None and shift is None:
             return sched.config
         try:
-            config = switch(sched.config, sampler or sched.config["_class_name"], sched.prediction, shift)
+            config = switch(sched.config, sched.config["_class_name"] if sampler is None else sampler,
+                            sched.prediction, shift)
             return check_config(config, sched.call)
         except ConfigError as e:
             raise InputError(str(e)) from None
@@ -269,11 +273,12 @@ class Pipeline:
         out = self.engines["text_encoder"].run(feeds)
         return ({k: v[:, keep] for k, v in out.items()} if keep else out), warnings
 
-    def _denoise(self, x: np.ndarray, cond: dict[str, np.ndarray], steps: int, guidance: float, config: dict,
+    def _denoise(self, x: np.ndarray, cond: dict[str, np.ndarray], guidance: float, plan: dict[str, np.ndarray],
                  on_step: Callable[[int, int], None] | None, timings: dict) -> np.ndarray:
-        plan = make_plan(config, steps, self.manifest.scheduler.call)
+        """The sampler loop: one step-engine call per step, the state carried on the host (see schedules.py)."""
+        steps = len(plan["t"])
         x = x * plan["init"]  # 1, or EulerDiscreteScheduler's initial scale (see schedules._euler)
-        per_step = [{k: np.asarray(plan[k][i], dtype=np.float32) for k in STEP_SCALARS} for i in range(len(plan["t"]))]
+        per_step = [{k: np.asarray(plan[k][i], dtype=np.float32) for k in STEP_SCALARS} for i in range(steps)]
         zeros = np.zeros_like(x)
         feeds = {"x": x, "x0_prev": zeros, "x0_prev2": zeros, "guidance": np.asarray(guidance, np.float32), **cond}
         engine, engine_s = self.engines["denoiser"], 0.0
@@ -288,7 +293,7 @@ class Pipeline:
             if on_step is not None:
                 on_step(i + 1, steps)
         timings["denoise_engine"] = engine_s * 1e3
-        return feeds["x"] * plan["final"]
+        return feeds["x0_prev"] if plan["final_from_x0"] else feeds["x"] * plan["final"]
 
     def _decode(self, x: np.ndarray) -> np.ndarray:
         """Final latents -> images (B, C, H, W) in [0, 1]: the VAE engine, or latents that are pixels in [-1, 1]."""
@@ -341,6 +346,19 @@ class Pipeline:
         return (f"{description}\n"
                 f"Steps: {steps}, Sampler: {label(config)}, "
                 f"CFG scale: {guidance:g}, Seed: {seed}, Size: {size[0]}x{size[1]}, Model: {self.manifest.model}")
+
+
+def _check_latents(latents: np.ndarray | None, batch: int, shape: tuple[int, ...]) -> None:
+    """Caller-given initial noise: float32 (batch, C, H, W) in the unpacked latent layout, finite."""
+    if latents is None:
+        return
+    if not isinstance(latents, np.ndarray) or latents.dtype != np.float32 or latents.shape != (batch, *shape):
+        got = f"shape {latents.shape} and dtype {latents.dtype}" if isinstance(latents, np.ndarray) else \
+            type(latents).__name__
+        raise InputError(f"latents of {got} are not allowed; give a float32 array of shape "
+                         f"({batch}, {', '.join(map(str, shape))})")
+    if not np.isfinite(latents).all():
+        raise InputError("latents hold non-finite values (NaN or inf); give finite initial noise")
 
 
 def _check_int(name: str, value, lo: int, hi: int) -> None:

@@ -92,15 +92,28 @@ def prediction_of(config: dict) -> str:
 
 
 def full_config(config: dict) -> dict:
-    """The config with the class's defaults filled in (what diffusers' `from_config` registers)."""
+    """The config with the class's defaults filled in, as diffusers' `from_config` registers it: every option,
+    and in "_use_default_values" the ones the folder left out (which switching to another class does not carry)."""
+    if not isinstance(config, dict):
+        raise ConfigError(f"a scheduler config must be a JSON object, got {type(config).__name__}")
     cls = config.get("_class_name")
     if cls not in DEFAULTS:
         raise ConfigError(f"scheduler class {cls!r} is not supported; supported: {', '.join(DEFAULTS)}")
-    known = {k: v for k, v in config.items() if k in DEFAULTS[cls]}
-    out = {"_class_name": cls, **DEFAULTS[cls], **known}
+    defaulted = config.get("_use_default_values", [])
+    if not isinstance(defaulted, list):
+        raise ConfigError(f"scheduler config _use_default_values must be a list, got {defaulted!r}")
+    given = {k: v for k, v in config.items() if k in DEFAULTS[cls] and k not in defaulted}
+    out = {"_class_name": cls, **DEFAULTS[cls], **given,
+           "_use_default_values": sorted(k for k in DEFAULTS[cls] if k not in given)}
     for key, default in DEFAULTS[cls].items():
         _check_type(cls, key, out[key], default)
     return out
+
+
+def given_options(config: dict) -> dict:
+    """The options a config sets itself (what `X.from_config(config)` carries over to another class)."""
+    defaulted = config.get("_use_default_values", [])
+    return {k: v for k, v in config.items() if not k.startswith("_") and k not in defaulted}
 
 
 _POSITIVE = ("shift", "flow_shift", "clip_sample_range", "num_train_timesteps", "solver_order", "base_image_seq_len",
@@ -151,7 +164,14 @@ def check_config(config: dict, call: dict | None = None) -> dict:
                           f"is {config['num_train_timesteps']}")
     if not isinstance(config["num_train_timesteps"], int) or config["num_train_timesteps"] < 1:
         raise ConfigError(f"{cls}: num_train_timesteps {config['num_train_timesteps']!r} must be a positive integer")
-    call = call or {}
+    call = _checked_call(call)
+    if cls == FLOW and config["use_dynamic_shifting"] and call.get("mu") not in ("always", "dynamic"):
+        raise ConfigError("FlowMatchEulerDiscreteScheduler option use_dynamic_shifting=True needs the resolution "
+                          "shift (mu), which this pipeline does not pass to set_timesteps (diffusers raises too); "
+                          "use a static shift")
+    if cls == DPM and config["use_flow_sigmas"] and (config["use_karras_sigmas"] or config["use_exponential_sigmas"]):
+        raise ConfigError("DPMSolverMultistepScheduler: use_karras_sigmas / use_exponential_sigmas with "
+                          "use_flow_sigmas give NaN in diffusers (VP sigmas with flow alphas); use one of them")
     if cls in (DDIM, EULER) and (call.get("custom_sigmas") or call.get("mu") == "always"):
         raise ConfigError(f"this pipeline passes its own sigmas and a resolution shift (mu) to set_timesteps, which "
                           f"{cls} does not accept (diffusers raises too); use FlowMatchEulerDiscreteScheduler")
@@ -168,9 +188,31 @@ def check_config(config: dict, call: dict | None = None) -> dict:
     return config
 
 
+_CALL = {"custom_sigmas": lambda v: v in (None, "linspace"), "mu": lambda v: v in (None, "always", "dynamic"),
+         "image_seq_len": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+         "mu_defaults": lambda v: isinstance(v, list) and len(v) == 4 and all(
+             isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v),
+         "scales_initial_noise": lambda v: isinstance(v, bool), "one_step_x0": lambda v: isinstance(v, bool),
+         "steps_scaled_input": lambda v: isinstance(v, bool)}
+
+
+def _checked_call(call) -> dict:
+    """How the pipeline calls the scheduler (see timestep_args), as the manifest carries it: known keys, sane values."""
+    if call is None:
+        return {}
+    if not isinstance(call, dict):
+        raise ConfigError(f"the scheduler's pipeline call must be a JSON object, got {call!r}")
+    for key, value in call.items():
+        if key not in _CALL or not _CALL[key](value):
+            raise ConfigError(f"scheduler call option {key}={value!r} is not allowed; known: {', '.join(_CALL)}")
+    if call.get("mu") and "image_seq_len" not in call:
+        raise ConfigError("scheduler call passes mu but names no image_seq_len")
+    return call
+
+
 def switch(config: dict, name: str, prediction: str, shift: float | None = None) -> dict:
-    """`--sampler NAME` [--shift]: the config diffusers gets from `X.from_config(config, **options)`, keeping the
-    model's prediction type (and, between flow schedulers, its shift)."""
+    """`--sampler NAME` [--shift]: the config diffusers gets from `X.from_config(config, **options)`, with the
+    options that keep the model's prediction type (and, between flow schedulers, its shift) as `options`."""
     if name not in SAMPLERS:
         raise ConfigError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
     cls, options = SAMPLERS[name]
@@ -191,14 +233,14 @@ def switch(config: dict, name: str, prediction: str, shift: float | None = None)
             raise ConfigError(f"sampler {name!r} (FlowMatchEulerDiscreteScheduler) needs a flow model; this model "
                               f"predicts {prediction}; choose ddim or a dpm++ sampler")
         options = {"prediction_type": prediction, **options}
-    new = full_config({**config, "_class_name": cls, **options})
+    new = full_config({**given_options(config), "_class_name": cls, **options})
     if shift is not None:
         key = "shift" if cls == FLOW else "flow_shift" if new.get("use_flow_sigmas") else None
         if key is None or new.get("use_dynamic_shifting"):
             raise ConfigError(f"--shift {shift} does not apply to this sampler ({cls} without a static flow shift)")
         if isinstance(shift, bool) or not (isinstance(shift, (int, float)) and math.isfinite(shift) and shift > 0):
             raise ConfigError(f"shift {shift!r} is not allowed; use a finite number > 0")
-        new[key] = float(shift)
+        new = full_config({**given_options(new), "_class_name": cls, key: float(shift)})
     return new
 
 
@@ -326,7 +368,14 @@ def _ddim(c: dict, steps: int, **_) -> dict:
     """DDIMScheduler.step, η = 0: x_prev = √ᾱ_prev·clip(x0) + √(1−ᾱ_prev)·ε with ε from x and g (unclipped)."""
     ac = alphas_cumprod(c).astype(np.float64)
     final = 1.0 if c["set_alpha_to_one"] else float(ac[0])
+    if steps > c["num_train_timesteps"]:
+        raise ConfigError(f"DDIMScheduler cannot take {steps} steps: more than num_train_timesteps="
+                          f"{c['num_train_timesteps']} (diffusers refuses too)")
     t = ddim_timesteps(c, steps)
+    if t.max() >= c["num_train_timesteps"] or t.min() < 0:
+        raise ConfigError(f"DDIMScheduler with steps_offset={c['steps_offset']} at {steps} steps reaches timestep "
+                          f"{t.max()}, outside 0..{c['num_train_timesteps'] - 1} (diffusers fails too); use fewer "
+                          "steps or a smaller steps_offset")
     prev = t - c["num_train_timesteps"] // steps  # diffusers steps back by n // steps whatever the spacing
     a_t, a_prev = ac[t], np.where(prev >= 0, ac[np.maximum(prev, 0)], final)
     al, be, dir_ = np.sqrt(a_t), np.sqrt(1 - a_t), np.sqrt(1 - a_prev)
@@ -505,15 +554,26 @@ def timestep_args(config: dict, call: dict, steps: int) -> dict:
 
 def make_plan(config: dict, steps: int, call: dict | None = None) -> dict[str, np.ndarray]:
     """Per-step float32 scalars (STEP_SCALARS) of `steps` sampler steps, and "init"/"final": the factors of the
-    initial noise and of the final latents (1 but for EulerDiscreteScheduler). The config must pass check_config."""
+    initial noise and of the final latents (1 but for EulerDiscreteScheduler), and "final_from_x0" (the result is
+    the last step's x0, not x_next). The config must pass check_config."""
     config = full_config(config)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        raw = _PLANS[config["_class_name"]](config, steps, **timestep_args(config, call or {}, steps))
+    try:
+        with np.errstate(all="ignore"):
+            raw = _PLANS[config["_class_name"]](config, steps, **timestep_args(config, call or {}, steps))
+    except (ArithmeticError, IndexError) as e:  # e.g. base_image_seq_len == max_image_seq_len, exp overflow
+        raise ConfigError(f"{config['_class_name']} gives an undefined schedule at {steps} step(s) "
+                          f"({type(e).__name__}: {e}); check the scheduler's options") from None
     n = len(raw["t"])
     plan = {k: np.asarray(raw.get(k, np.zeros(n)), dtype=np.float64) for k in STEP_SCALARS if k != "clip"}
     plan["clip"] = np.asarray(raw.get("clip", np.full(n, math.inf)), dtype=np.float64)
     if not all(np.isfinite(v).all() for k, v in plan.items() if k != "clip"):
-        raise ConfigError(f"{config['_class_name']} gives an undefined schedule at {steps} step(s) (diffusers divides "
-                          "by zero there too); use more steps")
+        raise ConfigError(f"{config['_class_name']} gives an undefined (non-finite) schedule at {steps} step(s), as in "
+                          "diffusers; check the step count and the scheduler's options (shift, sigmas)")
     plan = {k: v.astype(np.float32) for k, v in plan.items()}
-    return {**plan, "init": np.float32(raw.get("init", 1.0)), "final": np.float32(raw.get("final", 1.0))}
+    # PixArtAlphaPipeline returns the step's pred_original_sample when it takes a single step
+    from_x0 = bool((call or {}).get("one_step_x0")) and n == 1
+    if from_x0 and config["_class_name"] not in (DDIM, EULER):
+        raise ConfigError(f"this pipeline cannot take 1 step with {config['_class_name']} (diffusers fails: the step "
+                          "returns no pred_original_sample); use 2 or more steps")
+    return {**plan, "init": np.float32(raw.get("init", 1.0)), "final": np.float32(raw.get("final", 1.0)),
+            "final_from_x0": from_x0}

@@ -5,7 +5,6 @@ any project error raised inside model code while torch.export traces it surfaces
 import json
 
 import pytest
-import torch
 from torch import nn
 
 from conftest import one_line_error, randomize, run_cli
@@ -62,7 +61,8 @@ def test_project_errors_raised_while_tracing_surface_as_themselves(tmp_path):
     model = MMDiT(MMDiTConfig(sample_size=8, in_channels=4, out_channels=4, hidden_size=16, depth=1, num_heads=2,
                               joint_attention_dim=16, pooled_projection_dim=12, pos_embed_max_size=4))
     inputs = [IOSpec("x", "float32", ("B", 4, 10, 10)), IOSpec("t", "float32", ("B",)),
-              IOSpec("encoder_hidden_states", "float32", ("B", 3, 16)), IOSpec("pooled_projections", "float32", ("B", 12))]
+              IOSpec("encoder_hidden_states", "float32", ("B", 3, 16)),
+              IOSpec("pooled_projections", "float32", ("B", 12))]
     outputs = [IOSpec("out", "float32", ("B", 4, 10, 10))]
     # torch.export wraps it in a TorchExportError; the user gets the model's own one-line error (in latent units:
     # export_onnx knows no VAE)

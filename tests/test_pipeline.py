@@ -102,8 +102,11 @@ def test_timings_and_defaults(pipe):
     ({"class_label": 1, "sampler": "heun"}, "unknown sampler 'heun'"),
     ({"class_label": 1, "max_sequence_length": 64}, "max_sequence_length 64 cannot be chosen for this engine folder"),
     ({"class_label": 1, "latents": np.zeros((1, 1, 8, 8), np.float32)}, "latents of shape .1, 1, 8, 8."),
+    ({"class_label": 1, "latents": [[0.0]]}, "latents of list are not allowed; give a float32 array of shape"),
     ({"class_label": 1, "latents": np.zeros((1, 1, 16, 16))}, "latents of shape .* dtype float64"),
     ({"class_label": 1, "latents": np.full((1, 1, 16, 16), 3e38, np.float32)}, "non-finite values .guidance 3"),
+    ({"class_label": 1, "latents": np.full((1, 1, 16, 16), np.nan, np.float32)}, "latents hold non-finite values"),
+    ({"class_label": 1, "sampler": ""}, "unknown sampler ''"),
 ])
 def test_bad_requests(pipe, kwargs, match):
     with pytest.raises(InputError, match=match):

@@ -10,6 +10,7 @@ from conftest import randomize
 from ditrt.export.folder import export_model
 from ditrt.runtime import InputError, Pipeline
 from ditrt.runtime.pipeline import initial_noise
+from ditrt.runtime.schedules import make_plan
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,8 @@ def test_ddim_loop_matches_diffusers(dit_engine, steps, guidance):
             cond, uncond = out[:, :1].chunk(2)  # ε channel only; the variance channel is dropped
             x = sched.step(uncond + guidance * (cond - uncond), t, x).prev_sample
     cond = {"class_labels": np.array([[10, 10], [2, 7]])}  # CFG branches [negative (null); positive]
-    ours = pipe._denoise(initial_noise([3, 4], (1, 8, 8)), cond, steps, guidance, pipe.scheduler_config(), None, {})
+    plan = make_plan(pipe.scheduler_config(), steps, pipe.manifest.scheduler.call)
+    ours = pipe._denoise(initial_noise([3, 4], (1, 8, 8)), cond, guidance, plan, None, {})
     # fp32 everywhere; DDIM amplifies ε by up to 1/√ᾱ ≈ 70 early on, hence a tolerance relative to the scale
     np.testing.assert_allclose(ours, x.numpy(), rtol=0, atol=2e-4 * float(np.abs(x.numpy()).max()))
     r = pipe(class_label=2, seed=3, steps=steps, guidance=guidance)

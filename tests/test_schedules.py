@@ -98,11 +98,12 @@ def run_plan(plan: dict, x: np.ndarray) -> np.ndarray:
 def test_trajectory_matches_diffusers(cls, options, call, steps):
     config = check_config({"_class_name": cls, **options}, call)
     if steps == 1 and options.get("shift_terminal"):  # stretching one σ to the terminal value divides by zero
-        with pytest.raises(ConfigError, match="undefined schedule at 1 step"):
+        with pytest.raises(ConfigError, match=r"undefined \(non-finite\) schedule at 1 step"):
             make_plan(config, steps, call)
         return
     plan = make_plan(config, steps, call)
-    assert set(plan) == {*STEP_SCALARS, "init", "final"} and all(v.dtype == np.float32 for v in plan.values())
+    assert set(plan) == {*STEP_SCALARS, "init", "final", "final_from_x0"} and not plan["final_from_x0"]
+    assert all(plan[k].dtype == np.float32 for k in (*STEP_SCALARS, "init", "final"))
     x = np.random.default_rng(steps).standard_normal((2, 3, 4, 4)).astype(np.float32)
     timesteps, want = run_diffusers(cls, options, call, steps, x)
     np.testing.assert_allclose(plan["t"], timesteps, rtol=0, atol=1e-3)  # ints, or σ·1000 in float32
@@ -118,20 +119,22 @@ def test_defaults_are_diffusers_defaults(cls):
     ours = full_config({"_class_name": cls})
     theirs = {k: v for k, v in getattr(diffusers, cls)().config.items() if not k.startswith("_")}
     assert {k: ours[k] for k in theirs} == theirs
-    assert set(ours) - {"_class_name"} == set(theirs)
+    assert set(ours) - {"_class_name", "_use_default_values"} == set(theirs)
 
 
 @pytest.mark.parametrize("name", [n for n in SAMPLERS if n in DEFAULTS])
-@pytest.mark.parametrize("start", [(DPM, {}), (DDIM, {"clip_sample": False, "steps_offset": 1})])
+@pytest.mark.parametrize("start", [(DPM, {}), (DDIM, {"clip_sample": False, "steps_offset": 1}),
+                                   (DPM, {"timestep_spacing": "trailing", "solver_order": 3}),
+                                   (DDIM, {"clip_sample": False, "timestep_spacing": "leading", "beta_end": 0.012})])
 def test_switching_is_from_config(start, name):
     """`--sampler X` on an ε-model: what diffusers' X.from_config(current config) registers."""
     if name == FLOW:
         with pytest.raises(ConfigError, match="needs a flow model; this model predicts epsilon"):
             switch(full_config({"_class_name": start[0], **start[1]}), name, "epsilon")
         return
-    current = full_config({"_class_name": start[0], **start[1]})
-    ours = switch(current, name, "epsilon")
-    theirs = getattr(diffusers, name).from_config(getattr(diffusers, start[0]).from_config(current).config).config
+    folder = {"_class_name": start[0], **start[1]}  # a scheduler_config.json that leaves most options out
+    ours = switch(full_config(folder), name, "epsilon")
+    theirs = getattr(diffusers, name).from_config(getattr(diffusers, start[0]).from_config(folder).config).config
     assert {k: ours[k] for k in DEFAULTS[name]} == {k: theirs[k] for k in DEFAULTS[name]}
 
 
@@ -140,6 +143,9 @@ def test_switching_a_flow_model_keeps_flow_prediction_and_shift():
                         "flow_shift": 3.0})
     euler = switch(sana, "euler", "flow")
     assert euler["_class_name"] == FLOW and euler["shift"] == 3.0
+    assert switch(full_config({"_class_name": FLOW}), "euler", "flow", shift=2.0)["shift"] == 2.0
+    assert make_plan(switch(full_config({"_class_name": FLOW}), "euler", "flow", shift=2.0), 4)["q"][1] != \
+        make_plan(full_config({"_class_name": FLOW}), 4)["q"][1]  # the shift reaches the plan
     back = switch(euler, "dpm++3m", "flow", shift=7.0)
     assert (back["prediction_type"], back["use_flow_sigmas"], back["flow_shift"], back["solver_order"]) == \
         ("flow_prediction", True, 7.0, 3)
@@ -194,3 +200,37 @@ def test_flux_mu_is_the_pipelines():
         assert calculate_shift(seq) == pytest.approx(diffusers_shift(seq), abs=1e-12)
     assert math.isclose(timestep_args(full_config({"_class_name": FLOW, "use_dynamic_shifting": True}), SD3_CALL,
                                       28)["mu"], diffusers_shift(4096, 256, 4096, 0.5, 1.15))
+
+
+def test_options_a_folder_leaves_out_are_not_carried_to_another_class():
+    """DiT-XL-2-256's scheduler_config.json (diffusers 0.12) has no timestep_spacing: switching to DPM-Solver++
+    gives DPM's own default (linspace), not DDIM's (leading), as diffusers' from_config does."""
+    dit = full_config({"_class_name": DDIM, "clip_sample": False, "beta_schedule": "linear"})
+    assert dit["timestep_spacing"] == "leading" and "timestep_spacing" in dit["_use_default_values"]
+    assert switch(dit, "dpm++2m", "epsilon")["timestep_spacing"] == "linspace"
+    explicit = full_config({"_class_name": DDIM, "timestep_spacing": "leading"})
+    assert switch(explicit, "dpm++2m", "epsilon")["timestep_spacing"] == "leading"
+
+
+@pytest.mark.parametrize("cls,options,call,steps,fragment", [
+    (FLOW, {"use_dynamic_shifting": True}, {}, 4, "needs the resolution shift (mu), which this pipeline does not"),
+    (DPM, {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "use_karras_sigmas": True}, {}, 4,
+     "give NaN in diffusers"),
+    (DDIM, {"steps_offset": 1}, {}, 1000, "reaches timestep 1000, outside 0..999"),
+    (DDIM, {"num_train_timesteps": 100}, {}, 200, "cannot take 200 steps: more than num_train_timesteps=100"),
+    (FLOW, {"use_dynamic_shifting": True, "base_image_seq_len": 256, "max_image_seq_len": 256}, FLUX_CALL, 4,
+     "undefined schedule at 4 step(s) (ZeroDivisionError"),
+    (FLOW, {"use_dynamic_shifting": True, "base_shift": 1000.0, "max_shift": 1000.0}, FLUX_CALL, 4,
+     "undefined schedule at 4 step(s) (OverflowError"),
+    (DPM, {}, {"one_step_x0": True}, 1, "cannot take 1 step with DPMSolverMultistepScheduler"),
+])
+def test_schedules_diffusers_cannot_run_are_refused(cls, options, call, steps, fragment):
+    with pytest.raises(ConfigError) as e:
+        make_plan(check_config({"_class_name": cls, **options}, call), steps, call)
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+def test_one_step_pixart_alpha_returns_the_steps_x0():
+    for cls in (DDIM, EULER):
+        assert make_plan({"_class_name": cls}, 1, {"one_step_x0": True})["final_from_x0"]
+        assert not make_plan({"_class_name": cls}, 2, {"one_step_x0": True})["final_from_x0"]

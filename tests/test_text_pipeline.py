@@ -306,6 +306,35 @@ def test_matches_pixart_alpha_pipeline_with_micro_conditions(tmp_path):
     pipe = Pipeline.load(tmp_path / "engine")
     got = pipe(prompt=PROMPT, steps=6, guidance=4.5, latents=latents.numpy()).pixels
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-3)  # fp32 end to end: rounding only
+    with pytest.raises(InputError, match="cannot take 1 step with DPMSolverMultistepScheduler"):
+        pipe(prompt=PROMPT, steps=1)  # PixArtAlphaPipeline fails there (the step has no pred_original_sample)
+
+
+def test_pixart_alpha_folder_scheduler_class_and_single_step(pixart, tmp_path):
+    """diffusers builds the scheduler class model_index.json names (even when scheduler_config.json says another),
+    and PixArtAlphaPipeline returns the step's x0 when it takes one step."""
+    import json
+
+    from diffusers import DDIMScheduler, PixArtAlphaPipeline
+
+    ref, _, _ = pixart
+    scheduler = DDIMScheduler(set_alpha_to_one=False, clip_sample=False)  # so x0 and x_next differ at one step
+    PixArtAlphaPipeline(**{**ref.components, "scheduler": scheduler}).save_pretrained(tmp_path / "alpha")
+    config_file = tmp_path / "alpha" / "scheduler" / "scheduler_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()),
+                                       "_class_name": "FlowMatchEulerDiscreteScheduler"}))
+    ref = PixArtAlphaPipeline.from_pretrained(tmp_path / "alpha")
+    assert type(ref.scheduler).__name__ == "DDIMScheduler"
+    m = export_model(str(tmp_path / "alpha"), tmp_path / "engine")
+    assert m.scheduler.config["_class_name"] == "DDIMScheduler" and m.text[0].max_length == 120
+    assert any("model_index.json names DDIMScheduler" in n for n in m.export["notes"])
+    pipe = Pipeline.load(tmp_path / "engine")
+    latents = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(2))
+    for steps in (1, 3):
+        want = ref(PROMPT, num_inference_steps=steps, guidance_scale=4.5, height=8, width=8, latents=latents.clone(),
+                   clean_caption=False, use_resolution_binning=False, output_type="np").images
+        got = pipe(prompt=PROMPT, steps=steps, guidance=4.5, latents=latents.numpy()).pixels
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-3)  # fp32 end to end: rounding only
 
 
 def test_pixart_resolution_binning(tmp_path):

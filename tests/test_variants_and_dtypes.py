@@ -82,9 +82,10 @@ def test_folder_of_fp16_variant_files_is_found_and_noted(tmp_path):
     assert files == ["config.json", "diffusion_pytorch_model.fp16.safetensors"]
     m = export_model(str(tmp_path / "pixart"), tmp_path / "engine")
     assert m.export["variant"] is None
-    assert [n for n in m.export["notes"] if "variant" in n] == [f"{c}: no plain weights, loaded the only variant, 'fp16' ({f})" for c, f in (
-        ("transformer", "diffusion_pytorch_model.fp16.safetensors"), ("text_encoder", "model.fp16.safetensors"),
-        ("vae", "diffusion_pytorch_model.fp16.safetensors"))]
+    found = (("transformer", "diffusion_pytorch_model.fp16.safetensors"), ("text_encoder", "model.fp16.safetensors"),
+             ("vae", "diffusion_pytorch_model.fp16.safetensors"))
+    assert [n for n in m.export["notes"] if "variant" in n] == \
+        [f"{c}: no plain weights, loaded the only variant, 'fp16' ({f})" for c, f in found]
     assert {c.precision for c in m.components.values()} == {"fp32"}  # fp16 files, upcast: an fp32 engine
     want_model = T5EncoderModel.from_pretrained(tmp_path / "pixart" / "text_encoder", variant="fp16",
                                                 dtype=torch.float32)
@@ -96,7 +97,8 @@ def test_cli_variant_chooses_among_several_and_refuses_to_guess(tmp_path):
     root = tmp_path / "pixart"
     pixart_pipeline(half=True).save_pretrained(root, variant="fp16")
     pixart_pipeline().transformer.save_pretrained(root / "transformer", variant="ema")  # a second variant
-    (root / "vae" / "diffusion_pytorch_model.fp16.safetensors").rename(root / "vae" / "diffusion_pytorch_model.safetensors")
+    vae = root / "vae"
+    (vae / "diffusion_pytorch_model.fp16.safetensors").rename(vae / "diffusion_pytorch_model.safetensors")
 
     r = run_cli("dit-export", str(root), "-o", str(tmp_path / "e"))
     one_line_error(r, f"{str(root / 'transformer')!r} has no plain (non-variant) safetensors weights; found "

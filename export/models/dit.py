@@ -73,8 +73,9 @@ class DiT(nn.Module):
         S, f = self.cfg.sample_size, vae_factor or 1
         if (height, width) != (S, S):
             what, unit = ("image", " px") if vae_factor else ("latent", "")
-            raise InputError(f"{what} {height * f}x{width * f}{unit} is not allowed: this DiT's position table is fixed "
-                             f"at {S * f}x{S * f}{unit} (sample_size={S}{f' × VAE factor {f}' if vae_factor else ''})")
+            why = f"sample_size={S}" + (f" × VAE factor {f}" if vae_factor else "")
+            raise InputError(f"{what} {height * f}x{width * f}{unit} is not allowed: this DiT's position table is "
+                             f"fixed at {S * f}x{S * f}{unit} ({why})")
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         """x (B, C, H, W) latents, t (B,) model timesteps, y (B,) int class labels -> (B, C_out, H, W)."""
