@@ -149,7 +149,8 @@ def _check_type(cls: str, key: str, value, default) -> None:
 
 def check_config(config: dict, call: dict | None = None) -> dict:
     """The full config if this runtime reproduces it exactly (for a pipeline that calls set_timesteps as `call`
-    says), else ConfigError naming the class/option and what is supported."""
+    says; call None: the pipeline is not known yet, only the class and options are checked), else ConfigError
+    naming the class/option and what is supported."""
     config = full_config(config)
     cls = config["_class_name"]
     for key, allowed in _ALLOWED[cls].items():
@@ -164,6 +165,8 @@ def check_config(config: dict, call: dict | None = None) -> dict:
                           f"is {config['num_train_timesteps']}")
     if not isinstance(config["num_train_timesteps"], int) or config["num_train_timesteps"] < 1:
         raise ConfigError(f"{cls}: num_train_timesteps {config['num_train_timesteps']!r} must be a positive integer")
+    if call is None:
+        return config
     call = _checked_call(call)
     if cls == FLOW and config["use_dynamic_shifting"] and call.get("mu") not in ("always", "dynamic"):
         raise ConfigError("FlowMatchEulerDiscreteScheduler option use_dynamic_shifting=True needs the resolution "
