@@ -1,11 +1,14 @@
 """Every family's step graph: CFG batching/guidance as diffusers does it, and ONNX engine == torch (fp32)."""
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from onnx import numpy_helper
 
 from ditrt.export.graphs import StepGraph, sample_inputs, step_io
+from ditrt.export.models.layers import rope_omega, timestep_freqs
 from ditrt.export.models.dit import DiT, DiTConfig
 from ditrt.export.models.flux import Flux, FluxConfig
 from ditrt.export.models.mmdit import MMDiT, MMDiTConfig
@@ -32,6 +35,12 @@ TINY = {  # name: (model, text tokens, latent (H, W))
 }
 # fp32 end to end; ORT fuses and reorders reductions, so outputs differ from torch by rounding only
 ATOL = 2e-5
+# The timestep sinusoid (and Flux's RoPE frequencies) come from the very table torch computes, held as ONNX
+# initializers bit for bit, not an in-graph Exp whose result is 1-2 ulp off (which moved the sin/cos arguments by
+# ~6e-5 at t = 1000). Engine vs torch at every timestep: measured ≤ 1.2e-6 (before: up to 1.0e-5 at t = 1000,
+# growing with t); the outputs are O(1), so the bound is absolute.
+T_ATOL = 1e-5
+TIMESTEPS = (0.0, 1.0, 500.0, 999.0, 1000.0)  # the step graph's t: DDPM timesteps, or σ·1000 for flow families
 
 
 def build(name):
@@ -69,6 +78,36 @@ def test_step_engine_matches_torch(name, tmp_path):
         got = session.run(None, {k: v.numpy() for k, v in args.items()})
         for w, o in zip(want, got):
             np.testing.assert_allclose(o, w.numpy(), rtol=0, atol=ATOL)
+    tables = [numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "step.onnx")).graph.initializer]
+    assert holds_exactly(tables, model.t_embedder.freqs)
+    assert model.t_embedder.freqs.equal(timestep_freqs(256, getattr(model.cfg, "freq_shift", 0)))
+    if hasattr(model, "rope_omega"):
+        assert holds_exactly(tables, rope_omega(model.cfg.axes_dims_rope, model.cfg.rope_theta))
+    assert "Exp" not in {n.op_type for n in onnx.load(str(tmp_path / "step.onnx")).graph.node}
+    for t in TIMESTEPS:
+        args = feeds(inputs, 2, seed=3)
+        args.update(t=torch.tensor(t), guidance=torch.tensor(3.5))  # Flux-dev embeds guidance·1000 too
+        with torch.no_grad():
+            want = graph(*args.values())
+        got = session.run(None, {k: v.numpy() for k, v in args.items()})
+        for w, o in zip(want, got):
+            np.testing.assert_allclose(o, w.numpy(), rtol=0, atol=T_ATOL, err_msg=f"t = {t}")
+
+
+def holds_exactly(tables: list[np.ndarray], want: torch.Tensor) -> bool:
+    want = want.numpy().reshape(-1)
+    return any(t.dtype == np.float32 and t.size == want.size and np.array_equal(t.reshape(-1).view(np.int32),
+                                                                                want.view(np.int32)) for t in tables)
+
+
+def test_frequency_tables_are_torch_constants_not_state():
+    """The tables are plain attributes: no state-dict keys for the strict loader, and a cast to fp16 (the
+    precision policy) leaves them fp32, as the sinusoid and RoPE islands need."""
+    model = TINY["flux-dev"][0]().half()
+    assert model.t_embedder.freqs.dtype == model.rope_omega.dtype == torch.float32
+    assert not any("freqs" in k or "omega" in k for k in model.state_dict())
+    with torch.device("meta"):  # built on the meta device (parameter counts), the tables are still real
+        assert TINY["dit"][0]().t_embedder.freqs.equal(timestep_freqs(256))
 
 
 @pytest.mark.parametrize("name", ["dit", "pixart-alpha", "sana", "sd35-medium"])

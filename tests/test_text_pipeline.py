@@ -194,21 +194,13 @@ def test_export_size_errors(tmp_path):
     assert not (tmp_path / "e").exists()
 
 
-SANA_SCHEDULERS = {  # the release's flow DPM-Solver++, and the flow Euler schedulers users swap in
-    "dpm-flow": ("DPMSolverMultistepScheduler", dict(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                                     flow_shift=3.0)),
-    "euler-shift-7": ("FlowMatchEulerDiscreteScheduler", dict(shift=7.0)),
-    "euler-shift-3": ("FlowMatchEulerDiscreteScheduler", dict(shift=3.0)),
-}
-
-
-@pytest.mark.parametrize("scheduler", [pytest.param(k, marks=[pytest.mark.slow] if k != "dpm-flow" else [])
-                                       for k in SANA_SCHEDULERS])
-def test_matches_sana_pipeline(tmp_path, scheduler):
-    """Gemma-2 with the instruction prefix on the positive prompt only, Sana (linear attention), the folder's
-    scheduler, DC-AE: the runtime against SanaPipeline from the same noise."""
-    import diffusers
-    from diffusers import AutoencoderDC, SanaPipeline, SanaTransformer2DModel
+def test_matches_sana_pipeline(tmp_path):
+    """Gemma-2 with the instruction prefix on the positive prompt only, Sana (linear attention), the folder's flow
+    DPM-Solver++, DC-AE: the runtime against SanaPipeline from the same noise; and the flow Euler schedulers users
+    swap in (shift 3 as the official conversion offers, 7 as diffusers' own Sana test folder has; a folder that
+    holds one is tested in test_diffusers_pipelines)."""
+    from diffusers import (AutoencoderDC, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, SanaPipeline,
+                           SanaTransformer2DModel)
     from transformers import Gemma2Config, Gemma2Model
 
     from test_dc_ae import tiny_config
@@ -225,8 +217,7 @@ def test_matches_sana_pipeline(tmp_path, scheduler):
         num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=32,
         sample_size=8), seed=2)
     vae = randomize(AutoencoderDC(**tiny_config("interpolate")), seed=3)
-    cls, options = SANA_SCHEDULERS[scheduler]
-    scheduler = getattr(diffusers, cls)(**options)
+    scheduler = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
     ref = SanaPipeline(tokenizer=tok, text_encoder=gemma, vae=vae, transformer=transformer, scheduler=scheduler)
     ref.save_pretrained(tmp_path / "sana")
     m = export_model(str(tmp_path / "sana"), tmp_path / "engine")
@@ -240,34 +231,45 @@ def test_matches_sana_pipeline(tmp_path, scheduler):
     got = pipe(prompt=PROMPT, negative_prompt="", steps=6, guidance=4.5, latents=latents.numpy()).pixels
     # fp32 end to end (Gemma-2, flow DPM-Solver++, Sana, DC-AE): rounding only
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-3)
+    for shift in (3.0, 7.0):  # dit-run --sampler euler [--shift 7]: the folder's flow shift carries over
+        ref.scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+        want = ref(PROMPT, negative_prompt="", num_inference_steps=6, guidance_scale=4.5, height=32, width=32,
+                   latents=latents.clone(), clean_caption=False, use_resolution_binning=False, output_type="np").images
+        got = pipe(prompt=PROMPT, negative_prompt="", steps=6, guidance=4.5, latents=latents.numpy(),
+                   sampler="euler", shift=None if shift == 3.0 else shift)
+        np.testing.assert_allclose(got.pixels, want, rtol=0, atol=1e-3)
+        assert "Sampler: Euler," in got.parameters[0]
 
 
-@pytest.mark.parametrize("scheduler,options", [
-    ("DDIMScheduler", {}),  # DDIMScheduler() defaults: clip_sample=True, leading spacing
-    ("EulerDiscreteScheduler", {}),  # σ-space: PixArt scales its initial noise by init_noise_sigma
-    pytest.param("DPMSolverMultistepScheduler", {"solver_order": 3, "use_karras_sigmas": True}, marks=pytest.mark.slow),
-])
-def test_pixart_folder_with_another_scheduler(pixart, tmp_path, scheduler, options):
-    """A PixArt-Σ folder whose scheduler is not the release's: the runtime runs that scheduler, as diffusers does,
-    at guidance > 1 (CFG) and <= 1 (conditional branch only)."""
+def test_pixart_folder_with_another_scheduler(pixart, tmp_path):
+    """A PixArt-Σ folder whose scheduler is `DDIMScheduler()` (clip_sample=True, leading spacing): the runtime runs
+    it, as diffusers does, at guidance > 1 (CFG) and <= 1 (conditional branch only); and `--sampler` gives what
+    `pipe.scheduler = X.from_config(pipe.scheduler.config, **options)` gives (Euler discrete: σ-space, PixArt
+    scales its initial noise by init_noise_sigma)."""
     import diffusers
-    from diffusers import PixArtSigmaPipeline
+    from diffusers import DDIMScheduler, PixArtSigmaPipeline
 
     ref, _, _ = pixart
-    ref = PixArtSigmaPipeline(**{**ref.components, "scheduler": getattr(diffusers, scheduler)(**options)})
-    ref.save_pretrained(tmp_path / "folder")
+    PixArtSigmaPipeline(**{**ref.components, "scheduler": DDIMScheduler()}).save_pretrained(tmp_path / "folder")
+    ref = PixArtSigmaPipeline.from_pretrained(tmp_path / "folder")  # as a user has it: every option from the file
     m = export_model(str(tmp_path / "folder"), tmp_path / "engine")
-    assert m.scheduler.config["_class_name"] == scheduler
+    assert m.scheduler.config["_class_name"] == "DDIMScheduler" and m.scheduler.config["clip_sample"] is True
     pipe = Pipeline.load(tmp_path / "engine")
+    folder_config = ref.scheduler.config
     latents = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(1))
-    for guidance in (4.5, 1.0):
-        want = ref(PROMPT, negative_prompt="blurry", num_inference_steps=8, guidance_scale=guidance, height=8,
-                   width=8, latents=latents.clone(), clean_caption=False, use_resolution_binning=False,
-                   output_type="np").images
-        got = pipe(prompt=PROMPT, negative_prompt="blurry", steps=8, guidance=guidance, latents=latents.numpy())
-        np.testing.assert_allclose(got.pixels, want, rtol=0, atol=1e-3)  # fp32 end to end: rounding only
-        label = {"DDIMScheduler": "DDIM", "EulerDiscreteScheduler": "Euler"}.get(scheduler, "DPM++ 3M Karras")
-        assert f"Sampler: {label}," in got.parameters[0]
+    for sampler, cls, options, label in [
+            (None, "DDIMScheduler", {}, "DDIM"), ("euler", "EulerDiscreteScheduler", {}, "Euler"),
+            ("dpm++3m", "DPMSolverMultistepScheduler", {"solver_order": 3}, "DPM++ 3M"),
+            ("dpm++2m-karras", "DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "DPM++ 2M Karras")]:
+        ref.scheduler = getattr(diffusers, cls).from_config(folder_config, **options)
+        for guidance in (4.5, 1.0) if sampler is None else (4.5,):
+            want = ref(PROMPT, negative_prompt="blurry", num_inference_steps=8, guidance_scale=guidance, height=8,
+                       width=8, latents=latents.clone(), clean_caption=False, use_resolution_binning=False,
+                       output_type="np").images
+            got = pipe(prompt=PROMPT, negative_prompt="blurry", steps=8, guidance=guidance, latents=latents.numpy(),
+                       sampler=sampler)
+            np.testing.assert_allclose(got.pixels, want, rtol=0, atol=1e-3)  # fp32 end to end: rounding only
+            assert f"Sampler: {label}," in got.parameters[0]
 
 
 def test_folder_with_an_unsupported_scheduler_is_refused(pixart, tmp_path):
