@@ -1,6 +1,7 @@
 """Time the digits step engine on ONNX Runtime against the same step in torch eager, in one run.
 
-Also reports the runtime's host overhead per step: the sampler loop's time minus the engine's time.
+Also reports the runtime's host overhead per step (the sampler loop's time minus the engine's time) and the loop's
+step time with classifier-free guidance off (guidance <= 1: the conditional branch alone).
 
     python benchmarks/bench_step.py [--engines engines/digits] [--iters 200] [--out benchmarks/results/...]
 """
@@ -58,7 +59,7 @@ def bench(engines: Path, iters: int, steps: int, threads: int) -> dict:
     pipe = Pipeline.load(engines, threads=threads)
     rows = []
     for B in (1, 8):
-        args = sample_inputs(inputs, {"B": B})
+        args = sample_inputs(inputs, {"B": B, "n": 2})  # both CFG branches
         feeds = {s.name: a.numpy() for s, a in zip(inputs, args)}
         ort_ms = time_ms(lambda: session.run(None, feeds), iters)
         with torch.no_grad(), lowering("reference"):
@@ -68,11 +69,14 @@ def bench(engines: Path, iters: int, steps: int, threads: int) -> dict:
         runs = [pipe(class_label=3, seed=0, steps=steps, batch_size=B).timings_ms for _ in range(5)]
         loop = statistics.median(r["denoise_total"] for r in runs) / steps
         engine = statistics.median(r["denoise_engine"] for r in runs) / steps
+        cond_only = statistics.median(pipe(class_label=3, seed=0, steps=steps, batch_size=B, guidance=1.0)
+                                      .timings_ms["denoise_total"] for _ in range(5)) / steps
         rows.append({"batch": B, "ort_step_ms": round(ort_ms, 4), "torch_eager_step_ms": round(eager_ms, 4),
                      "torch_eager_customop_step_ms": round(op_ms, 4), "speedup_vs_eager": round(eager_ms / ort_ms, 2),
                      "loop_step_ms": round(loop, 4), "engine_step_ms": round(engine, 4),
                      "host_overhead_step_ms": round(loop - engine, 4),
-                     "host_overhead_pct": round(100 * (loop - engine) / loop, 2)})
+                     "host_overhead_pct": round(100 * (loop - engine) / loop, 2),
+                     "loop_step_ms_cfg_off": round(cond_only, 4)})
     return {"device": f"CPU: {cpu_name()}, {os.cpu_count()} cores",
             "threads": threads, "iters": iters, "pipeline_steps": steps,
             "versions": {"onnxruntime": ort.__version__, "torch": torch.__version__, "numpy": np.__version__,
@@ -93,11 +97,12 @@ def main() -> None:
             export_model("digits", engines)
         result = bench(engines, args.iters, args.steps, args.threads)
     print(f"{result['device']}, {result['threads']} threads; median of {args.iters}")
-    print(f"{'batch':>5} {'ORT ms':>8} {'eager ms':>9} {'eager/ORT':>9} {'loop ms':>8} {'engine ms':>9} {'host ms':>8} {'host %':>7}")
+    print(f"{'batch':>5} {'ORT ms':>8} {'eager ms':>9} {'eager/ORT':>9} {'loop ms':>8} {'engine ms':>9} {'host ms':>8} "
+          f"{'host %':>7} {'no-CFG ms':>9}")
     for r in result["rows"]:
         print(f"{r['batch']:>5} {r['ort_step_ms']:>8.3f} {r['torch_eager_step_ms']:>9.3f} {r['speedup_vs_eager']:>9.2f} "
               f"{r['loop_step_ms']:>8.3f} {r['engine_step_ms']:>9.3f} {r['host_overhead_step_ms']:>8.4f} "
-              f"{r['host_overhead_pct']:>7.2f}")
+              f"{r['host_overhead_pct']:>7.2f} {r['loop_step_ms_cfg_off']:>9.3f}")
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
 
