@@ -1,17 +1,26 @@
-"""dit-export: build engine folders from built-in models."""
+"""dit-export: build engine folders from built-in models.
+
+Nothing heavy is imported at module level: --help and --list answer at once, also where the export extra (torch)
+is not installed; the export itself says which extra to install.
+"""
 
 import shlex
+import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
-from ditrt.runtime.cli import report
+from ditrt.runtime.cli import OneLineCommand, report
+from ditrt.runtime.errors import BackendUnavailable
 
-from .presets import PRESETS
+from .catalog import MODELS
+
+EXPORT_EXTRA = ("torch", "onnx", "onnxscript", "safetensors", "transformers")  # pyproject's [export] packages
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model", required=False)
 @click.option("-o", "--output", "output", type=click.Path(), help="Engine folder to write (default: engines/MODEL).")
 @click.option("--lowering", type=click.Choice(["portable", "plugin"]), default="portable", show_default=True,
@@ -35,7 +44,8 @@ from .presets import PRESETS
 @click.option("--variant", help="Weights variant of a diffusers folder, as diffusers' variant= (e.g. fp16: "
               "*.fp16.safetensors); components without it use their plain weights. Default: the plain weights, or a "
               "component's only variant.")
-@click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
+@click.option("--force", is_flag=True, help="Replace the output folder if it is an engine folder (or empty); "
+              "anything else there is refused, never deleted.")
 @click.option("--list", "list_models", is_flag=True, help="List the built-in models and exit.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def main(model, output, lowering, engine, precision, opset, random_weights, seed, external_data, height, width, variant,
@@ -49,32 +59,76 @@ def main(model, output, lowering, engine, precision, opset, random_weights, seed
     export leaves nothing behind. Run it with `dit-run FOLDER`.
     """
     if list_models:
-        for p in PRESETS.values():
-            click.echo(f"{p.name:<18} {p.description}")
+        for name, description in MODELS.items():
+            click.echo(f"{name:<18} {description}")
         return
     if not model:
         raise click.UsageError("missing MODEL; see `dit-export --list` for the built-in models")
     if engine == "tensorrt" and click.get_current_context().get_parameter_source("lowering").name == "DEFAULT":
         lowering = "plugin"  # TensorRT engines are built from the plugin lowering
-    default_output = f"engines/{Path(model).name}"
+    default_output = f"engines/{Path(model).resolve().name}"  # resolved: `dit-export .` names the folder
     output = output or default_output
-    try:
-        from transformers.utils import logging as transformers_logging
-
-        from .folder import export_model
-        from .presets import get_preset
-
-        transformers_logging.disable_progress_bar()  # its weight-loading bars are not ours to show
-
-        if not Path(model).exists():
-            get_preset(model)  # fail on a bad name before the slow part
-        command = shlex.join(["dit-export", *sys.argv[1:]])
-        manifest = export_model(model, output, random_weights=random_weights, seed=seed, lowering_name=lowering,
-                                opset=opset, external_data=external_data, height=height, width=width, force=force,
-                                make_parent=output == default_output, command=command, engine=engine,
-                                precision=precision, variant=variant)
-    except Exception as e:
-        report(e, debug)
+    command = shlex.join(["dit-export", *sys.argv[1:]])
+    manifest = run_export(model, output, debug, random_weights=random_weights, seed=seed, lowering_name=lowering,
+                          opset=opset, external_data=external_data, height=height, width=width, force=force,
+                          make_parent=output == default_output, command=command, engine=engine, precision=precision,
+                          variant=variant)
     size = sum(f.bytes for f in manifest.files.values())
     click.echo(f"wrote {output} ({manifest.model}, {len(manifest.files)} file(s), {size / 1e6:.1f} MB)", err=True)
     click.echo(output)
+
+
+def run_export(model: str, output: str, debug: bool, **options):
+    """export_model with every failure as one line: errors as report() prints them, a missing export extra by
+    name, Ctrl-C and SIGTERM (after the staging folder is cleaned up) as `interrupted`, exit 130."""
+    try:
+        with sigterm_as_interrupt():
+            require_export_extra()
+            from transformers.utils import logging as transformers_logging
+
+            from .folder import export_model
+            from .presets import get_preset
+
+            transformers_logging.disable_progress_bar()  # its weight-loading bars are not ours to show
+            if not Path(model).exists():
+                get_preset(model)  # fail on a bad name before the slow part
+            return export_model(model, output, **options)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        click.echo("error: interrupted; nothing was written", err=True)
+        sys.exit(130)
+    except Exception as e:
+        report(e, debug)
+
+
+def require_export_extra() -> None:
+    """Import the export extra's packages, or say in one line which extra to install (a runtime-only install)."""
+    import importlib
+
+    for name in EXPORT_EXTRA:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            missing = getattr(e, "name", None) or name
+            raise BackendUnavailable(f"dit-export needs the export extra: pip install 'ditrt[export]' "
+                                     f"(missing module: {missing})") from None
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (kill, a service manager stopping us) raises KeyboardInterrupt as Ctrl-C does, so that the staging
+    folder is cleaned up; the previous handler is put back afterwards."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+    except ValueError:  # not the main thread: signals are not ours to handle
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,10 +1,18 @@
-"""Atomic engine-folder writer: everything goes into a hidden temp folder that is renamed when complete."""
+"""Atomic engine-folder writer: everything goes into a hidden temp folder that is renamed when complete.
 
+While an export runs, its staging folder `.NAME.tmp-*` (and, during a --force replace, the `.NAME.old-*` folder
+holding the previous engine folder) contains OWNER_MARKER, flock-ed for the export's lifetime. The kernel drops
+the lock when the process dies however it dies, so the next export to NAME can tell leftovers of dead exports from
+live ones, remove them, and put back a previous folder that a replace interrupted between its two renames.
+"""
+
+import fcntl
+import glob
 import json
 import os
+import secrets
 import shutil
-import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Iterator
 
@@ -13,36 +21,228 @@ from ditrt.runtime.manifest import MANIFEST_NAME, FileEntry, Manifest, sha256_fi
 
 from .pixart_bins import manifest_bins
 
+OWNER_MARKER = ".dit-export-owner"  # never part of an engine folder: removed before the folder is renamed into place
+
+
+def output_target(out: str | os.PathLike) -> Path:
+    """`out` as an absolute path with a real last name (`.`, `..` resolved), its parent's symlinks resolved and its
+    own kept (a link is refused, not followed); refuses the current folder, its parents and the root."""
+    given = Path(out)
+    if given.name in ("", ".", ".."):
+        target = given.resolve()
+    else:
+        target = given.parent.resolve() / given.name
+    cwd = Path.cwd().resolve()
+    if target.resolve() == cwd or target.resolve() in cwd.parents:
+        raise InputError(f"output {str(out)!r} is the current folder or one of its parents ({str(target)!r}); "
+                         "write the engine folder to a new folder, e.g. -o engines/NAME")
+    return target
+
+
+def is_engine_folder(folder: Path) -> bool:
+    """A folder holding a manifest.json written by dit-export (a JSON object with schema_version, any version)."""
+    try:
+        manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):  # missing, unreadable, not UTF-8 or not JSON
+        return False
+    return isinstance(manifest, dict) and "schema_version" in manifest
+
+
+def check_replaceable(target: Path, out, force: bool) -> None:
+    """An existing output may be replaced (with --force) only if it is an engine folder or an empty folder:
+    anything else is the user's, and --force never deletes it."""
+    if not os.path.lexists(target):
+        return
+    if target.is_symlink():
+        raise InputError(f"output {str(out)!r} is a symbolic link; dit-export replaces only engine folders, "
+                         "never a link or what it points to; choose another output")
+    if not target.is_dir():
+        raise InputError(f"output {str(out)!r} already exists and is a file, not an engine folder; "
+                         "choose another output")
+    if not is_engine_folder(target) and any(target.iterdir()):
+        raise InputError(f"output folder {str(out)!r} already exists and is not an engine folder (no dit-export "
+                         "manifest.json); choose another output: --force replaces only engine folders")
+    if not force:
+        raise InputError(f"output folder {str(out)!r} already exists; pass --force to replace it")
+
+
+def check_output(out: str | os.PathLike, force: bool = False, make_parent: bool = False) -> Path:
+    """Check `out` before any work (after undoing what interrupted exports to it left) -> the absolute target."""
+    target = output_target(out)
+    if target.parent.is_dir():
+        recover(target)
+        check_replaceable(target, out, force)
+    elif not make_parent or os.path.lexists(target.parent):
+        raise InputError(f"parent folder {str(Path(out).parent)!r} does not exist; create it first")
+    return target
+
 
 @contextmanager
-def staging_folder(out: Path, force: bool = False, make_parent: bool = False) -> Iterator[Path]:
-    """Yield an empty temp folder beside `out`; on success it replaces `out`, on failure it is removed."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise InputError(f"output folder {str(out)!r} already exists; pass --force to replace it")
-    if make_parent:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    if not out.parent.is_dir():
-        raise InputError(f"parent folder {str(out.parent)!r} does not exist; create it first")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+def staging_folder(out: str | os.PathLike, force: bool = False, make_parent: bool = False) -> Iterator[Path]:
+    """Yield an empty temp folder beside `out`; on success it replaces `out`, on failure it is removed.
+    The engine folder gets the modes a plain mkdir and file write give (umask), whatever wrote the files."""
+    target = check_output(out, force, make_parent)
+    made = make_parents(target.parent) if make_parent else []
+    tmp, lock = claimed_folder(target, "tmp")
+    done = False
     try:
         yield tmp
-        if out.exists():  # --force: swap in the new folder, then drop the old one
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
+        check_replaceable(target, out, force)  # again: the output may have appeared during the export
+        normal_modes(tmp)
+        commit(tmp, target)
+        done = True
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        try:
+            if os.path.lexists(tmp):
+                remove_folder(tmp)
+        finally:
+            os.close(lock)
+        for folder in [] if done else made:  # parents made for an export that failed go too, while empty
+            with suppress(OSError):
+                folder.rmdir()
+
+
+def make_parents(folder: Path) -> list[Path]:
+    """Create folder and its missing parents -> those created, deepest first."""
+    made = []
+    while not os.path.lexists(folder):
+        made.append(folder)
+        folder = folder.parent
+    for folder in reversed(made):
+        folder.mkdir(exist_ok=True)
+    return made
+
+
+def claimed_folder(target: Path, kind: str, **info) -> tuple[Path, int]:
+    """A new `.NAME.<kind>-*` folder beside target, holding OWNER_MARKER locked by this process -> (folder, lock fd).
+    os.mkdir, not tempfile.mkdtemp (always 0700): the folder becomes the engine folder, with the umask's mode."""
+    while True:
+        folder = target.parent / f".{target.name}.{kind}-{secrets.token_hex(4)}"
+        try:
+            folder.mkdir()
+            break
+        except FileExistsError:
+            continue
+        except OSError as e:  # read-only or unwritable parent, full disk, ...
+            raise InputError(f"cannot create the engine folder beside {str(target)!r}: {e.strerror or e}; "
+                             "choose an output in a folder you can write") from None
+    fd = os.open(folder / OWNER_MARKER, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, json.dumps({"pid": os.getpid(), **info}).encode())
+    return folder, fd
+
+
+def commit(tmp: Path, target: Path) -> None:
+    """Rename the complete staging folder to target; a replaced folder is moved aside first (into a claimed .old
+    folder that names this staging folder, so that a crash between the renames can be undone) and then removed."""
+    if not os.path.lexists(target):
+        (tmp / OWNER_MARKER).unlink()
+        os.replace(tmp, target)
+        return
+    old, lock = claimed_folder(target, "old", staging=tmp.name)
+    try:
+        os.replace(target, old / target.name)
+        try:
+            (tmp / OWNER_MARKER).unlink()
+            os.replace(tmp, target)
+        except BaseException:  # e.g. Ctrl-C between the renames: the previous folder goes back now
+            os.replace(old / target.name, target)
+            raise
+        remove_folder(old)
+    finally:
+        os.close(lock)
+
+
+def remove_folder(folder: Path) -> None:
+    """rmtree, the owner marker last: a folder that an interrupted removal leaves is still known to be ours."""
+    for child in folder.iterdir():
+        if child.name == OWNER_MARKER:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+    shutil.rmtree(folder)
+
+
+def normal_modes(folder: Path) -> None:
+    """Modes as a plain mkdir (0o777 & ~umask) and file write (0o666 & ~umask) give, read off the folder itself
+    (made by os.mkdir): some writers (mkstemp) make 0600 files. Links are left alone."""
+    mode = folder.stat().st_mode & 0o777
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), mode)
+        for name in files:
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), mode & 0o666)
+
+
+def recover(target: Path) -> None:
+    """Undo what interrupted exports to target left beside it: folders whose owner died are removed, and a
+    previous folder moved aside by a replace that died between its two renames is put back (target absent)."""
+    for kind in ("old", "tmp"):  # old first: putting the previous folder back looks at its staging folder
+        for folder in sorted(target.parent.glob(f".{glob.escape(target.name)}.{kind}-*")):
+            owner = dead_owner(folder)
+            if owner is None:
+                continue
+            fd, info = owner
+            try:
+                if kind == "old":
+                    restore(folder, target, info.get("staging"))
+                remove_folder(folder)
+            finally:
+                os.close(fd)
+
+
+def dead_owner(folder: Path) -> tuple[int, dict] | None:
+    """(locked marker fd, marker contents) if folder is one of ours whose owner process is gone, else None."""
+    marker = folder / OWNER_MARKER
+    if folder.is_symlink() or not folder.is_dir():
+        return None
+    try:
+        fd = os.open(marker, os.O_RDWR | os.O_NOFOLLOW)
+    except OSError:  # no marker: not a folder of ours (or one being renamed into place)
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while a live export holds it
+        if os.fstat(fd).st_ino != os.stat(marker).st_ino:  # its owner finished in between
+            raise OSError
+        info = json.loads(os.read(fd, 4096) or b"{}")
+    except (OSError, ValueError):
+        os.close(fd)
+        return None
+    return fd, info if isinstance(info, dict) else {}
+
+
+def restore(old: Path, target: Path, staging) -> None:
+    """Put back the previous folder a dead export moved aside, if target is absent; it is dropped only when the
+    staging folder is gone, i.e. it did become target. Refused in one line where neither is safe."""
+    kept = old / target.name
+    ours = isinstance(staging, str) and staging.startswith(f".{target.name}.tmp-") and "/" not in staging
+    staged = target.parent / staging if ours else None
+    if not os.path.lexists(kept):
+        return
+    if os.path.lexists(target) and staged is not None and not staged.exists():
+        return  # the replace was complete: kept was going to be deleted
+    if os.path.lexists(target):
+        raise InputError(f"an interrupted export left the previous {target.name!r} in {str(kept)!r}, and "
+                         f"{str(target)!r} exists again; move one of them away by hand")
+    try:
+        os.replace(kept, target)
+    except OSError as e:
+        raise InputError(f"an interrupted export left the previous {target.name!r} in {str(kept)!r} and it "
+                         f"cannot be moved back ({e.strerror}); move it back by hand") from None
+    if staged is not None and staged.is_dir() and not staged.is_symlink():
+        remove_folder(staged)  # the dead export's unfinished replacement
 
 
 def file_entries(folder: Path) -> dict[str, FileEntry]:
-    """sha256 and size of every file under folder (except the manifest), keyed by POSIX relative path."""
+    """sha256 and size of every file under folder (except the manifest and an export's owner marker), keyed by
+    POSIX relative path."""
     return {p.relative_to(folder).as_posix(): FileEntry(sha256_file(p), p.stat().st_size)
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST_NAME}
+            for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != MANIFEST_NAME and p.relative_to(folder).as_posix() != OWNER_MARKER}
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> None:
@@ -105,7 +305,9 @@ def resolve_source(source: str, random_weights: bool, seed: int, variant: str | 
 
 
 def provenance(opset: int) -> dict:
-    """When and with what an engine folder was built (the manifest's informational `export` fields)."""
+    """With what an engine folder was built (the manifest's informational `export` fields). Nothing of the machine
+    or the moment, so that the same source, options and versions give the same bytes anywhere; `created` only from
+    SOURCE_DATE_EPOCH (the reproducible-builds convention) when it is set."""
     import datetime
     import platform
 
@@ -114,9 +316,15 @@ def provenance(opset: int) -> dict:
 
     import ditrt.runtime as rt
 
-    return {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(), "versions": {
-        "ditrt": rt.__version__, "torch": torch.__version__, "onnx": onnx.__version__, "opset": opset,
-        "python": platform.python_version()}}
+    info = {"versions": {"ditrt": rt.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
+                         "opset": opset, "python": platform.python_version()}}
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    if epoch:
+        if not epoch.isdigit():
+            raise InputError(f"SOURCE_DATE_EPOCH {epoch!r} is not a number of seconds since 1970; set an integer "
+                             "or unset it")
+        info["created"] = datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc).isoformat()
+    return info
 
 
 def manifest_scheduler(row, model, latent_hw: tuple[int, int], packing: int):
@@ -326,8 +534,8 @@ def export_model(source: str, out: str | os.PathLike, *, random_weights: bool = 
 
     opset = export_opset(lowering_name, precision, opset)
     check_engine(engine, lowering_name)  # e.g. TensorRT missing: say so before the slow export
-    if Path(out).exists() and not force:  # before the (slow) export, not after it
-        raise InputError(f"output folder {str(out)!r} already exists; pass --force to replace it")
+    check_output(out, force, make_parent)  # before the (slow) export, not after it
+    info = provenance(opset)
     model, row, vae, text, notes = resolve_source(source, random_weights, seed, variant)
     policy = apply_policy(precision, model, vae, text[0] if text is not None else None)  # engine I/O stays fp32
     packing = 2 if row.family == "flux" else 1
@@ -335,7 +543,7 @@ def export_model(source: str, out: str | os.PathLike, *, random_weights: bool = 
         if height or width else row.latent_hw or default_latent_hw(model)
     scheduler = manifest_scheduler(row, model, hw, packing)  # refuses what the runtime cannot reproduce
     step = StepGraph(model, row.text_len, hw)
-    with staging_folder(Path(out), force, make_parent) as tmp:
+    with staging_folder(out, force, make_parent) as tmp:
         components = {"denoiser": export_component("denoiser", step,
                                                    *step_io(model, row.text_len, hw), tmp, lowering_name, opset,
                                                    external_data)}
@@ -359,7 +567,6 @@ def export_model(source: str, out: str | os.PathLike, *, random_weights: bool = 
             components=components, files=file_entries(tmp), text=[t[2] for t in text[1]] if text is not None else [],
             export={"command": command, "source": source, "seed": seed if random_weights else None,
                     "text_len": row.text_len, "variant": variant, "notes": notes, "training": training_info(row),
-                    "precision": policy,
-                    **provenance(opset)})
+                    "precision": policy, **info})
         write_manifest(tmp, manifest)
     return manifest

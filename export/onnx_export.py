@@ -85,4 +85,22 @@ def export_onnx(module: nn.Module, inputs: list[IOSpec], outputs: list[IOSpec], 
         got = tuple(d if isinstance(d, int) else str(d) for d in value.shape)
         if got != tuple(spec.shape):
             raise RuntimeError(f"export specialised input {value.name!r} to shape {got}, declared {spec.shape}")
+    strip_build_metadata(program.model)
     program.save(str(path), external_data=external_data)
+
+
+def strip_build_metadata(model) -> None:
+    """Drop what the exporter records about the build: per node the Python stack trace (the builder's absolute
+    paths), the FX node text and module scopes; per graph and value torch.export's bookkeeping. No runtime reads
+    them, and they make the same model's bytes differ between install locations. Model-level metadata stays."""
+    functions = list(model.functions.values())
+    graphs = [*model.graphs(), *functions, *(sub for f in functions for sub in f.subgraphs())]
+    for graph in graphs:
+        values = [*graph.inputs, *graph.outputs, *getattr(graph, "initializers", {}).values()]
+        for node in graph.all_nodes():  # with the nodes of subgraphs (If/Loop/Scan bodies)
+            node.metadata_props.clear()
+            node.doc_string = None
+            values.extend(v for v in node.outputs if v is not None)
+        for item in [graph, *values]:
+            item.metadata_props.clear()
+            item.doc_string = None

@@ -1,6 +1,7 @@
 """dit-run: generate images from an engine folder written by dit-export."""
 
 import json
+import re
 import sys
 import time
 
@@ -10,7 +11,36 @@ from .errors import DitError
 from .schedules import SAMPLERS
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineUsageError(click.ClickException):
+    """A usage error shown as every other error of our CLIs: one `error: ...` line on stderr, exit code 2."""
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+class OneLineCommand(click.Command):
+    """A click command whose usage errors (a bad option value, an unknown option, a missing argument, a UsageError
+    raised by the command) print one line instead of click's Usage/Try/Error block, as the README promises;
+    Ctrl-C is `error: interrupted`, exit 130. Used by dit-run and dit-export."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as e:
+            raise OneLineUsageError(e.format_message()) from None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as e:
+            raise OneLineUsageError(e.format_message()) from None
+        except KeyboardInterrupt:
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+
+
+@click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("engines", type=click.Path())
 @click.option("-p", "--prompt", help="What to generate (text-conditioned models).")
 @click.option("-n", "--negative-prompt", help="What to steer away from (text-conditioned models; default empty).")
@@ -42,7 +72,8 @@ from .schedules import SAMPLERS
 @click.option("--json", "as_json", is_flag=True, help="Print outputs, seeds and per-stage timings as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def main(engines, prompt, negative_prompt, class_label, steps, guidance, sampler, shift, max_sequence_length, seed, width, height, batch_size, output,
+def main(engines, prompt, negative_prompt, class_label, steps, guidance, sampler, shift, max_sequence_length, seed,
+         width, height, batch_size, output,
          force, no_metadata, backend, threads, no_verify, as_json, quiet, debug):
     """Generate images with the engine folder ENGINES (written by dit-export).
 
@@ -52,7 +83,8 @@ def main(engines, prompt, negative_prompt, class_label, steps, guidance, sampler
     from .pipeline import Pipeline, output_paths
 
     try:
-        label = int(class_label) if class_label is not None and class_label.lstrip("-").isdigit() else class_label
+        # ASCII digits only: str.isdigit() is also true for '²', which int() refuses
+        label = int(class_label) if class_label and re.fullmatch(r"-?[0-9]+", class_label) else class_label
         output_paths(output, batch_size if batch_size >= 1 else 1, force)  # fail before the work, not after it
         with Pipeline.load(engines, backend=backend, verify=not no_verify, threads=threads) as pipe:
             show = not (quiet or as_json) and sys.stderr.isatty()

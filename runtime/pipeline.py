@@ -5,9 +5,9 @@
     result.save("seven.png")
 """
 
-import math
 import os
 import secrets
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,15 +15,17 @@ from typing import Callable
 
 import numpy as np
 
-from .backends import open_backend
+from .backends import BACKENDS, open_backend
 from .errors import ConfigError, InputError, ManifestError
 from .manifest import Manifest, load_manifest, resolve_inside
 from .schedules import SAMPLERS, STEP_SCALARS, check_config, label, make_plan, prediction_of, switch
-from .tokenizer import TextTokenizer, TokenizerConfig
+from .tokenizer import TextTokenizer, TokenizerConfig, check_text
 
 MAX_BATCH = 64
 MAX_STEPS = 1000
 MAX_GUIDANCE = 100.0  # as ComfyUI; far past where any model gives usable images
+SHIFTS = (1e-3, 1e3)  # flow shifts in use are 1..~12; far outside this range the schedules degenerate
+MAX_THREADS = 1024
 BRANCH_AXIS = "n"  # CFG branches of the step engine's paired inputs: [negative; positive], or [positive]
 
 
@@ -44,26 +46,44 @@ class Result:
         from PIL import Image, PngImagePlugin
 
         paths = output_paths(path, len(self.images), overwrite)
-        for img, params, out in zip(self.images, self.parameters, paths):
-            info = PngImagePlugin.PngInfo()
-            if metadata:
-                info.add_text("parameters", params)
-            tmp = out.with_name(f".{out.name}.tmp")
-            try:
+        tmps = [out.with_name(f".{out.name}.tmp") for out in paths]
+        out = paths[0]
+        try:  # every image to its temporary file first, so a failure (disk full...) leaves no output changed
+            for img, params, out, tmp in zip(self.images, self.parameters, paths, tmps):
+                info = PngImagePlugin.PngInfo()
+                if metadata:
+                    info.add_text("parameters", params)
                 Image.fromarray(img).save(tmp, format="PNG", pnginfo=info)
+            for out, tmp in zip(paths, tmps):
                 os.replace(tmp, out)
-            finally:
+        except OSError as e:
+            raise InputError(f"cannot write {str(out)!r} ({e.strerror or e}); free some space or choose another "
+                             "output path") from None
+        finally:
+            for tmp in tmps:
                 tmp.unlink(missing_ok=True)
         return paths
 
 
 def output_paths(path: str | os.PathLike, n: int, overwrite: bool = False) -> list[Path]:
-    path = Path(path)
+    """The files `n` images go to, checked before any work: PNG names in a writable folder, none a folder."""
+    path = _path("output", path)
     if path.suffix.lower() != ".png":
         raise InputError(f"output {str(path)!r} must end in .png")
     if not path.parent.is_dir():
-        raise InputError(f"output folder {str(path.parent)!r} does not exist; create it first")
+        exists = "is a file, not a folder" if path.parent.exists() else "does not exist; create it first"
+        raise InputError(f"output folder {str(path.parent)!r} {exists}")
+    try:  # what save() does, so an unwritable folder fails now rather than after generating
+        fd, probe = tempfile.mkstemp(prefix=".", suffix=".png.tmp", dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise InputError(f"output folder {str(path.parent)!r} is not writable ({e.strerror or e}); "
+                         "choose another output path") from None
     paths = [path] if n == 1 else [path.with_name(f"{path.stem}-{i:04d}{path.suffix}") for i in range(n)]
+    folders = [str(p) for p in paths if p.is_dir()]
+    if folders:
+        raise InputError(f"output {folders[0]!r} is a folder; give a file name ending in .png")
     if not overwrite:
         taken = [str(p) for p in paths if p.exists()]
         if taken:
@@ -83,8 +103,13 @@ class Pipeline:
              threads: int | None = None) -> "Pipeline":
         """Check the folder (schema, paths, sizes, sha256 when verify) and open every component's engine."""
         start = time.perf_counter()
-        folder = Path(folder)
-        manifest = load_manifest(folder, verify=verify)
+        folder = _path("engine folder", folder)
+        if not isinstance(backend, str) or backend not in BACKENDS:
+            raise InputError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+        if not isinstance(verify, (bool, np.bool_)):
+            raise InputError(f"verify {verify!r} is not allowed; use True or False")
+        threads = None if threads is None else _int("threads", threads, 1, MAX_THREADS)
+        manifest = load_manifest(folder, verify=bool(verify))
         if "denoiser" not in manifest.components:
             raise ManifestError(f"{str(folder)!r} has no denoiser component")
         if manifest.conditioning != "class" and not (manifest.text and "text_encoder" in manifest.components):
@@ -137,21 +162,18 @@ class Pipeline:
         """
         m, sched = self.manifest, self.manifest.scheduler
         size = self._output_size(width, height)
-        steps = sched.default_steps if steps is None else steps
-        guidance = sched.default_guidance if guidance is None else guidance
-        _check_int("steps", steps, 1, MAX_STEPS)
-        _check_int("batch_size", batch_size, 1, MAX_BATCH)
-        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance) \
-                or not 0 <= guidance <= MAX_GUIDANCE:
-            raise InputError(f"guidance {guidance!r} is not allowed; use a finite number in 0..{MAX_GUIDANCE:g}")
+        # numbers as Python int/float from here on (numpy scalars accepted, bools refused)
+        steps = _int("steps", sched.default_steps if steps is None else steps, 1, MAX_STEPS)
+        batch_size = _int("batch_size", batch_size, 1, MAX_BATCH)
+        guidance = _real("guidance", sched.default_guidance if guidance is None else guidance, 0, MAX_GUIDANCE)
+        if on_step is not None and not callable(on_step):
+            raise InputError(f"on_step {_show(on_step)} is not callable; give a function f(step, steps) or None")
         config = self.scheduler_config(sampler, shift)
         try:
             plan = make_plan(config, steps, sched.call)
         except ConfigError as e:  # e.g. a schedule that divides by zero at this step count
             raise InputError(str(e)) from None
-        if seed is None or (isinstance(seed, int) and not isinstance(seed, bool) and seed < 0):
-            seed = secrets.randbelow(2**31)
-        _check_int("seed", seed, 0, 2**63 - 1 - batch_size)
+        seed = _seed(seed, batch_size)
         shape = (m.latent.channels, m.latent.height, m.latent.width)
         _check_latents(latents, batch_size, shape)
         timings = {"load": self.load_ms}
@@ -161,16 +183,20 @@ class Pipeline:
                                                          cfg=guidance > 1, lengths=self._text_lengths(max_sequence_length))
         t1 = time.perf_counter()
         seeds = [seed + i for i in range(batch_size)]
-        x = initial_noise(seeds, shape) if latents is None else latents.copy()
-        x = self._denoise(pack(x, m.latent.packing), cond, float(guidance), plan, on_step, timings)
-        t2 = time.perf_counter()
-        decoded = self._decode(x)
-        decoded = decoded if size == self.image_size else resize_and_crop(decoded, *size)
-        if not np.isfinite(decoded).all():
-            raise InputError(f"the denoiser produced non-finite values (guidance {guidance:g}, {steps} steps, "
-                             f"sampler {label(config)}); lower the guidance or change the sampler")
-        images = to_uint8(decoded)
+        why = f"guidance {guidance:g}, {steps} steps, sampler {label(config)}"
+        with np.errstate(all="ignore"):  # overflow becomes the non-finite values refused below, not a warning
+            x = initial_noise(seeds, shape) if latents is None else latents.copy()
+            x = self._denoise(pack(x, m.latent.packing), cond, guidance, plan, on_step, timings)
+            _check_finite(x, "the denoiser", why, latents is not None)
+            t2 = time.perf_counter()
+            decoded = self._decode(x)
+            decoded = decoded if size == self.image_size else resize_and_crop(decoded, *size)
+            _check_finite(decoded, "the VAE decoder (from finite latents)", why, latents is not None)
+            images = to_uint8(decoded)
         t3 = time.perf_counter()
+        if m.random_weights:  # nothing else at run time would say so
+            warnings = [f"model {m.model!r} has random weights (exported with --random-weights): its images are "
+                        "noise, for benchmarking only", *warnings]
         timings.update(text_encode=(t1 - t0) * 1e3, denoise_total=(t2 - t1) * 1e3,
                        denoise_per_step=(t2 - t1) * 1e3 / steps, decode=(t3 - t2) * 1e3, total=(t3 - t0) * 1e3)
         params = [self._parameters(description, steps, guidance, s, size, config) for s in seeds]
@@ -194,6 +220,10 @@ class Pipeline:
         sched = self.manifest.scheduler
         if sampler is None and shift is None:
             return sched.config
+        if sampler is not None and not isinstance(sampler, str):
+            raise InputError(f"sampler {_show(sampler)} is not allowed; give a name: {', '.join(SAMPLERS)}")
+        if shift is not None:
+            shift = _real("shift", shift, *SHIFTS)
         try:
             config = switch(sched.config, sched.config["_class_name"] if sampler is None else sampler,
                             sched.prediction, shift)
@@ -209,7 +239,8 @@ class Pipeline:
         m = self.manifest
         if m.conditioning == "class":
             if prompt is not None or negative_prompt is not None:
-                raise InputError(f"model {m.model!r} is class-conditional: give a class label, not a prompt")
+                raise InputError(f"model {m.model!r} is class-conditional: give a class label, not a prompt "
+                                 f"({'prompt' if prompt is not None else 'negative_prompt'} was given)")
             label_ = self._class_index(class_label)
             pos = {"class_labels": np.full((batch,), label_, dtype=np.int64)}
             neg = {"class_labels": np.full((batch,), m.null_class if m.null_class is not None else -1, np.int64)}
@@ -217,9 +248,10 @@ class Pipeline:
         else:
             if class_label is not None:
                 raise InputError(f"model {m.model!r} is text-conditioned: give a prompt, not a class label")
-            if not isinstance(prompt, str) or (negative_prompt is not None and not isinstance(negative_prompt, str)):
-                raise InputError(f"model {m.model!r} needs a prompt (a string); got {prompt!r}")
-            negative_prompt = negative_prompt or ""
+            if prompt is None:
+                raise InputError(f"model {m.model!r} needs a prompt (a string)")
+            prompt = check_text("prompt", prompt)
+            negative_prompt = "" if negative_prompt is None else check_text("negative_prompt", negative_prompt)
             (pos, warnings), (neg, _) = (self._encode_text(prompt, lengths),
                                          self._encode_text(negative_prompt, lengths, negative=True))
             pos = {k: np.repeat(v, batch, axis=0) for k, v in pos.items()}
@@ -249,10 +281,10 @@ class Pipeline:
             return [t.max_length for t in specs]
         if not ranged:
             fixed = ", ".join(str(t.max_length) for t in specs) or "none (no text encoder)"
-            raise InputError(f"max_sequence_length {max_sequence_length!r} cannot be chosen for this engine folder; "
-                             f"its text lengths are fixed ({fixed})")
+            raise InputError(f"max_sequence_length {_show(max_sequence_length)} cannot be chosen for this engine "
+                             f"folder; its text lengths are fixed ({fixed})")
         lo, hi = ranged[0].length_range
-        _check_int("max_sequence_length", max_sequence_length, lo, hi)
+        max_sequence_length = _int("max_sequence_length", max_sequence_length, lo, hi)
         return [max_sequence_length if t.length_range else t.max_length for t in specs]
 
     def _encode_text(self, text: str, lengths: list[int],
@@ -306,11 +338,10 @@ class Pipeline:
     def _output_size(self, width: int | None, height: int | None) -> tuple[int, int]:
         """(width, height) to return: the engines' size, or a size that PixArt's resolution bins map to it."""
         w, h = self.image_size
-        width, height = w if width is None else width, h if height is None else height
+        width = w if width is None else _int("width", width, 1, 16384)
+        height = h if height is None else _int("height", height, 1, 16384)
         if (width, height) == (w, h):
             return w, h
-        _check_int("width", width, 1, 16384)
-        _check_int("height", height, 1, 16384)
         bins = self.manifest.resolution_bins
         if bins:  # PixArtImageProcessor.classify_height_width_bin
             ratio = min(bins, key=lambda r: abs(float(r) - height / width))
@@ -336,10 +367,13 @@ class Pipeline:
             raise InputError(f"model {self.manifest.model!r} needs a class label: 0..{len(names) - 1}")
         if isinstance(class_label, str) and class_label in names:
             return names.index(class_label)
-        if isinstance(class_label, bool) or not isinstance(class_label, int) or not 0 <= class_label < len(names):
-            raise InputError(f"class label {class_label!r} is out of range; model {self.manifest.model!r} "
-                             f"has classes 0..{len(names) - 1}")
-        return class_label
+        integer = isinstance(class_label, (int, np.integer)) and not isinstance(class_label, (bool, np.bool_))
+        if integer and 0 <= class_label < len(names):
+            return int(class_label)
+        what = "is out of range" if integer or isinstance(class_label, str) else "is not an integer or a class name"
+        also = "" if names == [str(i) for i in range(len(names))] else f" (or a class name such as {names[0]!r})"
+        raise InputError(f"class label {_show(class_label)} {what}; model {self.manifest.model!r} "
+                         f"has classes 0..{len(names) - 1}{also}")
 
     def _parameters(self, description: str, steps: int, guidance: float, seed: int, size: tuple[int, int],
                     config: dict) -> str:
@@ -361,9 +395,53 @@ def _check_latents(latents: np.ndarray | None, batch: int, shape: tuple[int, ...
         raise InputError("latents hold non-finite values (NaN or inf); give finite initial noise")
 
 
-def _check_int(name: str, value, lo: int, hi: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
-        raise InputError(f"{name} {value!r} is not allowed; use an integer in {lo}..{hi}")
+def _check_finite(x: np.ndarray, stage: str, why: str, latents_given: bool) -> None:
+    if not np.isfinite(x).all():
+        also = " (or give initial latents of ordinary magnitude)" if latents_given else ""
+        raise InputError(f"{stage} produced non-finite values ({why}); lower the guidance or change the sampler"
+                         f"{also}")
+
+
+def _show(value) -> str:
+    """A value as a message shows it: numpy scalars as the number they hold, long values cut."""
+    return repr(value.item() if isinstance(value, np.generic) else value)[:60]
+
+
+def _int(name: str, value, lo: int, hi: int) -> int:
+    """An integer parameter (Python or numpy; a bool is not one) within lo..hi, as a Python int."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
+        raise InputError(f"{name} {_show(value)} is not allowed; use an integer in {lo}..{hi}")
+    return int(value)
+
+
+def _real(name: str, value, lo: float, hi: float) -> float:
+    """A number (Python or numpy; not a bool) within lo..hi, as a Python float. The range check refuses NaN and
+    infinities too, and compares huge ints exactly (float() of one would raise OverflowError)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not lo <= value <= hi:
+        raise InputError(f"{name} {_show(value)} is not allowed; use a finite number in {lo:g}..{hi:g}")
+    return float(value)
+
+
+def _seed(seed, batch: int) -> int:
+    """The first image's seed: as given, or a random one for None or a negative seed."""
+    seed = None if seed is None else _int("seed", seed, -2**63, 2**63 - 1 - batch)
+    return secrets.randbelow(2**31) if seed is None or seed < 0 else seed
+
+
+def _path(name: str, value) -> Path:
+    """A path the OS can take: str or os.PathLike, without NUL bytes or characters that cannot be encoded."""
+    text = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
+    if not isinstance(text, str):
+        raise InputError(f"{name} {_show(value)} is not a path; give a str or os.PathLike")
+    try:
+        if "\x00" in text or not text:
+            raise ValueError
+        os.fsencode(text)  # lone surrogates that did not come from undecodable bytes fail here
+    except ValueError:
+        raise InputError(f"{name} {text!r:.80} is not a usable path (empty, a NUL byte, or characters that are not "
+                         "valid Unicode)") from None
+    return Path(text)
 
 
 def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> np.ndarray:

@@ -48,6 +48,21 @@ class Tokens:
         return tuple(n > self.max_length for n in self.lengths)
 
 
+def check_text(name: str, text) -> str:
+    """`text` if the tokenizer can take it: a str of valid Unicode. Lone surrogates (what Python makes of argv
+    bytes that are not UTF-8) would make the tokenizers library raise a bare TypeError."""
+    if not isinstance(text, str):
+        hint = "; decode bytes first" if isinstance(text, (bytes, bytearray)) else ""
+        raise InputError(f"{name} {text!r:.60} is not allowed: it must be a string (str), not "
+                         f"{type(text).__name__}{hint}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # the text is left out of the message: it may not be printable
+        raise InputError(f"{name} holds characters that are not valid Unicode (lone surrogate at index {e.start}, "
+                         "e.g. from bytes that are not UTF-8); give UTF-8 text") from None
+    return text
+
+
 class TextTokenizer:
     def __init__(self, path: str | PathLike, config: TokenizerConfig):
         path = Path(path)
@@ -73,7 +88,8 @@ class TextTokenizer:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         bad = [p for p in prompts if not isinstance(p, str)]
         if not prompts or bad:
-            raise InputError(f"prompts must be a string or a non-empty list of strings, got {prompts!r}")
+            raise InputError(f"prompts must be a string or a non-empty list of strings, got {prompts!r:.80}")
+        prompts = [check_text("prompt", p) for p in prompts]  # and valid Unicode
         limit = self.config.max_length if max_length is None else max_length
         self._check_length(limit)
         encoded = [self._encode(p, limit) for p in prompts]

@@ -20,6 +20,21 @@ def digits_engine(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def text_digits_engine(tmp_path_factory) -> Path:
+    """The built-in text-digits model (a small Sana pipeline) exported once per test session (read-only)."""
+    from ditrt.export.folder import export_model
+
+    out = tmp_path_factory.mktemp("engines") / "text-digits"
+    export_model("text-digits", out)
+    return out
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-seconds", type=float, default=30.0,
+                     help="Wall-clock budget of the fuzz tests in tests/test_fuzz.py, shared among them (CI: 30).")
+
+
+@pytest.fixture(scope="session")
 def digit_classifier():
     """The judge of the demo models: an SVM fitted on the real 16×16 digits (held-out accuracy checked)."""
     from sklearn.model_selection import train_test_split

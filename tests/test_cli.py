@@ -108,7 +108,7 @@ def test_run_size_must_match_the_engines(digits_engine, tmp_path):
 def test_manifest_naming_a_missing_output(engine_copy, tmp_path):
     manifest = engine_copy / "manifest.json"
     d = json.loads(manifest.read_text())
-    d["components"]["denoiser"]["outputs"][0]["name"] = "renamed"
+    d["components"]["denoiser"]["outputs"].append(dict(d["components"]["denoiser"]["outputs"][0], name="renamed"))
     manifest.write_text(json.dumps(d))
     one_line_error(run_cli("dit-run", str(engine_copy), "-c", "1", "--no-verify", cwd=tmp_path),
                    "has no output(s) ['renamed']")

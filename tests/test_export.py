@@ -1,3 +1,4 @@
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -100,7 +101,7 @@ def test_failed_export_leaves_nothing_behind(tmp_path, monkeypatch):
 
 def test_existing_folder_needs_force(digits_engine, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
+    shutil.copytree(digits_engine, out)  # an engine folder: the only kind --force replaces
     (out / "keep.txt").write_text("mine")
     with pytest.raises(InputError, match="already exists; pass --force"):
         export_model("digits", out)

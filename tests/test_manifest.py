@@ -40,7 +40,7 @@ def test_unknown_schema_version(engine_copy):
 
 def test_unknown_key(engine_copy):
     edit_manifest(engine_copy, lambda d: d["scheduler"].update(karras=True))
-    with pytest.raises(ManifestError, match="unknown key.*'karras'.*scheduler"):
+    with pytest.raises(ManifestError, match="'scheduler' has unknown key.*'karras'"):
         Pipeline.load(engine_copy)
 
 

@@ -21,11 +21,10 @@ TRAINED_PHRASINGS = ("a handwritten {w}", "the digit {n}", "the number {w}", "{n
 
 
 @pytest.fixture(scope="module")
-def text_digits(tmp_path_factory):
-    from ditrt.export.folder import export_model
+def text_digits(text_digits_engine):
+    from ditrt.runtime.manifest import load_manifest
 
-    out = tmp_path_factory.mktemp("engines") / "text-digits"
-    return out, export_model("text-digits", out)
+    return text_digits_engine, load_manifest(text_digits_engine)
 
 
 def test_shipped_folder_is_small_and_safetensors_only():

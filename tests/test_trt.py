@@ -3,7 +3,9 @@ csrc/, clear errors where TensorRT is missing, and (with TensorRT and a GPU) eng
 
 import json
 import re
+import shutil
 import subprocess
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -235,25 +237,24 @@ def test_without_tensorrt_export_says_so_and_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []  # not even engines/
 
 
-def tensorrt_folder(folder):
+def tensorrt_folder(digits_engine, folder):
     """A valid engine folder whose denoiser is (claims to be) a TensorRT engine: enough to reach the backend."""
     from ditrt.export.folder import file_entries, write_manifest
-    from ditrt.runtime.manifest import Latent, Manifest, Scheduler
+    from ditrt.runtime.manifest import load_manifest
 
-    (folder / "denoiser").mkdir(parents=True)
-    (folder / "denoiser" / "denoiser.plan").write_bytes(b"not an engine")
-    x = TensorSpec("x", "float32", ["B", 1, 8, 8])
-    denoiser = Component("denoiser/denoiser.plan", "tensorrt", "fp32", "plugin", [x], [x])
-    write_manifest(folder, Manifest("tiny", "dit", "class", ["0"], True, Latent(1, 8, 8),
-                                    Scheduler({"_class_name": "FlowMatchEulerDiscreteScheduler"}, "flow"), {"denoiser": denoiser}, file_entries(folder)))
+    shutil.copytree(digits_engine, folder)
+    (folder / "denoiser" / "model.onnx").rename(folder / "denoiser" / "denoiser.plan")
+    m = load_manifest(digits_engine)
+    denoiser = replace(m.components["denoiser"], file="denoiser/denoiser.plan", backend="tensorrt", lowering="plugin")
+    write_manifest(folder, replace(m, components={"denoiser": denoiser}, files=file_entries(folder)))
     return folder
 
 
 @pytest.mark.skipif(not tensorrt_missing(), reason="TensorRT is installed here")
-def test_without_tensorrt_run_says_so(tmp_path):
+def test_without_tensorrt_run_says_so(digits_engine, tmp_path):
     from ditrt.runtime import Pipeline
 
-    folder = tensorrt_folder(tmp_path / "engines")
+    folder = tensorrt_folder(digits_engine, tmp_path / "engines")
     with pytest.raises(BackendUnavailable, match="TensorRT is not installed"):
         Pipeline.load(folder, backend="tensorrt")
     work = tmp_path / "work"

@@ -50,6 +50,7 @@ class OrtBackend:
         missing = sorted(set(self.output_names) - {o.name for o in self.session.get_outputs()})
         if missing:
             raise ManifestError(f"{path.name!r} has no output(s) {missing} that the manifest declares")
+        check_specs(path, component, self.session)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # InferenceSession.run is thread-safe, so one session serves concurrent requests.
@@ -58,3 +59,19 @@ class OrtBackend:
 
     def close(self) -> None:
         self.session = None
+
+
+ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
+             "tensor(int64)": "int64", "tensor(int32)": "int32"}
+
+
+def check_specs(path: Path, component: Component, session) -> None:
+    """The manifest's tensor specs against the engine's own: dtype, rank and every fixed axis, so that a damaged
+    manifest is refused at load rather than failing inside a generation."""
+    actual = {t.name: t for t in [*session.get_inputs(), *session.get_outputs()]}
+    for spec in [*component.inputs, *component.outputs]:
+        t = actual[spec.name]
+        fixed = all(not (isinstance(a, int) and isinstance(d, int)) or a == d for a, d in zip(t.shape, spec.shape))
+        if ORT_TYPES.get(t.type) != spec.dtype or len(t.shape) != len(spec.shape) or not fixed:
+            raise ManifestError(f"{path.name!r} takes {spec.name!r} as {ORT_TYPES.get(t.type, t.type)} {t.shape}, "
+                                f"the manifest declares {spec.dtype} {spec.shape}; re-export the folder")
