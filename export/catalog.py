@@ -1,6 +1,6 @@
 """The built-in model names and their one-line descriptions, importable without torch: `dit-export --list` and
-`--help` answer from this at once, in an install without the export extra too. presets.PRESETS holds the same
-names and descriptions (a test keeps the two equal)."""
+`--help` answer from this at once, in an install without the export extra too. presets.PRESETS takes its
+descriptions from here (a test keeps the names the same)."""
 
 MODELS = {
     "digits": "class-conditional DiT trained on scikit-learn's 8x8 digits (16x16 grayscale, classes 0-9)",

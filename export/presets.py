@@ -13,6 +13,7 @@ from torch import nn
 
 from ditrt.runtime.errors import ConfigError, LoaderError
 
+from .catalog import MODELS
 from .demos import DIGITS_CONFIG, DIGITS_WEIGHTS, TEXT_DIGITS_FOLDER
 from .models.dit import DiT, DiTConfig
 from .models.flux import FLUX_DEV, FLUX_SCHNELL, Flux
@@ -92,24 +93,20 @@ class Preset:
 
 
 PRESETS = {p.name: p for p in [
-    Preset("digits", "class-conditional DiT trained on scikit-learn's 8x8 digits (16x16 grayscale, classes 0-9)",
-           "dit", DIGITS_CONFIG, Sampler(_sched("FlowMatchEulerDiscreteScheduler"), 20, 3.0), weights=DIGITS_WEIGHTS,
+    Preset("digits", MODELS["digits"], "dit", DIGITS_CONFIG,
+           Sampler(_sched("FlowMatchEulerDiscreteScheduler"), 20, 3.0), weights=DIGITS_WEIGHTS,
            class_names=tuple(str(i) for i in range(10))),
-    Preset("text-digits", "text-to-image Sana-style model trained on the digits with captions such as "
-           "'a handwritten seven' or 'the digit 3' (16x16 grayscale; own Gemma-2-style encoder and DC-AE)", "sana",
-           None, SANA_DPM, 300, folder=TEXT_DIGITS_FOLDER),
-    Preset("dit-xl-2-256", "DiT-XL/2 at 256 px (architecture only)", "dit", DiTConfig(sample_size=32), DDIM,
+    Preset("text-digits", MODELS["text-digits"], "sana", None, SANA_DPM, 300, folder=TEXT_DIGITS_FOLDER),
+    Preset("dit-xl-2-256", MODELS["dit-xl-2-256"], "dit", DiTConfig(sample_size=32), DDIM,
            class_names=tuple(str(i) for i in range(1000))),
-    Preset("pixart-sigma-1024", "PixArt-Σ XL/2 at 1024 px (architecture only)", "pixart", PIXART_SIGMA_1024,
-           PIXART_DPM, text_len=300),
-    Preset("sana-600m-1024", "Sana 0.6B at 1024 px (architecture only)", "sana", SANA_600M_1024, SANA_DPM, 300),
-    Preset("sana-1600m-1024", "Sana 1.6B at 1024 px (architecture only)", "sana", SANA_1600M_1024, SANA_DPM, 300),
-    Preset("sd3-medium", "SD3-medium MMDiT at 1024 px (architecture only)", "mmdit", SD3_MEDIUM, SD3_EULER, 333),
-    Preset("sd35-medium", "SD3.5-medium MMDiT-X at 1024 px (architecture only)", "mmdit", SD35_MEDIUM, SD3_EULER, 333),
-    Preset("sd35-large", "SD3.5-large MMDiT at 1024 px (architecture only)", "mmdit", SD35_LARGE, SD3_EULER, 333),
-    Preset("flux-dev", "FLUX.1-dev at 1024 px (architecture only)", "flux", FLUX_DEV, FLUX_DEV_EULER, 512, (128, 128)),
-    Preset("flux-schnell", "FLUX.1-schnell at 1024 px (architecture only)", "flux", FLUX_SCHNELL, FLUX_SCHNELL_EULER,
-           256, (128, 128)),
+    Preset("pixart-sigma-1024", MODELS["pixart-sigma-1024"], "pixart", PIXART_SIGMA_1024, PIXART_DPM, text_len=300),
+    Preset("sana-600m-1024", MODELS["sana-600m-1024"], "sana", SANA_600M_1024, SANA_DPM, 300),
+    Preset("sana-1600m-1024", MODELS["sana-1600m-1024"], "sana", SANA_1600M_1024, SANA_DPM, 300),
+    Preset("sd3-medium", MODELS["sd3-medium"], "mmdit", SD3_MEDIUM, SD3_EULER, 333),
+    Preset("sd35-medium", MODELS["sd35-medium"], "mmdit", SD35_MEDIUM, SD3_EULER, 333),
+    Preset("sd35-large", MODELS["sd35-large"], "mmdit", SD35_LARGE, SD3_EULER, 333),
+    Preset("flux-dev", MODELS["flux-dev"], "flux", FLUX_DEV, FLUX_DEV_EULER, 512, (128, 128)),
+    Preset("flux-schnell", MODELS["flux-schnell"], "flux", FLUX_SCHNELL, FLUX_SCHNELL_EULER, 256, (128, 128)),
 ]}
 
 

@@ -97,7 +97,7 @@ def full_config(config: dict) -> dict:
     if not isinstance(config, dict):
         raise ConfigError(f"a scheduler config must be a JSON object, got {type(config).__name__}")
     cls = config.get("_class_name")
-    if cls not in DEFAULTS:
+    if not isinstance(cls, str) or cls not in DEFAULTS:
         raise ConfigError(f"scheduler class {cls!r} is not supported; supported: {', '.join(DEFAULTS)}")
     defaulted = config.get("_use_default_values", [])
     if not isinstance(defaulted, list):

@@ -222,6 +222,32 @@ def test_sigterm_during_export_cleans_up_like_ctrl_c(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+# a real dit-export killed at several moments: each time the target is absent or a complete, valid engine folder,
+# and the next export to it leaves nothing else behind
+MOMENTS = {"staging": ".eng.tmp-*", "engines": ".eng.tmp-*/denoiser/model.onnx", "manifest": ".eng.tmp-*/manifest.json"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment,sig", [("staging", signal.SIGKILL), ("engines", signal.SIGKILL),
+                                        ("manifest", signal.SIGKILL), ("manifest", signal.SIGTERM)])
+def test_killed_export_leaves_the_target_absent_or_valid(tmp_path, moment, sig):
+    from ditrt.runtime.manifest import load_manifest
+
+    child = subprocess.Popen([str(SCRIPTS / "dit-export"), "digits", "-o", "eng"], cwd=tmp_path,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(MOMENTS[moment])) and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    child.send_signal(sig)
+    _, err = child.communicate(timeout=60)
+    assert "Traceback" not in err, err
+    out = tmp_path / "eng"
+    if out.exists():  # the export finished before the signal landed: the folder must be whole
+        assert load_manifest(out).model == "digits"
+    export_model("digits", out, force=out.exists())  # the next export cleans up what the killed one left
+    assert [p.name for p in tmp_path.iterdir()] == ["eng"] and load_manifest(out).model == "digits"
+
+
 # reproducible engine folders
 
 

@@ -11,6 +11,7 @@ collected as signatures (type + message start) and fail the test, listing the ed
 Inputs that once crashed live in tests/fuzz_corpus.jsonl and replay on every run.
 """
 
+import copy
 import json
 import os
 import shutil
@@ -96,11 +97,11 @@ def apply(base, edit_list):
         try:
             parent, key = get(tree, path[:-1]), path[-1]
             if op == "set":
-                parent[key] = rest[0]
+                parent[key] = copy.deepcopy(rest[0])  # a later edit may change it; base must stay as it is
             elif op == "del":
                 del parent[key]
             elif isinstance(parent[key], dict):
-                parent[key][rest[0]] = rest[1]
+                parent[key][rest[0]] = copy.deepcopy(rest[1])
         except (KeyError, IndexError, TypeError):
             pass
     return tree

@@ -71,7 +71,17 @@ def check_specs(path: Path, component: Component, session) -> None:
     actual = {t.name: t for t in [*session.get_inputs(), *session.get_outputs()]}
     for spec in [*component.inputs, *component.outputs]:
         t = actual[spec.name]
-        fixed = all(not (isinstance(a, int) and isinstance(d, int)) or a == d for a, d in zip(t.shape, spec.shape))
-        if ORT_TYPES.get(t.type) != spec.dtype or len(t.shape) != len(spec.shape) or not fixed:
+        same = all(_same_axis(a, d) for a, d in zip(t.shape, spec.shape))
+        if ORT_TYPES.get(t.type) != spec.dtype or len(t.shape) != len(spec.shape) or not same:
             raise ManifestError(f"{path.name!r} takes {spec.name!r} as {ORT_TYPES.get(t.type, t.type)} {t.shape}, "
                                 f"the manifest declares {spec.dtype} {spec.shape}; re-export the folder")
+
+
+def _same_axis(engine, declared) -> bool:
+    """An axis as the engine has it: a fixed size, or a named symbolic axis (the runtime relies on names such as
+    the CFG branch axis "n"). Derived axes are written differently by each side ("T + 77" / "77+T"), and an axis
+    the engine leaves unnamed (None) may be declared either way."""
+    if engine is None or engine == declared:
+        return True
+    expressions = isinstance(engine, str) and isinstance(declared, str) and not engine.isidentifier()
+    return expressions and not declared.isidentifier()
