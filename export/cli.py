@@ -4,6 +4,7 @@ Nothing heavy is imported at module level: --help and --list answer at once, als
 is not installed; the export itself says which extra to install.
 """
 
+import os
 import shlex
 import signal
 import sys
@@ -35,12 +36,13 @@ EXPORT_EXTRA = ("torch", "onnx", "onnxscript", "safetensors", "transformers")  #
 @click.option("--opset", type=click.IntRange(17, 23), default=None, help="ONNX opset (default 18; 22 for bf16).")
 @click.option("--random-weights", is_flag=True,
               help="Build a built-in architecture with seeded random weights (benchmarks); recorded in the manifest.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --random-weights.")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True,
+              help="Seed for --random-weights.")
 @click.option("--external-data/--no-external-data", default=None,
               help="Store weights beside the .onnx file (default: only when they exceed 2 GB).")
-@click.option("-H", "--height", type=int, help="Image height the engines are built for (pipeline folders; "
-              "default: the model's native size).")
-@click.option("-W", "--width", type=int, help="Image width the engines are built for.")
+@click.option("-H", "--height", type=click.IntRange(min=1), help="Image height the engines are built for "
+              "(pipeline folders; default: the model's native size).")
+@click.option("-W", "--width", type=click.IntRange(min=1), help="Image width the engines are built for.")
 @click.option("--variant", help="Weights variant of a diffusers folder, as diffusers' variant= (e.g. fp16: "
               "*.fp16.safetensors); components without it use their plain weights. Default: the plain weights, or a "
               "component's only variant.")
@@ -67,6 +69,8 @@ def main(model, output, lowering, engine, precision, opset, random_weights, seed
     if engine == "tensorrt" and click.get_current_context().get_parameter_source("lowering").name == "DEFAULT":
         lowering = "plugin"  # TensorRT engines are built from the plugin lowering
     default_output = f"engines/{Path(model).resolve().name}"  # resolved: `dit-export .` names the folder
+    if output == "":
+        raise click.BadParameter("must not be empty; leave --output out for engines/MODEL", param_hint="'--output'")
     output = output or default_output
     command = shlex.join(["dit-export", *sys.argv[1:]])
     manifest = run_export(model, output, debug, random_weights=random_weights, seed=seed, lowering_name=lowering,
@@ -82,13 +86,13 @@ def run_export(model: str, output: str, debug: bool, **options):
     """export_model with every failure as one line: errors as report() prints them, a missing export extra by
     name, Ctrl-C and SIGTERM (after the staging folder is cleaned up) as `interrupted`, exit 130."""
     try:
-        with sigterm_as_interrupt():
+        with quiet_exit_on_signals():  # torch/onnx imports: an interrupt inside native code would abort (core dump)
             require_export_extra()
             from transformers.utils import logging as transformers_logging
 
             from .folder import export_model
             from .presets import get_preset
-
+        with sigterm_as_interrupt():
             transformers_logging.disable_progress_bar()  # its weight-loading bars are not ours to show
             if not Path(model).exists():
                 get_preset(model)  # fail on a bad name before the slow part
@@ -117,6 +121,27 @@ def require_export_extra() -> None:
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
+
+
+def _exit_at_once(signum, frame):
+    os.write(2, b"error: interrupted; nothing was written\n")
+    os._exit(130)  # nothing is written yet, so nothing needs cleaning up
+
+
+@contextmanager
+def quiet_exit_on_signals():
+    """While nothing is written (imports), Ctrl-C and SIGTERM end the process at once with one line: raised
+    inside a native extension's import, KeyboardInterrupt would abort it with a traceback."""
+    try:
+        previous = {sig: signal.signal(sig, _exit_at_once) for sig in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: signals are not ours to handle
+        yield
+        return
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @contextmanager

@@ -12,16 +12,18 @@ import json
 import os
 import secrets
 import shutil
+import stat
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Iterator
 
 from ditrt.runtime.errors import ConfigError, InputError, LoaderError
-from ditrt.runtime.manifest import MANIFEST_NAME, FileEntry, Manifest, sha256_file
+from ditrt.runtime.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, FileEntry, Manifest, sha256_file
 
 from .pixart_bins import manifest_bins
 
-OWNER_MARKER = ".dit-export-owner"  # never part of an engine folder: removed before the folder is renamed into place
+OWNER_MARKER = ".dit-export-owner"  # never part of an engine folder: removed once the folder is in place
+NEW_MARKER = OWNER_MARKER + ".new"  # the marker while it is being made
 
 
 def output_target(out: str | os.PathLike) -> Path:
@@ -40,12 +42,31 @@ def output_target(out: str | os.PathLike) -> Path:
 
 
 def is_engine_folder(folder: Path) -> bool:
-    """A folder holding a manifest.json written by dit-export (a JSON object with schema_version, any version)."""
+    """A folder dit-export wrote: a regular manifest.json (a JSON object with an integer schema_version, any
+    version, and its files) that lists every file the folder holds, so that nothing of the user's is in it."""
+    path = folder / MANIFEST_NAME
     try:
-        manifest = json.loads((folder / MANIFEST_NAME).read_text())
-    except (OSError, ValueError):  # missing, unreadable, not UTF-8 or not JSON
+        info = os.lstat(path)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_MANIFEST_BYTES:  # not a FIFO, device or link
+            return False
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):  # missing, unreadable, not UTF-8 or not JSON
         return False
-    return isinstance(manifest, dict) and "schema_version" in manifest
+    if not (isinstance(manifest, dict) and type(manifest.get("schema_version")) is int
+            and isinstance(manifest.get("files"), dict)):
+        return False
+    return not unlisted_files(folder, manifest["files"])
+
+
+def unlisted_files(folder: Path, listed: dict) -> list[str]:
+    """Files (and links) under folder that a manifest's file list does not name, links not followed."""
+    extra = []
+    for root, dirs, files in os.walk(folder):
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            rel = Path(root, name).relative_to(folder).as_posix()
+            if rel not in listed and rel not in (MANIFEST_NAME, OWNER_MARKER):
+                extra.append(rel)
+    return sorted(extra)
 
 
 def check_replaceable(target: Path, out, force: bool) -> None:
@@ -61,7 +82,8 @@ def check_replaceable(target: Path, out, force: bool) -> None:
                          "choose another output")
     if not is_engine_folder(target) and any(target.iterdir()):
         raise InputError(f"output folder {str(out)!r} already exists and is not an engine folder (no dit-export "
-                         "manifest.json); choose another output: --force replaces only engine folders")
+                         "manifest.json listing every file in it); choose another output: --force replaces only "
+                         "engine folders")
     if not force:
         raise InputError(f"output folder {str(out)!r} already exists; pass --force to replace it")
 
@@ -120,34 +142,39 @@ def claimed_folder(target: Path, kind: str, **info) -> tuple[Path, int]:
         folder = target.parent / f".{target.name}.{kind}-{secrets.token_hex(4)}"
         try:
             folder.mkdir()
-            break
         except FileExistsError:
             continue
         except OSError as e:  # read-only or unwritable parent, full disk, ...
             raise InputError(f"cannot create the engine folder beside {str(target)!r}: {e.strerror or e}; "
                              "choose an output in a folder you can write") from None
-    fd = os.open(folder / OWNER_MARKER, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    os.write(fd, json.dumps({"pid": os.getpid(), **info}).encode())
-    return folder, fd
+        # the marker appears already locked (made under another name, then renamed), so no other export ever
+        # sees it unlocked; an empty folder is a leftover to others, which may remove it: then take another
+        try:
+            fd = os.open(folder / NEW_MARKER, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileNotFoundError:
+            continue
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(fd, json.dumps({"pid": os.getpid(), **info}).encode())
+        os.rename(folder / NEW_MARKER, folder / OWNER_MARKER)
+        return folder, fd
 
 
 def commit(tmp: Path, target: Path) -> None:
     """Rename the complete staging folder to target; a replaced folder is moved aside first (into a claimed .old
     folder that names this staging folder, so that a crash between the renames can be undone) and then removed."""
     if not os.path.lexists(target):
-        (tmp / OWNER_MARKER).unlink()
         os.replace(tmp, target)
+        (target / OWNER_MARKER).unlink()  # after the rename: a kill in between leaves a whole folder, and a marker
         return
     old, lock = claimed_folder(target, "old", staging=tmp.name)
     try:
         os.replace(target, old / target.name)
         try:
-            (tmp / OWNER_MARKER).unlink()
             os.replace(tmp, target)
         except BaseException:  # e.g. Ctrl-C between the renames: the previous folder goes back now
             os.replace(old / target.name, target)
             raise
+        (target / OWNER_MARKER).unlink()
         remove_folder(old)
     finally:
         os.close(lock)
@@ -156,7 +183,7 @@ def commit(tmp: Path, target: Path) -> None:
 def remove_folder(folder: Path) -> None:
     """rmtree, the owner marker last: a folder that an interrupted removal leaves is still known to be ours."""
     for child in folder.iterdir():
-        if child.name == OWNER_MARKER:
+        if child.name in (OWNER_MARKER, NEW_MARKER):
             continue
         if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child)
@@ -181,10 +208,16 @@ def normal_modes(folder: Path) -> None:
 def recover(target: Path) -> None:
     """Undo what interrupted exports to target left beside it: folders whose owner died are removed, and a
     previous folder moved aside by a replace that died between its two renames is put back (target absent)."""
+    stale = dead_owner(target) if os.path.lexists(target / OWNER_MARKER) else None
+    if stale is not None:  # a kill right after the rename left the marker in the finished folder
+        (target / OWNER_MARKER).unlink()
+        os.close(stale[0])
     for kind in ("old", "tmp"):  # old first: putting the previous folder back looks at its staging folder
         for folder in sorted(target.parent.glob(f".{glob.escape(target.name)}.{kind}-*")):
             owner = dead_owner(folder)
             if owner is None:
+                with suppress(OSError):  # empty: made by an export that died before its marker
+                    folder.rmdir()
                 continue
             fd, info = owner
             try:
@@ -197,22 +230,24 @@ def recover(target: Path) -> None:
 
 def dead_owner(folder: Path) -> tuple[int, dict] | None:
     """(locked marker fd, marker contents) if folder is one of ours whose owner process is gone, else None."""
-    marker = folder / OWNER_MARKER
     if folder.is_symlink() or not folder.is_dir():
         return None
-    try:
-        fd = os.open(marker, os.O_RDWR | os.O_NOFOLLOW)
-    except OSError:  # no marker: not a folder of ours (or one being renamed into place)
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while a live export holds it
-        if os.fstat(fd).st_ino != os.stat(marker).st_ino:  # its owner finished in between
-            raise OSError
-        info = json.loads(os.read(fd, 4096) or b"{}")
-    except (OSError, ValueError):
-        os.close(fd)
-        return None
-    return fd, info if isinstance(info, dict) else {}
+    for name in (OWNER_MARKER, NEW_MARKER):
+        marker = folder / name
+        try:
+            fd = os.open(marker, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:  # no marker: not a folder of ours (or one being renamed into place)
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while a live export holds it
+            if os.fstat(fd).st_ino != os.stat(marker).st_ino:  # its owner finished in between
+                raise OSError
+            info = json.loads(os.read(fd, 4096) or b"{}")
+        except (OSError, ValueError):
+            os.close(fd)
+            return None
+        return fd, info if isinstance(info, dict) else {}
+    return None
 
 
 def restore(old: Path, target: Path, staging) -> None:

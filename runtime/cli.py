@@ -80,12 +80,13 @@ def main(engines, prompt, negative_prompt, class_label, steps, guidance, sampler
     Progress goes to stderr; the written paths (or, with --json, one JSON object) go to stdout.
     Errors are one line on stderr with exit code 2.
     """
-    from .pipeline import Pipeline, output_paths
+    from .outputs import output_paths
+    from .pipeline import Pipeline
 
     try:
         # ASCII digits only: str.isdigit() is also true for '²', which int() refuses
         label = int(class_label) if class_label and re.fullmatch(r"-?[0-9]+", class_label) else class_label
-        output_paths(output, batch_size if batch_size >= 1 else 1, force)  # fail before the work, not after it
+        output_paths(output, batch_size if batch_size >= 1 else 1, force)  # fail before the work, not after
         with Pipeline.load(engines, backend=backend, verify=not no_verify, threads=threads) as pipe:
             show = not (quiet or as_json) and sys.stderr.isatty()
             with click.progressbar(length=steps or pipe.manifest.scheduler.default_steps, label="denoising",

@@ -138,6 +138,8 @@ class Manifest:
         if not isinstance(d, dict):
             raise ManifestError("manifest.json must hold a JSON object")
         version = d.get("schema_version")
+        if "schema_version" not in d:
+            raise ManifestError("the manifest has no schema_version; it was not written by dit-export")
         if type(version) is not int or version != SCHEMA_VERSION:
             raise ManifestError(f"manifest schema_version {_show(version)} is not supported (this runtime reads "
                                 f"version {SCHEMA_VERSION}); re-export the folder with this version's dit-export")
@@ -302,6 +304,29 @@ def _check_consistency(m: Manifest) -> None:
     _check_engines(m, bad)
 
 
+def _check_text_engine(m: Manifest, denoiser_inputs: dict, bad) -> None:
+    """The tokenizers feed exactly the text encoder's inputs; with one tokenizer of a fixed length, the prompt
+    inputs of the denoiser have that length where the encoder's outputs have T."""
+    encoder = m.components["text_encoder"]
+    takes = {s.name for s in encoder.inputs}
+    given = []
+    for i, t in enumerate(m.text):
+        for key in ("input_ids", "attention_mask"):
+            if getattr(t, key) is not None and getattr(t, key) not in takes:
+                raise bad(f"text[{i}].{key}", f"{getattr(t, key)!r} is not an input of the text encoder")
+        given += [name for name in (t.input_ids, t.attention_mask) if name is not None]
+    if sorted(given) != sorted(takes):
+        raise bad("text", f"feeds {sorted(given)}, but the text encoder takes {sorted(takes)}")
+    if len(m.text) != 1 or m.text[0].length_range:
+        return
+    length = m.text[0].max_length
+    for out in encoder.outputs:
+        want = [length if axis == "T" else axis for axis in out.shape[1:]]
+        if out.name in denoiser_inputs and denoiser_inputs[out.name].shape[-len(want):] != want:
+            raise bad("text[0].max_length", f"{length} does not fit the denoiser's {out.name!r} of shape "
+                      f"{denoiser_inputs[out.name].shape}")
+
+
 def _positive_number(text: str) -> bool:
     try:
         return math.isfinite(float(text)) and float(text) > 0
@@ -321,14 +346,10 @@ def _check_engines(m: Manifest, bad) -> None:
     state = [lat.channels, lat.height, lat.width] if p == 1 else [lat.height * lat.width // p // p,
                                                                    lat.channels * p * p]
     fed = {*STATE_INPUTS, *RUNTIME_INPUTS}
+    inputs = {s.name: s for s in den.inputs}
     if "text_encoder" in m.components:
         fed |= {s.name for s in m.components["text_encoder"].outputs}
-        takes = {s.name for s in m.components["text_encoder"].inputs}
-        for i, t in enumerate(m.text):
-            for key in ("input_ids", "attention_mask"):
-                if getattr(t, key) is not None and getattr(t, key) not in takes:
-                    raise bad(f"text[{i}].{key}", f"{getattr(t, key)!r} is not an input of the text encoder")
-    inputs = {s.name: s for s in den.inputs}
+        _check_text_engine(m, inputs, bad)
     for name in STATE_INPUTS:
         if name not in inputs:
             raise bad("components.denoiser.inputs", f"lacks the step input {name!r}")
@@ -380,6 +401,13 @@ def _constant(name: str) -> float:
     return float(name)
 
 
+def _object(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):  # json.loads would keep the last silently
+        raise ValueError(f"key {_show(next(k for k in keys if keys.count(k) > 1))} appears twice in one object")
+    return dict(pairs)
+
+
 def read_manifest_json(path: Path) -> Any:
     """The parsed JSON of a manifest file: ±Infinity allowed (diffusers writes it in scheduler configs), NaN not;
     bounded in size and nesting."""
@@ -387,7 +415,7 @@ def read_manifest_json(path: Path) -> Any:
         raise ManifestError(f"{str(path)!r} is larger than {MAX_MANIFEST_BYTES >> 20} MiB; it is not a manifest "
                             "dit-export wrote")
     try:
-        return json.loads(path.read_bytes().decode("utf-8"), parse_constant=_constant)
+        return json.loads(path.read_bytes().decode("utf-8"), parse_constant=_constant, object_pairs_hook=_object)
     except (ValueError, RecursionError) as e:  # JSON syntax, NaN, 4300+ digit integers, bad UTF-8, deep nesting
         reason = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0][:120]
         raise ManifestError(f"{str(path)!r} is not valid JSON ({reason})") from None
@@ -404,6 +432,7 @@ def load_manifest(folder: str | os.PathLike, verify: bool = True) -> Manifest:
     path = folder / MANIFEST_NAME
     if not path.is_file():
         raise ManifestError(f"{str(folder)!r} has no {MANIFEST_NAME}; is it an engine folder written by dit-export?")
+    path = resolve_inside(folder, MANIFEST_NAME)  # a link to a manifest elsewhere is not this folder's
     manifest = Manifest.from_dict(read_manifest_json(path))
     for rel, entry in manifest.files.items():
         file = resolve_inside(folder, rel)

@@ -7,7 +7,6 @@
 
 import os
 import secrets
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 from .backends import BACKENDS, open_backend
 from .errors import ConfigError, InputError, ManifestError
 from .manifest import Manifest, load_manifest, resolve_inside
+from .outputs import as_path, output_paths, write_pngs
 from .schedules import SAMPLERS, STEP_SCALARS, check_config, label, make_plan, prediction_of, switch
 from .tokenizer import TextTokenizer, TokenizerConfig, check_text
 
@@ -41,54 +41,13 @@ class Result:
     def save(self, path: str | os.PathLike, overwrite: bool = False, metadata: bool = True) -> list[Path]:
         """Write the images as PNG: `path` for one image, `stem-0000.png`, `stem-0001.png`, ... for several.
 
-        Each file is written to a temporary name and renamed, so no half-written PNG is ever left behind.
+        Each image goes to a new temporary file first, so no half-written PNG is ever left behind. Without
+        overwrite an existing file is never replaced, even one that appears while this runs; if one output
+        cannot be written, the others this call created are removed again (see outputs.py).
         """
-        from PIL import Image, PngImagePlugin
-
         paths = output_paths(path, len(self.images), overwrite)
-        tmps = [out.with_name(f".{out.name}.tmp") for out in paths]
-        out = paths[0]
-        try:  # every image to its temporary file first, so a failure (disk full...) leaves no output changed
-            for img, params, out, tmp in zip(self.images, self.parameters, paths, tmps):
-                info = PngImagePlugin.PngInfo()
-                if metadata:
-                    info.add_text("parameters", params)
-                Image.fromarray(img).save(tmp, format="PNG", pnginfo=info)
-            for out, tmp in zip(paths, tmps):
-                os.replace(tmp, out)
-        except OSError as e:
-            raise InputError(f"cannot write {str(out)!r} ({e.strerror or e}); free some space or choose another "
-                             "output path") from None
-        finally:
-            for tmp in tmps:
-                tmp.unlink(missing_ok=True)
+        write_pngs(self.images, [p if metadata else None for p in self.parameters], paths, overwrite)
         return paths
-
-
-def output_paths(path: str | os.PathLike, n: int, overwrite: bool = False) -> list[Path]:
-    """The files `n` images go to, checked before any work: PNG names in a writable folder, none a folder."""
-    path = _path("output", path)
-    if path.suffix.lower() != ".png":
-        raise InputError(f"output {str(path)!r} must end in .png")
-    if not path.parent.is_dir():
-        exists = "is a file, not a folder" if path.parent.exists() else "does not exist; create it first"
-        raise InputError(f"output folder {str(path.parent)!r} {exists}")
-    try:  # what save() does, so an unwritable folder fails now rather than after generating
-        fd, probe = tempfile.mkstemp(prefix=".", suffix=".png.tmp", dir=path.parent)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise InputError(f"output folder {str(path.parent)!r} is not writable ({e.strerror or e}); "
-                         "choose another output path") from None
-    paths = [path] if n == 1 else [path.with_name(f"{path.stem}-{i:04d}{path.suffix}") for i in range(n)]
-    folders = [str(p) for p in paths if p.is_dir()]
-    if folders:
-        raise InputError(f"output {folders[0]!r} is a folder; give a file name ending in .png")
-    if not overwrite:
-        taken = [str(p) for p in paths if p.exists()]
-        if taken:
-            raise InputError(f"output {taken[0]!r} already exists; choose another path or allow overwriting (--force)")
-    return paths
 
 
 class Pipeline:
@@ -103,7 +62,7 @@ class Pipeline:
              threads: int | None = None) -> "Pipeline":
         """Check the folder (schema, paths, sizes, sha256 when verify) and open every component's engine."""
         start = time.perf_counter()
-        folder = _path("engine folder", folder)
+        folder = as_path("engine folder", folder)
         if not isinstance(backend, str) or backend not in BACKENDS:
             raise InputError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
         if not isinstance(verify, (bool, np.bool_)):
@@ -179,8 +138,9 @@ class Pipeline:
         timings = {"load": self.load_ms}
 
         t0 = time.perf_counter()
+        lengths = self._text_lengths(max_sequence_length)
         cond, description, warnings = self._conditioning(prompt, negative_prompt, class_label, batch_size,
-                                                         cfg=guidance > 1, lengths=self._text_lengths(max_sequence_length))
+                                                         cfg=guidance > 1, lengths=lengths)
         t1 = time.perf_counter()
         seeds = [seed + i for i in range(batch_size)]
         why = f"guidance {guidance:g}, {steps} steps, sampler {label(config)}"
@@ -427,21 +387,6 @@ def _seed(seed, batch: int) -> int:
     """The first image's seed: as given, or a random one for None or a negative seed."""
     seed = None if seed is None else _int("seed", seed, -2**63, 2**63 - 1 - batch)
     return secrets.randbelow(2**31) if seed is None or seed < 0 else seed
-
-
-def _path(name: str, value) -> Path:
-    """A path the OS can take: str or os.PathLike, without NUL bytes or characters that cannot be encoded."""
-    text = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
-    if not isinstance(text, str):
-        raise InputError(f"{name} {_show(value)} is not a path; give a str or os.PathLike")
-    try:
-        if "\x00" in text or not text:
-            raise ValueError
-        os.fsencode(text)  # lone surrogates that did not come from undecodable bytes fail here
-    except ValueError:
-        raise InputError(f"{name} {text!r:.80} is not a usable path (empty, a NUL byte, or characters that are not "
-                         "valid Unicode)") from None
-    return Path(text)
 
 
 def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> np.ndarray:

@@ -102,12 +102,12 @@ def test_failed_export_leaves_nothing_behind(tmp_path, monkeypatch):
 def test_existing_folder_needs_force(digits_engine, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(digits_engine, out)  # an engine folder: the only kind --force replaces
-    (out / "keep.txt").write_text("mine")
+    (out / "denoiser" / "model.onnx").write_bytes(b"an older engine")
     with pytest.raises(InputError, match="already exists; pass --force"):
         export_model("digits", out)
-    assert (out / "keep.txt").read_text() == "mine"
+    assert (out / "denoiser" / "model.onnx").read_bytes() == b"an older engine"
     export_model("digits", out, force=True)
-    assert not (out / "keep.txt").exists() and (out / "manifest.json").is_file()
+    assert (out / "denoiser" / "model.onnx").read_bytes() == (digits_engine / "denoiser" / "model.onnx").read_bytes()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp or old folders left
 
 

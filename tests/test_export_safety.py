@@ -45,7 +45,8 @@ def fake_engine(folder: Path, version=1) -> dict[str, bytes]:
     """An engine folder as an older dit-export wrote it (another schema version): --force may replace it."""
     (folder / "denoiser").mkdir(parents=True)
     (folder / "denoiser" / "model.onnx").write_bytes(b"old engine")
-    (folder / "manifest.json").write_text(json.dumps({"schema_version": version, "model": "old"}))
+    files = {"denoiser/model.onnx": {"sha256": "0" * 64, "bytes": 10}}
+    (folder / "manifest.json").write_text(json.dumps({"schema_version": version, "model": "old", "files": files}))
     return tree(folder)
 
 
@@ -67,6 +68,16 @@ def _broken_manifest(path: Path) -> None:
     (path / "manifest.json").write_text('{"schema_version": ')
 
 
+def _fifo_manifest(path: Path) -> None:
+    path.mkdir()
+    os.mkfifo(path / "manifest.json")  # reading it would block forever
+
+
+def _engine_holding_user_files(path: Path) -> None:
+    fake_engine(path)
+    (path / "generated.png").write_bytes(b"a user's image saved beside the engines")
+
+
 def _file(path: Path) -> None:
     path.write_text("a file")
 
@@ -78,8 +89,10 @@ def _link_to_engine(path: Path) -> None:
 
 @pytest.mark.parametrize("make,fragment", [
     (_user_folder, "is not an engine folder"), (_not_our_manifest, "is not an engine folder"),
-    (_broken_manifest, "is not an engine folder"), (_file, "is a file"), (_link_to_engine, "is a symbolic link"),
-], ids=["user-folder", "other-manifest", "broken-manifest", "file", "symlink"])
+    (_broken_manifest, "is not an engine folder"), (_fifo_manifest, "is not an engine folder"),
+    (_engine_holding_user_files, "is not an engine folder"), (_file, "is a file"),
+    (_link_to_engine, "is a symbolic link"),
+], ids=["user-folder", "other-manifest", "broken-manifest", "fifo-manifest", "user-files", "file", "symlink"])
 def test_force_refuses_what_is_not_an_engine_folder(tmp_path, monkeypatch, make, fragment):
     monkeypatch.chdir(tmp_path)
     make(tmp_path / "out")
@@ -92,7 +105,6 @@ def test_force_refuses_what_is_not_an_engine_folder(tmp_path, monkeypatch, make,
 def test_force_replaces_an_engine_folder_of_any_schema_version(tmp_path):
     out = tmp_path / "eng"
     fake_engine(out, version=1)
-    (out / "notes.txt").write_text("inside an engine folder: replaced with it")
     export_model("digits", out, force=True)
     assert set(tree(out)) == {"denoiser/model.onnx", "manifest.json"}
     assert json.loads((out / "manifest.json").read_text())["schema_version"] == 2
@@ -222,6 +234,32 @@ def test_sigterm_during_export_cleans_up_like_ctrl_c(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_leftovers_of_the_narrowest_kill_windows_are_cleaned_up(tmp_path):
+    """A kill between the staging folder's mkdir and its marker leaves it empty; one while the marker is being
+    made leaves only that; one right after the final rename leaves the marker in the finished folder."""
+    from ditrt.export.folder import NEW_MARKER, OWNER_MARKER
+
+    out = tmp_path / "eng"
+    export_model("digits", out)
+    (out / OWNER_MARKER).write_text('{"pid": 1}')  # unlocked: its export is gone
+    (tmp_path / ".eng.tmp-empty").mkdir()
+    (tmp_path / ".eng.tmp-marking").mkdir()
+    (tmp_path / ".eng.tmp-marking" / NEW_MARKER).write_text('{"pid": 1}')
+    with pytest.raises(InputError, match="already exists"):  # the next export to eng cleans up first
+        export_model("digits", out)
+    assert [p.name for p in tmp_path.iterdir()] == ["eng"] and not (out / OWNER_MARKER).exists()
+
+
+def test_interrupt_while_importing_is_one_line(tmp_path):
+    child = subprocess.Popen([str(SCRIPTS / "dit-export"), "digits", "-o", "eng"], cwd=tmp_path,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.4)  # torch and onnx take seconds to import: a signal now lands inside native imports
+    child.send_signal(signal.SIGINT)
+    out, err = child.communicate(timeout=60)
+    assert child.returncode == 130 and err.strip() == "error: interrupted; nothing was written", (out, err)
+    assert list(tmp_path.iterdir()) == []
+
+
 # a real dit-export killed at several moments: each time the target is absent or a complete, valid engine folder,
 # and the next export to it leaves nothing else behind
 MOMENTS = {"staging": ".eng.tmp-*", "engines": ".eng.tmp-*/denoiser/model.onnx", "manifest": ".eng.tmp-*/manifest.json"}
@@ -320,12 +358,17 @@ def test_builtin_names_without_torch_match_the_presets():
 
 @pytest.mark.parametrize("args,line", [
     (["digits", "--opset", "16"], "error: Invalid value for '--opset': 16 is not in the range 17<=x<=23."),
-    (["digits", "--seed", "abc"], "error: Invalid value for '--seed': 'abc' is not a valid integer."),
+    (["digits", "--seed", "abc"], "error: Invalid value for '--seed': 'abc' is not a valid integer range."),
     (["digits", "--lowering", "fast"], "error: Invalid value for '--lowering': 'fast' is not one of 'portable', "
      "'plugin'."),
     (["--zzz"], "error: No such option '--zzz'."),
     (["digits", "--seed"], "error: Option '--seed' requires an argument."),
     ([], "error: missing MODEL; see `dit-export --list` for the built-in models"),
+    (["digits", "--seed", str(2**64)], f"error: Invalid value for '--seed': {2**64} is not in the range "
+     f"0<=x<={2**63 - 1}."),
+    (["digits", "-W", "0"], "error: Invalid value for '-W' / '--width': 0 is not in the range x>=1."),
+    (["digits", "-o", ""], "error: Invalid value for '--output': must not be empty; leave --output out for "
+     "engines/MODEL"),
 ])
 def test_usage_errors_are_one_line(tmp_path, monkeypatch, args, line):
     monkeypatch.chdir(tmp_path)

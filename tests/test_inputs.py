@@ -1,10 +1,13 @@
 """Bad requests through the public entry points (Pipeline.load, pipe(...), Result.save, dit-run): each one is
 refused with a project error naming the parameter and what is allowed, before any work and without warnings."""
 
+import dataclasses
+import errno
 import json
 import os
 import signal
 import sys
+import threading
 import warnings
 
 import numpy as np
@@ -286,6 +289,135 @@ def test_write_failure_is_an_input_error_and_leaves_nothing(pipe, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def temp_files(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+class RacedImages(list):
+    """A batch's images; once save() has read them all (after its checks), another writer creates `path`: the
+    race of two overlapping runs, made deterministic."""
+
+    def __init__(self, images, path):
+        super().__init__(images)
+        self.path = path
+
+    def __iter__(self):
+        yield from super().__iter__()
+        self.path.write_bytes(b"theirs")
+
+
+def test_temp_files_never_follow_or_replace_an_existing_entry(pipe, tmp_path):
+    """Temporary names are random and created exclusively: a symlink or a user's file under the name an older
+    version used (.NAME.tmp) is left alone, and the PNG gets the umask's mode, as a plain write gives."""
+    r = pipe(class_label=1, steps=1)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"victim")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".z.png.tmp").symlink_to(victim)
+    (out / ".y.png.tmp").write_bytes(b"mine")
+    assert r.save(out / "z.png") == [out / "z.png"] and r.save(out / "y.png") == [out / "y.png"]
+    assert victim.read_bytes() == b"victim" and (out / ".y.png.tmp").read_bytes() == b"mine"
+    for name in ("z.png", "y.png"):
+        assert not (out / name).is_symlink() and np.array_equal(np.asarray(Image.open(out / name)), r.images[0])
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (out / "z.png").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert temp_files(out) == [".y.png.tmp", ".z.png.tmp"]
+
+
+def test_output_that_appears_while_saving_is_not_overwritten(pipe, tmp_path):
+    """Without overwrite, a file another run wrote after the checks is kept and the save fails; for a batch,
+    the outputs this call had already written are removed again (all or nothing)."""
+    r = pipe(class_label=2, steps=1, batch_size=2)
+    with pytest.raises(InputError, match=r"output '.*x-0001.png' already exists; choose another path"):
+        dataclasses.replace(r, images=RacedImages(r.images, tmp_path / "x-0001.png")).save(tmp_path / "x.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x-0001.png"]
+    assert (tmp_path / "x-0001.png").read_bytes() == b"theirs"
+    one = dataclasses.replace(r, images=RacedImages(r.images[:1], tmp_path / "y.png"), parameters=r.parameters[:1])
+    with pytest.raises(InputError, match="y.png' already exists"):
+        one.save(tmp_path / "y.png")
+    assert (tmp_path / "y.png").read_bytes() == b"theirs" and temp_files(tmp_path) == []
+    # with overwrite the newer file is replaced, as asked
+    assert one.save(tmp_path / "z.png", overwrite=True) == [tmp_path / "z.png"]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "z.png")), r.images[0])
+
+
+def test_concurrent_saves_to_one_path_write_it_once(pipe, tmp_path):
+    r = pipe(class_label=3, steps=1)
+    barrier, outcomes = threading.Barrier(8), []
+
+    def save():
+        barrier.wait()
+        try:
+            outcomes.append(r.save(tmp_path / "same.png"))
+        except InputError as e:
+            outcomes.append(str(e))
+
+    threads = [threading.Thread(target=save) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert outcomes.count([tmp_path / "same.png"]) == 1, outcomes
+    assert all("already exists" in o for o in outcomes if isinstance(o, str))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["same.png"]
+
+
+def test_without_hard_links_outputs_are_copied_and_never_overwritten(pipe, tmp_path, monkeypatch):
+    """A filesystem without hard links (link() fails with EPERM, as on FAT): outputs are created exclusively
+    and filled with a copy, with the same guarantees."""
+    def no_links(src, dst, **kwargs):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    r = pipe(class_label=4, steps=1, batch_size=2)
+    paths = r.save(tmp_path / "a.png")
+    assert [np.asarray(Image.open(p)).tolist() for p in paths] == [img.tolist() for img in r.images]
+    with pytest.raises(InputError, match="b-0001.png' already exists"):
+        dataclasses.replace(r, images=RacedImages(r.images, tmp_path / "b-0001.png")).save(tmp_path / "b.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-0000.png", "a-0001.png", "b-0001.png"]
+    assert (tmp_path / "b-0001.png").read_bytes() == b"theirs"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="symlinks")
+def test_dangling_symlink_at_the_output_is_taken(pipe, tmp_path):
+    r = pipe(class_label=5, steps=1)
+    (tmp_path / "dang.png").symlink_to(tmp_path / "nowhere.png")
+    with pytest.raises(InputError, match="dang.png' already exists; choose another path or allow overwriting"):
+        r.save(tmp_path / "dang.png")
+    assert os.readlink(tmp_path / "dang.png") == str(tmp_path / "nowhere.png")
+    r.save(tmp_path / "dang.png", overwrite=True)  # replaces the link itself, never what it points to
+    assert not (tmp_path / "dang.png").is_symlink() and not (tmp_path / "nowhere.png").exists()
+
+
+def test_output_names_up_to_the_folders_limit(pipe, tmp_path):
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    r = pipe(class_label=6, steps=1)
+    longest = "a" * (limit - 4) + ".png"
+    assert r.save(tmp_path / longest) == [tmp_path / longest]
+    with pytest.raises(InputError, match=f"is {limit + 1} bytes; this folder allows file names of at most {limit}"):
+        r.save(tmp_path / ("b" * (limit - 3) + ".png"))
+    two = pipe(class_label=6, steps=1, batch_size=2)
+    with pytest.raises(InputError, match=rf"\(with the batch index suffix\) is {limit + 1} bytes"):
+        two.save(tmp_path / ("c" * (limit - 8) + ".png"))
+    assert [p.name for p in tmp_path.iterdir()] == [longest]
+
+
+@pytest.mark.parametrize("output,message", [
+    ("x.png/", "output 'x.png/' names a folder; give a file name ending in .png"),
+    ("x.png/.", "output 'x.png/.' names a folder"),
+    ("a\nb.png", "output 'a\\nb.png' holds control characters (a newline, tab, escape...); choose a name"),
+    ("a\tb.png", "output 'a\\tb.png' holds control characters"),
+    ("a\x1b[31m.png", "output 'a\\x1b[31m.png' holds control characters"),
+    ("a\x7f.png", "output 'a\\x7f.png' holds control characters"),
+])
+def test_cli_outputs_that_cannot_be_one_file_name(digits_engine, tmp_path, output, message):
+    line = one_line(cli(digits_engine, "-c", "1", "--steps", "1", "-o", output, cwd=tmp_path))
+    assert line.startswith(f"error: {message}"), line
+    assert list(tmp_path.iterdir()) == []
+
+
 # --- random weights (9) ---
 
 def test_random_weights_are_reported(tmp_path):
@@ -331,3 +463,70 @@ def test_interrupt_is_one_line(digits_engine, tmp_path, monkeypatch):
     monkeypatch.setattr(Pipeline, "load", interrupted)
     assert one_line(cli(digits_engine, "-c", "1", cwd=tmp_path), code=130) == "error: interrupted"
     assert list(tmp_path.iterdir()) == []
+
+
+# --- engines that disagree with their manifest at run time ---
+
+def replace_denoiser(folder, nodes, initializers=()):
+    """Put a tiny ONNX in place of folder's denoiser: the manifest's inputs and declared outputs (x_next, x0 as
+    [B, 1, 16, 16]), computing whatever `nodes` compute; the manifest's hash and size updated to match."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from ditrt.runtime.manifest import sha256_file
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    types = {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64}
+    inputs = [helper.make_tensor_value_info(s["name"], types[s["dtype"]], s["shape"])
+              for s in manifest["components"]["denoiser"]["inputs"]]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["B", 1, 16, 16]) for n in ("x_next", "x0")]
+    graph = helper.make_graph(nodes, "fake", inputs, outputs, list(initializers))
+    rel = manifest["components"]["denoiser"]["file"]
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), folder / rel)
+    manifest["files"][rel] = {"sha256": sha256_file(folder / rel), "bytes": (folder / rel).stat().st_size}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_engine_output_shape_other_than_declared(engine_copy, tmp_path):
+    """An engine that declares [B, 1, 16, 16] but returns twice the batch: refused at its first run, not fed on
+    to grow the batch at every step."""
+    from onnx import helper
+
+    replace_denoiser(engine_copy, [helper.make_node("Concat", ["x", "x"], ["x_next"], axis=0),
+                                   helper.make_node("Identity", ["x"], ["x0"])])
+    expected = ("engine 'denoiser/model.onnx' failed on inputs its manifest describes (output 'x_next' has shape "
+                "[2, 1, 16, 16], declared [B=1, 1, 16, 16]); the folder's engines and manifest disagree — "
+                "re-export it")
+    with Pipeline.load(engine_copy) as p, pytest.raises(ManifestError) as e:
+        p(class_label=1, steps=2)
+    assert str(e.value) == expected
+    work = tmp_path / "work"
+    work.mkdir()
+    assert one_line(cli(engine_copy, "-c", "1", "--steps", "2", cwd=work)) == f"error: {expected}"
+    assert list(work.iterdir()) == []
+
+
+def test_engine_failing_at_run_time_is_one_manifest_error(engine_copy, tmp_path, capfd):
+    """A lookup table smaller than the labels the manifest allows (as a tokenizer whose ids exceed the text
+    encoder's vocabulary): ORT's InvalidArgument becomes one line, and ORT prints no log line of its own."""
+    from onnx import TensorProto, helper
+
+    table = helper.make_tensor("table", TensorProto.FLOAT, [2], [0.0, 0.0])
+    replace_denoiser(engine_copy, [helper.make_node("Gather", ["table", "class_labels"], ["g"]),
+                                   helper.make_node("ReduceSum", ["g"], ["s"], keepdims=0),
+                                   helper.make_node("Add", ["x", "s"], ["x_next"]),
+                                   helper.make_node("Identity", ["x"], ["x0"])], [table])
+    capfd.readouterr()
+    with Pipeline.load(engine_copy) as p, pytest.raises(ManifestError) as e:
+        p(class_label=1, steps=1)
+    message = str(e.value)
+    assert message.startswith("engine 'denoiser/model.onnx' failed on inputs its manifest describes ([ONNXRuntime")
+    assert "indices element out of data bounds" in message and message.endswith("disagree — re-export it")
+    assert "\n" not in message and "\x1b" not in message
+    assert capfd.readouterr().err == ""
+    work = tmp_path / "work"
+    work.mkdir()
+    assert one_line(cli(engine_copy, "-c", "1", "--steps", "1", cwd=work)).startswith(
+        "error: engine 'denoiser/model.onnx' failed")
+    assert list(work.iterdir()) == []
+    assert capfd.readouterr().err == ""

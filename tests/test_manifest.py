@@ -88,3 +88,11 @@ def test_missing_file(engine_copy):
     (engine_copy / "denoiser" / "model.onnx").unlink()
     with pytest.raises(ManifestError, match="'denoiser/model.onnx' is missing"):
         Pipeline.load(engine_copy)
+
+
+def test_manifest_that_links_out_of_the_folder(engine_copy, tmp_path):
+    elsewhere = tmp_path / "elsewhere.json"
+    (engine_copy / "manifest.json").rename(elsewhere)
+    (engine_copy / "manifest.json").symlink_to(elsewhere)
+    with pytest.raises(ManifestError, match="'manifest.json' points outside the engine folder"):
+        Pipeline.load(engine_copy)

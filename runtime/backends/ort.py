@@ -24,6 +24,9 @@ class OrtBackend:
                                      "re-export with the portable lowering")
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        # a failing run is reported by our own exception; at 3 ORT would also print a coloured log line of it
+        self.run_options = ort.RunOptions()
+        self.run_options.log_severity_level = 4
         if threads:
             opts.intra_op_num_threads = threads
         available = ort.get_available_providers()
@@ -44,6 +47,7 @@ class OrtBackend:
         declared = {s.name for s in component.inputs}
         if names != declared:
             raise ManifestError(f"{path.name!r} has inputs {sorted(names)}, the manifest declares {sorted(declared)}")
+        self.component = component
         self.output_names = [s.name for s in component.outputs]
         # feeds are cast to the declared dtypes (numpy has no bfloat16: such inputs are passed as given)
         self.dtypes = {s.name: np.dtype(s.dtype) for s in component.inputs if s.dtype != "bfloat16"}
@@ -55,10 +59,46 @@ class OrtBackend:
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # InferenceSession.run is thread-safe, so one session serves concurrent requests.
         feeds = {k: np.asarray(v, dtype=self.dtypes.get(k)) for k, v in feeds.items()}
-        return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
+        try:
+            outputs = self.session.run(self.output_names, feeds, self.run_options)
+        except Exception as e:  # ORT's own types; the feeds are the runtime's, built from the manifest
+            first = _first_line(e)
+            if "allocate" in first or "bad_alloc" in first:  # the machine, not the folder: left as it is
+                raise
+            raise self._disagree(first) from None
+        out = dict(zip(self.output_names, outputs))
+        check_outputs(self.component, feeds, out, self._disagree)
+        return out
+
+    def _disagree(self, what: str) -> ManifestError:
+        return ManifestError(f"engine {self.component.file!r} failed on inputs its manifest describes ({what}); "
+                             "the folder's engines and manifest disagree — re-export it")
 
     def close(self) -> None:
         self.session = None
+
+
+def _first_line(e: Exception) -> str:
+    """The first line of an ORT message, without terminal colour codes, cut to a readable length."""
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(e)).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:300]
+
+
+def check_outputs(component: Component, feeds: dict, out: dict, error) -> None:
+    """Each output's shape against its spec: the rank, every fixed axis, and every named axis that an input also
+    has (e.g. "B"), at that input's size in this call. An engine that computes other shapes than it declares
+    would otherwise feed wrong-sized arrays to the next stage."""
+    sizes = {}
+    for spec in component.inputs:
+        shape = np.shape(feeds.get(spec.name))
+        if len(shape) == len(spec.shape):
+            sizes.update({a: n for a, n in zip(spec.shape, shape) if isinstance(a, str) and a not in sizes})
+    for spec in component.outputs:
+        got = np.shape(out[spec.name])
+        want = [sizes.get(a, a) if isinstance(a, str) else a for a in spec.shape]
+        if len(got) != len(want) or any(isinstance(w, int) and g != w for g, w in zip(got, want)):
+            shown = [f"{a}={sizes[a]}" if a in sizes else a for a in spec.shape]
+            raise error(f"output {spec.name!r} has shape {list(got)}, declared [{', '.join(map(str, shown))}]")
 
 
 ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
