@@ -86,13 +86,13 @@ def run_export(model: str, output: str, debug: bool, **options):
     """export_model with every failure as one line: errors as report() prints them, a missing export extra by
     name, Ctrl-C and SIGTERM (after the staging folder is cleaned up) as `interrupted`, exit 130."""
     try:
-        with quiet_exit_on_signals():  # torch/onnx imports: an interrupt inside native code would abort (core dump)
+        with signal_handlers({signal.SIGINT: _exit_at_once, signal.SIGTERM: _exit_at_once}):  # nothing written yet
             require_export_extra()
             from transformers.utils import logging as transformers_logging
 
             from .folder import export_model
             from .presets import get_preset
-        with sigterm_as_interrupt():
+        with signal_handlers({signal.SIGTERM: _interrupt}):  # the staging folder is cleaned up as on Ctrl-C
             transformers_logging.disable_progress_bar()  # its weight-loading bars are not ours to show
             if not Path(model).exists():
                 get_preset(model)  # fail on a bad name before the slow part
@@ -129,12 +129,14 @@ def _exit_at_once(signum, frame):
 
 
 @contextmanager
-def quiet_exit_on_signals():
-    """While nothing is written (imports), Ctrl-C and SIGTERM end the process at once with one line: raised
-    inside a native extension's import, KeyboardInterrupt would abort it with a traceback."""
+def signal_handlers(handlers: dict):
+    """Install {signal: handler} for the block, the previous handlers afterwards (outside the main thread signals
+    are not ours to handle: nothing changes). Used so that SIGTERM (kill, a service manager) acts as Ctrl-C does,
+    and so that while torch and onnx import, both end the process at once: raised inside a native extension's
+    import, KeyboardInterrupt would abort it with a traceback."""
     try:
-        previous = {sig: signal.signal(sig, _exit_at_once) for sig in (signal.SIGINT, signal.SIGTERM)}
-    except ValueError:  # not the main thread: signals are not ours to handle
+        previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
+    except ValueError:
         yield
         return
     try:
@@ -142,18 +144,3 @@ def quiet_exit_on_signals():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-@contextmanager
-def sigterm_as_interrupt():
-    """SIGTERM (kill, a service manager stopping us) raises KeyboardInterrupt as Ctrl-C does, so that the staging
-    folder is cleaned up; the previous handler is put back afterwards."""
-    try:
-        previous = signal.signal(signal.SIGTERM, _interrupt)
-    except ValueError:  # not the main thread: signals are not ours to handle
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

@@ -137,3 +137,14 @@ def test_unexpected_failure_is_one_line_without_traceback(digits_engine, tmp_pat
         "error: internal error (RuntimeError: device lost); rerun with --debug for the traceback"
     r = CliRunner().invoke(main, args + ["--debug"])
     assert r.exit_code == 1 and isinstance(r.exception, RuntimeError)
+
+
+def test_invalid_model_config_is_a_one_line_error(tmp_path):
+    """Every family's config checks raise the project's ConfigError: exit 2, not an internal error."""
+    from diffusers import DiTTransformer2DModel
+
+    DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, num_layers=1, sample_size=9,
+                          num_embeds_ada_norm=10).save_pretrained(tmp_path / "dit")
+    one_line_error(run_cli("dit-export", str(tmp_path / "dit"), "-o", "eng", cwd=tmp_path),
+                   "DiTConfig.sample_size=9 is not a multiple of patch_size=2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dit"]

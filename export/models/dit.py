@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ditrt.runtime.errors import InputError
+from ditrt.runtime.errors import ConfigError, InputError
 
 from .layers import (Attention, FeedForward, FinalLayer, PatchEmbed, TimestepEmbedder, adaln_zero, gated_modulate,
                      modulate, sincos_pos_embed_2d, unpatchify)
@@ -30,11 +30,13 @@ class DiTConfig:
 
     def __post_init__(self):
         if self.prediction not in PREDICTIONS:
-            raise ValueError(f"DiTConfig.prediction={self.prediction!r}; choose from {', '.join(PREDICTIONS)}")
+            raise ConfigError(f"DiTConfig.prediction={self.prediction!r}; choose from {', '.join(PREDICTIONS)}")
         if self.sample_size % self.patch_size:
-            raise ValueError(f"DiTConfig.sample_size={self.sample_size} is not a multiple of patch_size={self.patch_size}")
+            raise ConfigError(f"DiTConfig.sample_size={self.sample_size} is not a multiple of "
+                              f"patch_size={self.patch_size}")
         if self.hidden_size % self.num_heads or self.hidden_size % 4:
-            raise ValueError(f"DiTConfig.hidden_size={self.hidden_size} must divide by num_heads={self.num_heads} and 4")
+            raise ConfigError(f"DiTConfig.hidden_size={self.hidden_size} must divide by "
+                              f"num_heads={self.num_heads} and 4")
 
     @property
     def out_channels(self) -> int:

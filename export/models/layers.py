@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ditrt.runtime.errors import ConfigError
+
 from ..ops import adaln_modulate, adaln_modulate_residual, linear_attention
 
 
@@ -151,7 +153,7 @@ class Attention(nn.Module):
                  out_proj: bool = True):
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
+            raise ConfigError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.to_q = nn.Linear(dim, dim, bias=bias)
         self.to_k = nn.Linear(dim, dim, bias=bias)

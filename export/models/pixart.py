@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ditrt.runtime.errors import ConfigError
+
 from .layers import (Attention, CaptionProjection, CrossAttention, FeedForward, PatchEmbed, TimestepEmbedder,
                      adaln_single, final_adaln_single, mask_to_bias, modulate, sincos_pos_embed_2d, unpatchify)
 
@@ -27,10 +29,10 @@ class PixArtConfig:
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads or (self.micro_conditions and self.hidden_size % 3):
-            raise ValueError(f"PixArtConfig.hidden_size={self.hidden_size} must divide by num_heads="
+            raise ConfigError(f"PixArtConfig.hidden_size={self.hidden_size} must divide by num_heads="
                              f"{self.num_heads} (and by 3 with micro_conditions)")
         if self.sample_size % self.patch_size:
-            raise ValueError(f"PixArtConfig.sample_size={self.sample_size} is not a multiple of patch_size")
+            raise ConfigError(f"PixArtConfig.sample_size={self.sample_size} is not a multiple of patch_size")
 
 
 class PixArtBlock(nn.Module):

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ditrt.runtime.errors import ConfigError
+
 from .layers import (CaptionProjection, CrossAttention, GLUMBConv, LinearAttention, PatchEmbed, RMSNorm,
                      TimestepEmbedder, adaln_single, final_adaln_single, mask_to_bias, modulate, sincos_pos_embed_2d,
                      unpatchify)
@@ -29,7 +31,7 @@ class SanaConfig:
     def __post_init__(self):
         for heads in (self.num_heads, self.cross_num_heads):
             if self.hidden_size % heads:
-                raise ValueError(f"SanaConfig.hidden_size={self.hidden_size} is not divisible by {heads} heads")
+                raise ConfigError(f"SanaConfig.hidden_size={self.hidden_size} is not divisible by {heads} heads")
 
 
 class SanaBlock(nn.Module):

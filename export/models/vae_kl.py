@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ditrt.runtime.errors import ConfigError
+
 from .layers import FP32GroupNorm, sdpa
 
 
@@ -34,7 +36,7 @@ class VAEConfig:
     def __post_init__(self):
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad:
-            raise ValueError(f"VAEConfig.block_out_channels {bad} are not multiples of norm_num_groups="
+            raise ConfigError(f"VAEConfig.block_out_channels {bad} are not multiples of norm_num_groups="
                              f"{self.norm_num_groups}")
 
 
