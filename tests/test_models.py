@@ -63,3 +63,23 @@ def test_init_weights_is_seeded():
     for (k, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(pa, pb), k
     assert not np.allclose(DiT(TINY).init_weights(4).x_embedder.proj.weight.detach(), a.x_embedder.proj.weight.detach())
+
+
+@pytest.mark.parametrize("module,cls,bad", [
+    ("dit", "DiTConfig", dict(sample_size=9)),
+    ("pixart", "PixArtConfig", dict(hidden_size=100, num_heads=3)),
+    ("sana", "SanaConfig", dict(hidden_size=100)),
+    ("mmdit", "MMDiTConfig", dict(depth=0)),
+    ("flux", "FluxConfig", dict(hidden_size=100, num_heads=3)),
+    ("vae_kl", "VAEConfig", dict(norm_num_groups=3)),
+    ("dc_ae", "DCAEConfig", dict(upsample_block_type="bogus")),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_every_config_class_raises_the_project_error(module, cls, bad):
+    """One error convention: a config no family can build is a ConfigError (dit-export: one line, exit 2)."""
+    from importlib import import_module
+
+    from ditrt.runtime.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        getattr(import_module(f"ditrt.export.models.{module}"), cls)(**bad)
+    assert "\n" not in str(e.value) and type(e.value) is ConfigError
