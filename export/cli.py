@@ -8,12 +8,11 @@ import os
 import shlex
 import signal
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
-from ditrt.runtime.cli import OneLineCommand, report
+from ditrt.runtime.cli import OneLineCommand, interrupt, report, signal_handlers
 from ditrt.runtime.errors import BackendUnavailable
 
 from .catalog import MODELS
@@ -92,7 +91,7 @@ def run_export(model: str, output: str, debug: bool, **options):
 
             from .folder import export_model
             from .presets import get_preset
-        with signal_handlers({signal.SIGTERM: _interrupt}):  # the staging folder is cleaned up as on Ctrl-C
+        with signal_handlers({signal.SIGTERM: interrupt}):  # the staging folder is cleaned up as on Ctrl-C
             transformers_logging.disable_progress_bar()  # its weight-loading bars are not ours to show
             if not Path(model).exists():
                 get_preset(model)  # fail on a bad name before the slow part
@@ -119,28 +118,6 @@ def require_export_extra() -> None:
                                      f"(missing module: {missing})") from None
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def _exit_at_once(signum, frame):
     os.write(2, b"error: interrupted; nothing was written\n")
     os._exit(130)  # nothing is written yet, so nothing needs cleaning up
-
-
-@contextmanager
-def signal_handlers(handlers: dict):
-    """Install {signal: handler} for the block, the previous handlers afterwards (outside the main thread signals
-    are not ours to handle: nothing changes). Used so that SIGTERM (kill, a service manager) acts as Ctrl-C does,
-    and so that while torch and onnx import, both end the process at once: raised inside a native extension's
-    import, KeyboardInterrupt would abort it with a traceback."""
-    try:
-        previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
-    except ValueError:
-        yield
-        return
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)

@@ -109,9 +109,8 @@ def staging_folder(out: str | os.PathLike, force: bool = False, make_parent: boo
     done = False
     try:
         yield tmp
-        check_replaceable(target, out, force)  # again: the output may have appeared during the export
         normal_modes(tmp)
-        commit(tmp, target)
+        commit(tmp, target, out, force)
         done = True
     finally:
         try:
@@ -159,20 +158,32 @@ def claimed_folder(target: Path, kind: str, **info) -> tuple[Path, int]:
         return folder, fd
 
 
-def commit(tmp: Path, target: Path) -> None:
-    """Rename the complete staging folder to target; a replaced folder is moved aside first (into a claimed .old
-    folder that names this staging folder, so that a crash between the renames can be undone) and then removed."""
-    if not os.path.lexists(target):
-        os.replace(tmp, target)
+def commit(tmp: Path, target: Path, out, force: bool) -> None:
+    """Rename the complete staging folder to target. A folder --force replaces is moved aside first (into a claimed
+    .old folder that names this staging folder, so that a crash between the renames can be undone), checked again
+    there, and then removed; without --force nothing is ever moved or replaced."""
+    check_replaceable(target, out, force)  # again, as late as possible: the output may have appeared meanwhile
+    if not force or not os.path.lexists(target):
+        try:
+            os.rename(tmp, target)  # never over a file or a non-empty folder (an empty one goes, losing nothing)
+        except OSError:
+            raise InputError(f"output {str(out)!r} appeared while exporting; nothing of it was replaced, and this "
+                             "export was not written: choose another output") from None
         (target / OWNER_MARKER).unlink()  # after the rename: a kill in between leaves a whole folder, and a marker
         return
     old, lock = claimed_folder(target, "old", staging=tmp.name)
     try:
-        os.replace(target, old / target.name)
+        kept = old / target.name
+        os.replace(target, kept)
+        if not is_engine_folder(kept) and any(kept.iterdir()):  # changed since the check (a file saved in it): it is the user's, put back
+            os.replace(kept, target)
+            remove_folder(old)
+            raise InputError(f"output folder {str(out)!r} changed while exporting and is no longer only an engine "
+                             "folder; it was left as it is and this export was not written")
         try:
             os.replace(tmp, target)
         except BaseException:  # e.g. Ctrl-C between the renames: the previous folder goes back now
-            os.replace(old / target.name, target)
+            os.replace(kept, target)
             raise
         (target / OWNER_MARKER).unlink()
         remove_folder(old)

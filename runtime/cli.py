@@ -2,13 +2,37 @@
 
 import json
 import re
+import signal
 import sys
 import time
+from contextlib import contextmanager
 
 import click
 
 from .errors import DitError
 from .schedules import SAMPLERS
+
+
+@contextmanager
+def signal_handlers(handlers: dict):
+    """Install {signal: handler} for the block, the previous handlers afterwards (outside the main thread signals
+    are not ours to handle: nothing changes). dit-run and dit-export make SIGTERM (kill, a service manager) act as
+    Ctrl-C does, so that temporary files are cleaned up; while torch and onnx import, dit-export ends at once on
+    either: raised inside a native extension's import, KeyboardInterrupt would abort it with a traceback."""
+    try:
+        previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 class OneLineUsageError(click.ClickException):
@@ -84,20 +108,21 @@ def main(engines, prompt, negative_prompt, class_label, steps, guidance, sampler
     from .pipeline import Pipeline
 
     try:
-        # ASCII digits only: str.isdigit() is also true for '²', which int() refuses
-        label = int(class_label) if class_label and re.fullmatch(r"-?[0-9]+", class_label) else class_label
-        output_paths(output, batch_size if batch_size >= 1 else 1, force)  # fail before the work, not after
-        with Pipeline.load(engines, backend=backend, verify=not no_verify, threads=threads) as pipe:
-            show = not (quiet or as_json) and sys.stderr.isatty()
-            with click.progressbar(length=steps or pipe.manifest.scheduler.default_steps, label="denoising",
-                                   file=sys.stderr) if show else _NoBar() as bar:
-                result = pipe(prompt=prompt, negative_prompt=negative_prompt, class_label=label, steps=steps,
-                              guidance=guidance, seed=seed, batch_size=batch_size, width=width, height=height,
-                              sampler=sampler, shift=shift, max_sequence_length=max_sequence_length,
-                              on_step=lambda i, n: bar.update(1))
-            start = time.perf_counter()
-            paths = result.save(output, overwrite=force, metadata=not no_metadata)
-            timings = dict(result.timings_ms, png_encode=(time.perf_counter() - start) * 1e3)
+        with signal_handlers({signal.SIGTERM: interrupt}):  # as Ctrl-C: temporary PNGs are removed
+            # ASCII digits only: str.isdigit() is also true for '²', which int() refuses
+            label = int(class_label) if class_label and re.fullmatch(r"-?[0-9]+", class_label) else class_label
+            output_paths(output, batch_size if batch_size >= 1 else 1, force)  # fail before the work, not after
+            with Pipeline.load(engines, backend=backend, verify=not no_verify, threads=threads) as pipe:
+                show = not (quiet or as_json) and sys.stderr.isatty()
+                with click.progressbar(length=steps or pipe.manifest.scheduler.default_steps, label="denoising",
+                                       file=sys.stderr) if show else _NoBar() as bar:
+                    result = pipe(prompt=prompt, negative_prompt=negative_prompt, class_label=label, steps=steps,
+                                  guidance=guidance, seed=seed, batch_size=batch_size, width=width, height=height,
+                                  sampler=sampler, shift=shift, max_sequence_length=max_sequence_length,
+                                  on_step=lambda i, n: bar.update(1))
+                start = time.perf_counter()
+                paths = result.save(output, overwrite=force, metadata=not no_metadata)
+                timings = dict(result.timings_ms, png_encode=(time.perf_counter() - start) * 1e3)
     except Exception as e:
         report(e, debug)
     m = pipe.manifest

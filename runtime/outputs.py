@@ -144,7 +144,7 @@ def output_paths(path: str | os.PathLike, n: int, overwrite: bool = False) -> li
 def _check_output_text(text: str) -> None:
     """Refuse what a PNG file name cannot be: a folder ("x.png/"), and control characters, which would break the
     one-path-per-line listing of outputs (dit-run's stdout)."""
-    if re.search(r"[\x00-\x1f\x7f-\x9f]", text):
+    if re.search(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", text):  # C0, C1 and the Unicode line separators
         raise InputError(f"output {text!r:.80} holds control characters (a newline, tab, escape...); choose a name "
                          "without them")
     last = text

@@ -100,11 +100,16 @@ class TextTokenizer:
     def _encode(self, prompt: str, limit: int) -> tuple[Encoding, int]:
         # What tokenizers does inside encode() when truncation and padding are enabled: truncate the text's
         # tokens to leave room for the special tokens (from the right, transformers' default), add them, pad.
-        enc = self._tok.encode(prompt, add_special_tokens=False)
-        n = len(enc.ids) + self._specials
-        if n > limit:
-            enc.truncate(limit - self._specials)
-        enc = self._tok.post_process(enc, add_special_tokens=True)
+        try:
+            enc = self._tok.encode(prompt, add_special_tokens=False)
+            n = len(enc.ids) + self._specials
+            if n > limit:
+                enc.truncate(limit - self._specials)
+            enc = self._tok.post_process(enc, add_special_tokens=True)
+        except Exception as e:  # the Rust library raises its own exception type (e.g. a vocabulary without [UNK])
+            message = " ".join(str(e).split())[:200]
+            raise ManifestError(f"the engine folder's tokenizer cannot encode the prompt ({message}); re-export the "
+                                "folder") from None
         enc.pad(limit, direction=self.config.padding_side, pad_id=self.config.pad_id, pad_token=self._pad_token)
         return enc, n
 

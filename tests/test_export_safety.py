@@ -260,6 +260,30 @@ def test_interrupt_while_importing_is_one_line(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("force", [False, True])
+def test_output_made_by_the_user_during_the_final_rename_is_never_replaced(tmp_path, monkeypatch, force):
+    """The race a late check cannot close: the user writes into the output right after dit-export's last look."""
+    from ditrt.export import folder as folder_mod
+
+    out = tmp_path / "eng"
+    if force:
+        fake_engine(out)
+    real_check = folder_mod.check_replaceable
+
+    def user_writes_right_after_the_check(*args):
+        real_check(*args)
+        if list(tmp_path.glob(".eng.tmp-*/manifest.json")):  # the last check, just before the rename
+            out.mkdir(exist_ok=True)
+            (out / "thesis.tex").write_text("years of work")
+
+    monkeypatch.setattr(folder_mod, "check_replaceable", user_writes_right_after_the_check)
+    with pytest.raises(InputError, match="appeared while exporting|changed while exporting"):
+        with folder_mod.staging_folder(out, force=force) as tmp:
+            (tmp / "manifest.json").write_text('{"schema_version": 2, "files": {}}')
+    assert (out / "thesis.tex").read_text() == "years of work"
+    assert [p.name for p in tmp_path.iterdir()] == ["eng"]  # no staging or .old folder left
+
+
 # a real dit-export killed at several moments: each time the target is absent or a complete, valid engine folder,
 # and the next export to it leaves nothing else behind
 MOMENTS = {"staging": ".eng.tmp-*", "engines": ".eng.tmp-*/denoiser/model.onnx", "manifest": ".eng.tmp-*/manifest.json"}

@@ -411,6 +411,7 @@ def test_output_names_up_to_the_folders_limit(pipe, tmp_path):
     ("a\tb.png", "output 'a\\tb.png' holds control characters"),
     ("a\x1b[31m.png", "output 'a\\x1b[31m.png' holds control characters"),
     ("a\x7f.png", "output 'a\\x7f.png' holds control characters"),
+    ("a\u2028b.png", "output 'a\\u2028b.png' holds control characters"),
 ])
 def test_cli_outputs_that_cannot_be_one_file_name(digits_engine, tmp_path, output, message):
     line = one_line(cli(digits_engine, "-c", "1", "--steps", "1", "-o", output, cwd=tmp_path))
@@ -462,6 +463,21 @@ def test_interrupt_is_one_line(digits_engine, tmp_path, monkeypatch):
 
     monkeypatch.setattr(Pipeline, "load", interrupted)
     assert one_line(cli(digits_engine, "-c", "1", cwd=tmp_path), code=130) == "error: interrupted"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_is_one_line_and_leaves_nothing(digits_engine, tmp_path):
+    """SIGTERM (a service manager stopping dit-run) acts as Ctrl-C: one line, exit 130, no temporary PNGs."""
+    import subprocess
+    import time
+
+    dit_run_script = os.path.join(os.path.dirname(sys.executable), "dit-run")
+    child = subprocess.Popen([dit_run_script, str(digits_engine), "-c", "1", "-b", "64", "--steps", "1000",
+                              "-o", "x.png"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(3)  # loaded and denoising: 1000 steps of 64 images take far longer
+    child.send_signal(signal.SIGTERM)
+    out, err = child.communicate(timeout=60)
+    assert child.returncode == 130 and err.strip() == "error: interrupted", (out, err)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -530,3 +546,18 @@ def test_engine_failing_at_run_time_is_one_manifest_error(engine_copy, tmp_path,
         "error: engine 'denoiser/model.onnx' failed")
     assert list(work.iterdir()) == []
     assert capfd.readouterr().err == ""
+
+
+def test_tokenizer_that_cannot_encode_is_a_manifest_error(tmp_path):
+    """A tokenizer file that loads but fails on some prompts (here: a WordLevel vocabulary without its [UNK])."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from ditrt.runtime.tokenizer import TextTokenizer, TokenizerConfig
+
+    tok = Tokenizer(models.WordLevel({"<pad>": 0, "a": 1}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    encode = TextTokenizer(tmp_path / "tokenizer.json", TokenizerConfig(max_length=4, pad_id=0))
+    assert encode("a a").input_ids.tolist() == [[1, 1, 0, 0]]
+    with pytest.raises(ManifestError, match="tokenizer cannot encode the prompt .*Missing \\[UNK\\]"):
+        encode("a word it never saw")
