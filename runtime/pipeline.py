@@ -37,6 +37,9 @@ class Result:
     parameters: list[str]  # A1111-style generation parameters, one per image
     timings_ms: dict[str, float]
     warnings: tuple[str, ...] = ()  # e.g. a prompt truncated to the text encoder's limit
+    # the sampler's final latents, float32 (B, C, H, W) unpacked, as the VAE decoder takes them (diffusers'
+    # output_type="latent"); for models without a VAE, the pixels in [-1, 1] before scaling
+    latents: np.ndarray | None = None
 
     def save(self, path: str | os.PathLike, overwrite: bool = False, metadata: bool = True) -> list[Path]:
         """Write the images as PNG: `path` for one image, `stem-0000.png`, `stem-0001.png`, ... for several.
@@ -149,7 +152,8 @@ class Pipeline:
             x = self._denoise(pack(x, m.latent.packing), cond, guidance, plan, on_step, timings)
             _check_finite(x, "the denoiser", why, latents is not None)
             t2 = time.perf_counter()
-            decoded = self._decode(x)
+            final = unpack(x, m.latent.packing, m.latent.height, m.latent.width)
+            decoded = self._decode(final)
             decoded = decoded if size == self.image_size else resize_and_crop(decoded, *size)
             _check_finite(decoded, "the VAE decoder (from finite latents)", why, latents is not None)
             images = to_uint8(decoded)
@@ -161,7 +165,7 @@ class Pipeline:
                        denoise_per_step=(t2 - t1) * 1e3 / steps, decode=(t3 - t2) * 1e3, total=(t3 - t0) * 1e3)
         params = [self._parameters(description, steps, guidance, s, size, config) for s in seeds]
         return Result(images, decoded.transpose(0, 2, 3, 1).astype(np.float32, copy=False), seeds, params, timings,
-                      tuple(warnings))
+                      tuple(warnings), final)
 
     @property
     def samplers(self) -> list[str]:
@@ -288,10 +292,10 @@ class Pipeline:
         return feeds["x0_prev"] if plan["final_from_x0"] else feeds["x"] * plan["final"]
 
     def _decode(self, x: np.ndarray) -> np.ndarray:
-        """Final latents -> images (B, C, H, W) in [0, 1]: the VAE engine, or latents that are pixels in [-1, 1]."""
+        """Final (unpacked) latents -> images (B, C, H, W) in [0, 1]: the VAE engine, or latents that are pixels
+        in [-1, 1]."""
         if "vae_decoder" in self.engines:
-            lat = self.manifest.latent
-            return self.engines["vae_decoder"].run({"latents": unpack(x, lat.packing, lat.height, lat.width)})["image"]
+            return self.engines["vae_decoder"].run({"latents": x})["image"]
         lat = self.manifest.latent
         return np.clip((x / lat.scaling_factor + lat.shift_factor + 1) / 2, 0, 1)
 

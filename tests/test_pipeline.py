@@ -154,3 +154,14 @@ def test_sampler_switch_is_recorded_and_changes_the_image(pipe):
     shifted = pipe(class_label=3, seed=1, steps=8, shift=3.0)
     assert "Sampler: Euler," in euler.parameters[0] and "Sampler: DPM++ 2M," in dpm.parameters[0]
     assert np.abs(dpm.pixels - euler.pixels).max() > 1e-3 and np.abs(shifted.pixels - euler.pixels).max() > 1e-3
+
+
+def test_result_holds_the_final_latents(digits_engine):
+    """Result.latents is what the sampler ended with (diffusers' output_type="latent"): for a model without a VAE,
+    the pixels in [-1, 1] that the images are made from."""
+    from ditrt.runtime import Pipeline
+
+    with Pipeline.load(digits_engine) as pipe:
+        r = pipe(class_label=3, seed=5, steps=4, batch_size=2)
+    assert r.latents.shape == (2, 1, 16, 16) and r.latents.dtype == np.float32
+    np.testing.assert_array_equal(r.pixels[..., 0], np.clip((r.latents[:, 0] + 1) / 2, 0, 1))
