@@ -72,8 +72,6 @@ class Pipeline:
             raise InputError(f"verify {verify!r} is not allowed; use True or False")
         threads = None if threads is None else _int("threads", threads, 1, MAX_THREADS)
         manifest = load_manifest(folder, verify=bool(verify))
-        if "denoiser" not in manifest.components:
-            raise ManifestError(f"{str(folder)!r} has no denoiser component")
         if manifest.conditioning != "class" and not (manifest.text and "text_encoder" in manifest.components):
             raise ManifestError(f"{str(folder)!r} holds only the denoiser of the text-conditioned model "
                                 f"{manifest.model!r}; generating from it needs text encoders and a VAE decoder, "
