@@ -187,7 +187,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("error: no CUDA device: the kernel benchmarks need a GPU")
     torch_ops.register()
-    lib = torch_ops._library()
+    lib = torch_ops.library()
     spot_check(args.quick)
     props = torch.cuda.get_device_properties(0)
     peak, peak_source = peak_gbps(props)

@@ -18,7 +18,7 @@ from pathlib import Path
 import onnxruntime as ort
 import torch
 
-from ditrt.export.folder import export_model
+from ditrt.export import export_model
 from ditrt.export.graphs import StepGraph, default_latent_hw, sample_inputs, step_io
 from ditrt.export.ops import lowering
 from ditrt.export.presets import build_preset, get_preset

@@ -19,7 +19,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from ditrt.export.folder import export_model
+from ditrt.export import export_model
 from ditrt.export.graphs import StepGraph, step_io, sample_inputs
 from ditrt.export.ops import lowering
 from ditrt.export.presets import build_preset, get_preset

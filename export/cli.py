@@ -72,7 +72,7 @@ def main(model, output, lowering, engine, precision, opset, random_weights, seed
         raise click.BadParameter("must not be empty; leave --output out for engines/MODEL", param_hint="'--output'")
     output = output or default_output
     command = shlex.join(["dit-export", *sys.argv[1:]])
-    manifest = run_export(model, output, debug, random_weights=random_weights, seed=seed, lowering_name=lowering,
+    manifest = run_export(model, output, debug, random_weights=random_weights, seed=seed, lowering=lowering,
                           opset=opset, external_data=external_data, height=height, width=width, force=force,
                           make_parent=output == default_output, command=command, engine=engine, precision=precision,
                           variant=variant)
@@ -89,7 +89,7 @@ def run_export(model: str, output: str, debug: bool, **options):
             require_export_extra()
             from transformers.utils import logging as transformers_logging
 
-            from .folder import export_model
+            from .exporter import export_model
             from .presets import get_preset
         with signal_handlers({signal.SIGTERM: interrupt}):  # the staging folder is cleaned up as on Ctrl-C
             transformers_logging.disable_progress_bar()  # its weight-loading bars are not ours to show

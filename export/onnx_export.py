@@ -1,4 +1,4 @@
-"""torch -> ONNX through torch.onnx.export(dynamo=True), symbolic axes taken from the graph's IOSpecs."""
+"""torch -> ONNX through torch.onnx.export(dynamo=True), symbolic axes taken from the graph's TensorSpecs."""
 
 import contextlib
 import inspect
@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ditrt.runtime.errors import DitError
+from ditrt.runtime.manifest import TensorSpec
 
-from .graphs import IOSpec, sample_inputs
+from .graphs import sample_inputs
 from .ops import lowering
 
 LOWERINGS = {"portable": "reference", "plugin": "plugin"}  # manifest name -> ops.lowering mode
@@ -48,7 +49,7 @@ def project_error(e: BaseException) -> DitError | None:
     return None
 
 
-def export_onnx(module: nn.Module, inputs: list[IOSpec], outputs: list[IOSpec], path: Path,
+def export_onnx(module: nn.Module, inputs: list[TensorSpec], outputs: list[TensorSpec], path: Path,
                 lowering_name: str = "portable", opset: int = DEFAULT_OPSET, external_data: bool = False,
                 max_dim: int = 1024) -> None:
     """Write module as ONNX at path. Symbolic axes (e.g. "B") become dynamic dims named after them."""

@@ -30,9 +30,3 @@ def pixart_bins(sample_size: int) -> dict[str, tuple[int, int]]:
     div = {128: 1, 64: 2, 32: 4}.get(sample_size)
     return {r: (h // div, w // div) for r, (h, w) in BINS_1024.items()} if div else {}
 
-
-def manifest_bins(row, vae) -> dict[str, list[int]]:
-    """The bins a PixArt pipeline folder's engines honour (pixels, so only with a VAE); {} for other models."""
-    if row.family != "pixart" or vae is None:
-        return {}
-    return {r: list(hw) for r, hw in pixart_bins(row.config.sample_size).items()}

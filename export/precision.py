@@ -14,8 +14,12 @@ from ditrt.runtime.errors import InputError
 
 from .models.layers import FP32LayerNorm
 
-PRECISIONS = ("fp32", "fp16", "bf16")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# The dtype table: engine tensor dtypes by the names the manifest and ONNX use, and the --precision names of
+# the float ones.
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                "int64": torch.int64, "int32": torch.int32}
+PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+FLOAT_DTYPES = tuple(TORCH_DTYPES[name] for name in PRECISIONS.values())
 MIN_OPSET = {"bf16": 22}  # ONNX's Conv (and other ops) accept bfloat16 from opset 22 on
 
 # What each kind of component computes in, per requested precision:
@@ -33,19 +37,27 @@ POLICY = {kind: dict(zip(PRECISIONS, row)) for kind, row in {
 }.items()}
 
 
-def text_kind(module: nn.Module) -> str | None:
-    """The POLICY row of a transformers text encoder, None for any other module."""
+def text_kind(module: nn.Module | type) -> str | None:
+    """The POLICY row of a transformers text encoder (a module or its class), None for anything else."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, Gemma2Model, T5EncoderModel
 
     kinds = {"clip": (CLIPTextModel, CLIPTextModelWithProjection), "t5": (T5EncoderModel,), "gemma2": (Gemma2Model,)}
-    return next((k for k, types in kinds.items() if isinstance(module, types)), None)
+    cls = module if isinstance(module, type) else type(module)
+    return next((k for k, types in kinds.items() if issubclass(cls, types)), None)
+
+
+def policy_dtype(kind: str | None, precision: str) -> torch.dtype:
+    """The torch dtype a component of this POLICY kind computes in for the requested precision (fp32 for a
+    kind the table does not name). Loaders build each component directly in it (source.resolve_source)."""
+    return torch_dtype(POLICY[kind][precision] if kind in POLICY else "fp32")
 
 
 def cast(module: nn.Module, precision: str) -> nn.Module:
-    """Cast module to precision in place. A transformers encoder below fp32 also gets its islands: eager attention
-    (whose softmax is fp32, where SDPA's is not) and LayerNorms with fp32 statistics (T5 and Gemma-2 RMSNorms
-    compute in fp32 already)."""
-    module.to(DTYPES[precision])
+    """Cast module to precision in place (no copy of tensors already in it: modules loaded in their POLICY
+    dtype pass through). A transformers encoder below fp32 also gets its islands: eager attention (whose
+    softmax is fp32, where SDPA's is not) and LayerNorms with fp32 statistics (T5 and Gemma-2 RMSNorms compute
+    in fp32 already)."""
+    module.to(torch_dtype(precision))
     if precision != "fp32" and text_kind(module) is not None:
         module.set_attn_implementation("eager")
         for m in module.modules():
@@ -76,4 +88,14 @@ def apply_policy(precision: str, denoiser: nn.Module, vae: nn.Module | None = No
 def precision_of(module: nn.Module) -> str:
     """The manifest's precision of an engine: its narrowest parameter dtype, the one a backend must run."""
     reduced = {p.dtype for p in module.parameters()} - {torch.float32}
-    return next((name for name, dtype in DTYPES.items() if dtype in reduced), "fp32")
+    return next((p for p, name in PRECISIONS.items() if TORCH_DTYPES[name] in reduced), "fp32")
+
+
+def torch_dtype(precision: str) -> torch.dtype:
+    """--precision name (fp32, fp16, bf16) -> torch dtype."""
+    return TORCH_DTYPES[PRECISIONS[precision]]
+
+
+def dtype_name(dtype: torch.dtype) -> str | None:
+    """torch dtype -> the manifest's name, None where engines have no such dtype."""
+    return next((name for name, d in TORCH_DTYPES.items() if d == dtype), None)

@@ -21,11 +21,12 @@ from torch import Tensor, nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, Gemma2Model, T5EncoderModel
 
 from ditrt.runtime.errors import ConfigError
+from ditrt.runtime.manifest import TensorSpec, TextInput
 
-from .graphs import IOSpec
+from .precision import FLOAT_DTYPES, PRECISIONS, dtype_name
 
-DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 TOKENIZER_FILE = "tokenizer.json"
+T5_MAX = 512  # the SD3 and Flux pipelines refuse a longer max_sequence_length
 
 
 class ClipGraph(nn.Module):
@@ -40,10 +41,10 @@ class ClipGraph(nn.Module):
             raise ConfigError(f"seq_len {seq_len} exceeds this CLIP's max_position_embeddings "
                               f"{cfg.max_position_embeddings}; use at most that")
         self.model, self.projected = model.eval(), isinstance(model, CLIPTextModelWithProjection)
-        pooled = IOSpec("text_embeds", f, ("B", cfg.projection_dim)) if self.projected else \
-            IOSpec("pooler_output", f, ("B", cfg.hidden_size))
-        self.inputs = [IOSpec("input_ids", "int64", ("B", T))]
-        self.outputs = [IOSpec("hidden_states", f, ("B", T, cfg.hidden_size)), pooled]
+        pooled = TensorSpec("text_embeds", f, ("B", cfg.projection_dim)) if self.projected else \
+            TensorSpec("pooler_output", f, ("B", cfg.hidden_size))
+        self.inputs = [TensorSpec("input_ids", "int64", ("B", T))]
+        self.outputs = [TensorSpec("hidden_states", f, ("B", T, cfg.hidden_size)), pooled]
 
     def forward(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
         out = self.model(input_ids, output_hidden_states=True)
@@ -60,9 +61,9 @@ class EncoderGraph(nn.Module):
         _check(model, (T5EncoderModel, Gemma2Model), seq_len)
         D, T = model.config.hidden_size, seq_len  # T5Config maps hidden_size to d_model
         self.model = model.eval()
-        self.inputs = [IOSpec("input_ids", "int64", ("B", T))]
-        self.inputs += [IOSpec("attention_mask", "int64", ("B", T))] if attention_mask else []
-        self.outputs = [IOSpec("last_hidden_state", _dtype(model), ("B", T, D))]
+        self.inputs = [TensorSpec("input_ids", "int64", ("B", T))]
+        self.inputs += [TensorSpec("attention_mask", "int64", ("B", T))] if attention_mask else []
+        self.outputs = [TensorSpec("last_hidden_state", _dtype(model), ("B", T, D))]
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         return self.model(input_ids, attention_mask=attention_mask).last_hidden_state
@@ -80,8 +81,8 @@ class MaskedPromptGraph(nn.Module):
         self.encoder = EncoderGraph(encoder, seq_len, attention_mask=True)
         T = seq_len
         self.inputs = self.encoder.inputs
-        self.outputs = [IOSpec("prompt_embeds", "float32", ("B", T, width)),
-                        IOSpec("prompt_attention_mask", "int64", ("B", T))]
+        self.outputs = [TensorSpec("prompt_embeds", "float32", ("B", T, width)),
+                        TensorSpec("prompt_attention_mask", "int64", ("B", T))]
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
         return self.encoder(input_ids, attention_mask).float(), attention_mask * 1
@@ -97,11 +98,11 @@ class SD3PromptGraph(nn.Module):
         self.clip_l, self.clip_g = ClipGraph(clip_l, clip_len), ClipGraph(clip_g, clip_len)
         self.t5 = EncoderGraph(t5, t5_len, attention_mask=False)
         width, pooled = t5.config.d_model, clip_l.config.projection_dim + clip_g.config.projection_dim
-        self.inputs = [IOSpec(f"{n}_input_ids", "int64", ("B", L))
+        self.inputs = [TensorSpec(f"{n}_input_ids", "int64", ("B", L))
                        for n, L in (("clip_l", clip_len), ("clip_g", clip_len), ("t5", t5_len))]
         S = clip_len + t5_len if isinstance(t5_len, int) else f"{clip_len}+{t5_len}"  # T5's tokens after CLIP's
-        self.outputs = [IOSpec("prompt_embeds", "float32", ("B", S, width)),
-                        IOSpec("pooled_prompt_embeds", "float32", ("B", pooled))]
+        self.outputs = [TensorSpec("prompt_embeds", "float32", ("B", S, width)),
+                        TensorSpec("pooled_prompt_embeds", "float32", ("B", pooled))]
 
     def forward(self, clip_l_input_ids: Tensor, clip_g_input_ids: Tensor, t5_input_ids: Tensor) -> tuple[Tensor, Tensor]:
         (l_states, l_pooled), (g_states, g_pooled) = self.clip_l(clip_l_input_ids), self.clip_g(clip_g_input_ids)
@@ -117,9 +118,9 @@ class FluxPromptGraph(nn.Module):
     def __init__(self, clip_l: CLIPTextModel, t5: T5EncoderModel, clip_len: int = 77, t5_len: int = 512):
         super().__init__()
         self.clip_l, self.t5 = ClipGraph(clip_l, clip_len), EncoderGraph(t5, t5_len, attention_mask=False)
-        self.inputs = [IOSpec("clip_l_input_ids", "int64", ("B", clip_len)), IOSpec("t5_input_ids", "int64", ("B", t5_len))]
-        self.outputs = [IOSpec("prompt_embeds", "float32", ("B", t5_len, t5.config.d_model)),
-                        IOSpec("pooled_prompt_embeds", "float32", ("B", clip_l.config.hidden_size))]
+        self.inputs = [TensorSpec("clip_l_input_ids", "int64", ("B", clip_len)), TensorSpec("t5_input_ids", "int64", ("B", t5_len))]
+        self.outputs = [TensorSpec("prompt_embeds", "float32", ("B", t5_len, t5.config.d_model)),
+                        TensorSpec("pooled_prompt_embeds", "float32", ("B", clip_l.config.hidden_size))]
 
     def forward(self, clip_l_input_ids: Tensor, t5_input_ids: Tensor) -> tuple[Tensor, Tensor]:
         return self.t5(t5_input_ids).float(), self.clip_l(clip_l_input_ids)[1].float()
@@ -136,10 +137,10 @@ def _check(model: nn.Module, types: tuple[type, ...], seq_len: int | str) -> Non
 
 
 def _dtype(model: nn.Module) -> str:
-    if model.dtype not in DTYPE_NAMES:
+    if model.dtype not in FLOAT_DTYPES:
         raise ConfigError(f"text encoder dtype {model.dtype} is not exportable; use one of "
-                          f"{sorted(DTYPE_NAMES.values())}")
-    return DTYPE_NAMES[model.dtype]
+                          f"{', '.join(PRECISIONS.values())}")
+    return dtype_name(model.dtype)
 
 
 def save_tokenizer(tokenizer, folder: Path) -> Path:
@@ -164,3 +165,17 @@ def save_tokenizer(tokenizer, folder: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tok.save(str(path))
     return path
+
+
+def unmasked_tokenizers(path: Path, rows: list[tuple[str, str, int]]) -> list:
+    """SD3/Flux tokenizers (their encoders take no mask): (subfolder, tokenizer, TextInput) per (subfolder, name,
+    length). T5's length is chosen per request (max_sequence_length, up to T5_MAX); CLIP's is fixed."""
+    from transformers import AutoTokenizer
+
+    out = []
+    for sub, name, n in rows:
+        tok = AutoTokenizer.from_pretrained(path / sub)
+        spec = TextInput(f"{sub}/tokenizer.json", n, tok.pad_token_id, input_ids=f"{name}_input_ids",
+                         attention_mask=None, length_range=[2, T5_MAX] if name == "t5" else [])
+        out.append((sub, tok, spec))
+    return out

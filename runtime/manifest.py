@@ -21,7 +21,7 @@ from typing import Any
 from .errors import ConfigError, ManifestError
 from .schedules import STEP_SCALARS, full_config
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: constant conditioning (Flux ids, PixArt-α micro-conditions) lives in the step engine
 MANIFEST_NAME = "manifest.json"
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32")
 COMPONENTS = ("denoiser", "text_encoder", "vae_decoder")
@@ -30,7 +30,7 @@ MAX_DEPTH = 16  # nesting of free-form objects (scheduler config, export info)
 MAX_INT = 2**53  # integers JSON readers agree on
 MAX_DIM = 1 << 20  # one tensor axis; latents and images are far smaller
 STATE_INPUTS = ("x", "x0_prev", "x0_prev2", "guidance", *STEP_SCALARS)  # the step engine's per-step inputs
-RUNTIME_INPUTS = ("class_labels", "img_ids", "txt_ids", "resolution", "aspect_ratio")  # filled by the runtime
+RUNTIME_INPUTS = ("class_labels",)  # filled by the runtime from the request
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.:/-]{0,127}")  # tensor names
 AXIS = re.compile(r"[A-Za-z0-9_+*/() -]{1,64}")  # symbolic axes: "B", "T", "77+T"
 
@@ -47,6 +47,9 @@ class TensorSpec:
     dtype: str = rule(one_of=DTYPES)
     # ints for fixed axes, strings ("B") for symbolic ones; [] for a scalar
     shape: list[int | str] = rule(hi=8, item=dict(lo=1, hi=MAX_DIM, pattern=AXIS))
+
+    def __post_init__(self):  # a tuple given in code is the same spec as the list a manifest holds
+        object.__setattr__(self, "shape", list(self.shape))
 
 
 @dataclass(frozen=True)

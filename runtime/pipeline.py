@@ -27,12 +27,13 @@ MAX_GUIDANCE = 100.0  # as ComfyUI; far past where any model gives usable images
 SHIFTS = (1e-3, 1e3)  # flow shifts in use are 1..~12; far outside this range the schedules degenerate
 MAX_THREADS = 1024
 BRANCH_AXIS = "n"  # CFG branches of the step engine's paired inputs: [negative; positive], or [positive]
+OUTPUT_TYPES = ("uint8", "float", "latent")  # what a request returns: see Pipeline.__call__
 
 
 @dataclass(frozen=True)
 class Result:
-    images: list[np.ndarray]  # uint8, (H, W) for one channel, (H, W, 3) for RGB
-    pixels: np.ndarray  # the same images as float32 (B, H, W, C) in [0, 1], before rounding to 8 bits
+    images: list[np.ndarray] | None  # uint8, (H, W) for one channel, (H, W, 3) for RGB; None unless "uint8"
+    pixels: np.ndarray | None  # the same as float32 (B, H, W, C) in [0, 1]; None for output_type "latent"
     seeds: list[int]  # image i was generated from seeds[i]
     parameters: list[str]  # A1111-style generation parameters, one per image
     timings_ms: dict[str, float]
@@ -48,6 +49,9 @@ class Result:
         overwrite an existing file is never replaced, even one that appears while this runs; if one output
         cannot be written, the others this call created are removed again (see outputs.py).
         """
+        if self.images is None:
+            raise InputError("this result holds no 8-bit images to save (output_type 'float' or 'latent'); "
+                             "generate with output_type='uint8', the default")
         paths = output_paths(path, len(self.images), overwrite)
         write_pngs(self.images, [p if metadata else None for p in self.parameters], paths, overwrite)
         return paths
@@ -110,7 +114,8 @@ class Pipeline:
                  class_label: int | str | None = None, steps: int | None = None, guidance: float | None = None,
                  seed: int | None = None, batch_size: int = 1, width: int | None = None, height: int | None = None,
                  sampler: str | None = None, shift: float | None = None, latents: np.ndarray | None = None,
-                 max_sequence_length: int | None = None, on_step: Callable[[int, int], None] | None = None) -> Result:
+                 max_sequence_length: int | None = None, on_step: Callable[[int, int], None] | None = None,
+                 output_type: str = "uint8") -> Result:
         """Generate `batch_size` images of `prompt` (text models) or `class_label` (class-conditional models).
 
         Image i uses seed + i; seed None or < 0 picks one. Steps and guidance default to the manifest's.
@@ -119,6 +124,7 @@ class Pipeline:
         `max_sequence_length`: T5 tokens for SD3/Flux folders, within the manifest's range (default: the pipeline's).
         Classifier-free guidance runs where the diffusers pipeline runs it (guidance > 1); at guidance <= 1 only
         the conditional branch is computed.
+        `output_type` as diffusers': "uint8" (default); "float": no 8-bit images; "latent": no decode either.
         """
         m, sched = self.manifest, self.manifest.scheduler
         size = self._output_size(width, height)
@@ -126,6 +132,8 @@ class Pipeline:
         steps = _int("steps", sched.default_steps if steps is None else steps, 1, MAX_STEPS)
         batch_size = _int("batch_size", batch_size, 1, MAX_BATCH)
         guidance = _real("guidance", sched.default_guidance if guidance is None else guidance, 0, MAX_GUIDANCE)
+        if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
+            raise InputError(f"output_type {_show(output_type)} is not allowed; use uint8, float or latent")
         if on_step is not None and not callable(on_step):
             raise InputError(f"on_step {_show(on_step)} is not callable; give a function f(step, steps) or None")
         config = self.scheduler_config(sampler, shift)
@@ -151,10 +159,9 @@ class Pipeline:
             _check_finite(x, "the denoiser", why, latents is not None)
             t2 = time.perf_counter()
             final = unpack(x, m.latent.packing, m.latent.height, m.latent.width)
-            decoded = self._decode(final)
-            decoded = decoded if size == self.image_size else resize_and_crop(decoded, *size)
-            _check_finite(decoded, "the VAE decoder (from finite latents)", why, latents is not None)
-            images = to_uint8(decoded)
+            pixels = None if output_type == "latent" else self._decode(final, size)
+            _check_finite(pixels, "the VAE decoder (from finite latents)", why, latents is not None)
+            images = to_uint8(pixels) if output_type == "uint8" else None
         t3 = time.perf_counter()
         if m.random_weights:  # nothing else at run time would say so
             warnings = [f"model {m.model!r} has random weights (exported with --random-weights): its images are "
@@ -162,8 +169,7 @@ class Pipeline:
         timings.update(text_encode=(t1 - t0) * 1e3, denoise_total=(t2 - t1) * 1e3,
                        denoise_per_step=(t2 - t1) * 1e3 / steps, decode=(t3 - t2) * 1e3, total=(t3 - t0) * 1e3)
         params = [self._parameters(description, steps, guidance, s, size, config) for s in seeds]
-        return Result(images, decoded.transpose(0, 2, 3, 1).astype(np.float32, copy=False), seeds, params, timings,
-                      tuple(warnings), final)
+        return Result(images, pixels, seeds, params, timings, tuple(warnings), final)
 
     @property
     def samplers(self) -> list[str]:
@@ -225,14 +231,6 @@ class Pipeline:
                 feeds[spec.name] = np.stack([neg[spec.name], pos[spec.name]] if cfg else [pos[spec.name]])
             elif spec.name in pos:  # Flux: the prompt alone, guidance is embedded in the model
                 feeds[spec.name] = pos[spec.name]
-        names = set(feeds) | {s.name for s in m.components["denoiser"].inputs}
-        if "img_ids" in names:  # Flux: (row, column) ids of the packed latent grid; text ids are zeros
-            feeds["img_ids"] = image_ids(m.latent.height // 2, m.latent.width // 2)
-            feeds["txt_ids"] = np.zeros((feeds["prompt_embeds"].shape[1], 3), dtype=np.float32)
-        if "resolution" in names:  # PixArt-α micro-conditions: the image's (height, width) and aspect ratio
-            w, h = self.image_size
-            feeds["resolution"] = np.tile(np.array([[h, w]], dtype=np.float32), (batch, 1))
-            feeds["aspect_ratio"] = np.full((batch, 1), h / w, dtype=np.float32)
         return feeds, description, warnings
 
     def _text_lengths(self, max_sequence_length: int | None) -> list[int]:
@@ -289,13 +287,16 @@ class Pipeline:
         timings["denoise_engine"] = engine_s * 1e3
         return feeds["x0_prev"] if plan["final_from_x0"] else feeds["x"] * plan["final"]
 
-    def _decode(self, x: np.ndarray) -> np.ndarray:
-        """Final (unpacked) latents -> images (B, C, H, W) in [0, 1]: the VAE engine, or latents that are pixels
-        in [-1, 1]."""
+    def _decode(self, x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """Final (unpacked) latents -> float32 images (B, H, W, C) in [0, 1] of `size`: the VAE engine, or
+        latents that are pixels in [-1, 1]; then PixArt's resize and crop to a `size` not the engines' own."""
         if "vae_decoder" in self.engines:
-            return self.engines["vae_decoder"].run({"latents": x})["image"]
-        lat = self.manifest.latent
-        return np.clip((x / lat.scaling_factor + lat.shift_factor + 1) / 2, 0, 1)
+            x = self.engines["vae_decoder"].run({"latents": x})["image"]
+        else:
+            lat = self.manifest.latent
+            x = np.clip((x / lat.scaling_factor + lat.shift_factor + 1) / 2, 0, 1)
+        x = x if size == self.image_size else resize_and_crop(x, *size)
+        return x.transpose(0, 2, 3, 1).astype(np.float32, copy=False)
 
     def _output_size(self, width: int | None, height: int | None) -> tuple[int, int]:
         """(width, height) to return: the engines' size, or a size that PixArt's resolution bins map to it."""
@@ -357,8 +358,8 @@ def _check_latents(latents: np.ndarray | None, batch: int, shape: tuple[int, ...
         raise InputError("latents hold non-finite values (NaN or inf); give finite initial noise")
 
 
-def _check_finite(x: np.ndarray, stage: str, why: str, latents_given: bool) -> None:
-    if not np.isfinite(x).all():
+def _check_finite(x: np.ndarray | None, stage: str, why: str, latents_given: bool) -> None:
+    if x is not None and not np.isfinite(x).all():
         also = " (or give initial latents of ordinary magnitude)" if latents_given else ""
         raise InputError(f"{stage} produced non-finite values ({why}); lower the guidance or change the sampler"
                          f"{also}")
@@ -413,17 +414,10 @@ def unpack(x: np.ndarray, p: int, H: int, W: int) -> np.ndarray:
     return x.reshape(B, H // p, W // p, C, p, p).transpose(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
 
 
-def image_ids(h: int, w: int) -> np.ndarray:
-    """(h·w, 3) float32 position ids (0, row, column) of the packed grid (diffusers _prepare_latent_image_ids)."""
-    ids = np.zeros((h, w, 3), dtype=np.float32)
-    ids[..., 1], ids[..., 2] = np.arange(h)[:, None], np.arange(w)[None, :]
-    return ids.reshape(h * w, 3)
-
-
 def to_uint8(x: np.ndarray) -> list[np.ndarray]:
-    """(B, C, H, W) in [0, 1] -> list of uint8 images, (H, W) for C = 1 and (H, W, 3) for C = 3."""
+    """(B, H, W, C) in [0, 1] -> list of uint8 images, (H, W) for C = 1 and (H, W, 3) for C = 3."""
     x = np.clip(np.rint(x * 255), 0, 255).astype(np.uint8)
-    return [img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0) for img in x]
+    return [img[..., 0] if img.shape[-1] == 1 else img for img in x]
 
 
 def _bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
@@ -443,6 +437,6 @@ def resize_and_crop(x: np.ndarray, width: int, height: int) -> np.ndarray:
     h, w = x.shape[-2:]
     ratio = max(height / h, width / w)
     rh, rw = int(h * ratio), int(w * ratio)
-    y = np.einsum("oh,bchw,pw->bcop", _bilinear_matrix(h, rh), x.astype(np.float64), _bilinear_matrix(w, rw))
+    y = _bilinear_matrix(h, rh) @ x.astype(np.float64) @ _bilinear_matrix(w, rw).T  # (B, C, rh, rw)
     top, left = (rh - height) // 2, (rw - width) // 2
     return y[:, :, top:top + height, left:left + width].astype(x.dtype)

@@ -5,10 +5,13 @@ The step engine (export/graphs.py) computes, from the guided model output g:
     x_next = a·x + b·x0 + c·x0_prev + e·x0_prev2 + d·g
 Every supported scheduler is this form with host-side coefficients, so the loop stays one engine call per step.
 A config is the folder's `scheduler_config.json`: `_class_name` plus every option. Options that change the
-numbers are reproduced as diffusers computes them, or refused by `check_config` naming the option.
+numbers are reproduced as diffusers computes them, or refused by `check_config` naming the option. Each
+supported class is one `SchedulerKind` in the registry, `SCHEDULERS`, keyed by its diffusers class name.
 """
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -16,79 +19,16 @@ from .errors import ConfigError
 
 STEP_SCALARS = ("t", "p", "q", "a", "b", "c", "e", "d", "clip")
 
-# Each supported class's constructor defaults (diffusers 0.3x), so a partial config means what it means there.
-_BETAS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
-          "trained_betas": None, "rescale_betas_zero_snr": False}
-DEFAULTS = {
-    "FlowMatchEulerDiscreteScheduler": {
-        "num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False, "base_shift": 0.5,
-        "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096, "invert_sigmas": False,
-        "shift_terminal": None, "use_karras_sigmas": False, "use_exponential_sigmas": False,
-        "use_beta_sigmas": False, "time_shift_type": "exponential", "stochastic_sampling": False},
-    "DDIMScheduler": {
-        **_BETAS, "clip_sample": True, "set_alpha_to_one": True, "steps_offset": 0, "prediction_type": "epsilon",
-        "thresholding": False, "dynamic_thresholding_ratio": 0.995, "clip_sample_range": 1.0,
-        "sample_max_value": 1.0, "timestep_spacing": "leading"},
-    "DPMSolverMultistepScheduler": {
-        **_BETAS, "solver_order": 2, "prediction_type": "epsilon", "thresholding": False,
-        "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0, "algorithm_type": "dpmsolver++",
-        "solver_type": "midpoint", "lower_order_final": True, "euler_at_final": False, "use_karras_sigmas": False,
-        "use_exponential_sigmas": False, "use_beta_sigmas": False, "use_lu_lambdas": False,
-        "use_flow_sigmas": False, "flow_shift": 1.0, "final_sigmas_type": "zero",
-        "lambda_min_clipped": -math.inf, "variance_type": None, "timestep_spacing": "linspace", "steps_offset": 0,
-        "use_dynamic_shifting": False, "time_shift_type": "exponential"},
-    "EulerDiscreteScheduler": {
-        **_BETAS, "prediction_type": "epsilon", "interpolation_type": "linear", "use_karras_sigmas": False,
-        "use_exponential_sigmas": False, "use_beta_sigmas": False, "sigma_min": None, "sigma_max": None,
-        "timestep_spacing": "linspace", "timestep_type": "discrete", "steps_offset": 0, "final_sigmas_type": "zero"},
-}
-FLOW, DDIM, DPM = "FlowMatchEulerDiscreteScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler"
-EULER = "EulerDiscreteScheduler"
-
-# Option values this runtime reproduces; any other value of these options is refused. Options not listed are
-# either reproduced for every value (numbers: shift, beta_start, ...) or do not change deterministic sampling.
-_ALLOWED = {
-    FLOW: {"invert_sigmas": (False,), "use_beta_sigmas": (False,), "stochastic_sampling": (False,),
-           "time_shift_type": ("exponential", "linear")},
-    DDIM: {"thresholding": (False,), "prediction_type": ("epsilon", "v_prediction", "sample"),
-           "timestep_spacing": ("leading", "trailing", "linspace"),
-           "beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2")},
-    DPM: {"thresholding": (False,), "algorithm_type": ("dpmsolver++",), "solver_type": ("midpoint", "heun"),
-          "solver_order": (1, 2, 3), "use_beta_sigmas": (False,), "use_lu_lambdas": (False,),
-          "variance_type": (None,), "final_sigmas_type": ("zero", "sigma_min"),
-          "prediction_type": ("epsilon", "v_prediction", "sample", "flow_prediction"),
-          "timestep_spacing": ("leading", "trailing", "linspace"), "time_shift_type": ("exponential",),
-          "beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2")},
-    EULER: {"prediction_type": ("epsilon", "v_prediction", "sample", "original_sample"),
-            "interpolation_type": ("linear",), "use_beta_sigmas": (False,), "timestep_type": ("discrete",),
-            "timestep_spacing": ("leading", "trailing", "linspace"), "final_sigmas_type": ("zero", "sigma_min"),
-            "beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2")},
-}
 _WHY = {"thresholding": "dynamic thresholding needs a per-sample quantile", "stochastic_sampling": "it draws noise "
         "every step", "algorithm_type": "SDE and ε-space variants are not implemented", "use_beta_sigmas": "it needs "
         "scipy", "use_lu_lambdas": "not implemented", "invert_sigmas": "only Mochi uses it",
         "variance_type": "diffusers slices 3 channels, which fails for these models"}
 
-# --sampler names: (class, options), applied as diffusers' `X.from_config(current_config, **options)`.
-# "euler" is FlowMatchEulerDiscreteScheduler for a flow model and EulerDiscreteScheduler for the others.
-SAMPLERS = {
-    "euler": (FLOW, {}),
-    "euler-karras": (EULER, {"use_karras_sigmas": True}),
-    "ddim": (DDIM, {}),
-    "dpm++1": (DPM, {"solver_order": 1}),
-    "dpm++2m": (DPM, {"solver_order": 2}),
-    "dpm++2m-karras": (DPM, {"solver_order": 2, "use_karras_sigmas": True}),
-    "dpm++3m": (DPM, {"solver_order": 3}),
-    **{cls: (cls, {}) for cls in DEFAULTS},
-}
-
 
 def prediction_of(config: dict) -> str:
     """What the model predicts under this scheduler: "flow" (v = noise − x0), "epsilon", "v_prediction", "sample"."""
-    cls = config["_class_name"]
-    if cls == FLOW or (cls == DPM and config.get("prediction_type") == "flow_prediction"):
-        return "flow"
-    return config.get("prediction_type", "epsilon")
+    prediction = config.get("prediction_type", "flow")  # FlowMatch classes have no prediction_type: flow
+    return "flow" if prediction == "flow_prediction" else prediction
 
 
 def full_config(config: dict) -> dict:
@@ -97,15 +37,16 @@ def full_config(config: dict) -> dict:
     if not isinstance(config, dict):
         raise ConfigError(f"a scheduler config must be a JSON object, got {type(config).__name__}")
     cls = config.get("_class_name")
-    if not isinstance(cls, str) or cls not in DEFAULTS:
-        raise ConfigError(f"scheduler class {cls!r} is not supported; supported: {', '.join(DEFAULTS)}")
+    if not isinstance(cls, str) or cls not in SCHEDULERS:
+        raise ConfigError(f"scheduler class {cls!r} is not supported; supported: {', '.join(SCHEDULERS)}")
+    defaults = SCHEDULERS[cls].defaults
     defaulted = config.get("_use_default_values", [])
     if not isinstance(defaulted, list):
         raise ConfigError(f"scheduler config _use_default_values must be a list, got {defaulted!r}")
-    given = {k: v for k, v in config.items() if k in DEFAULTS[cls] and k not in defaulted}
-    out = {"_class_name": cls, **DEFAULTS[cls], **given,
-           "_use_default_values": sorted(k for k in DEFAULTS[cls] if k not in given)}
-    for key, default in DEFAULTS[cls].items():
+    given = {k: v for k, v in config.items() if k in defaults and k not in defaulted}
+    out = {"_class_name": cls, **defaults, **given,
+           "_use_default_values": sorted(k for k in defaults if k not in given)}
+    for key, default in defaults.items():
         _check_type(cls, key, out[key], default)
     return out
 
@@ -153,7 +94,8 @@ def check_config(config: dict, call: dict | None = None) -> dict:
     naming the class/option and what is supported."""
     config = full_config(config)
     cls = config["_class_name"]
-    for key, allowed in _ALLOWED[cls].items():
+    kind = SCHEDULERS[cls]
+    for key, allowed in kind.allowed.items():
         if config[key] not in allowed:
             why = f" ({_WHY[key]})" if key in _WHY else ""
             raise ConfigError(f"{cls} option {key}={config[key]!r} is not supported{why}; supported: "
@@ -168,24 +110,25 @@ def check_config(config: dict, call: dict | None = None) -> dict:
     if call is None:
         return config
     call = _checked_call(call)
-    if cls == FLOW and config["use_dynamic_shifting"] and call.get("mu") not in ("always", "dynamic"):
+    if kind is FLOW and config["use_dynamic_shifting"] and call.get("mu") not in ("always", "dynamic"):
         raise ConfigError("FlowMatchEulerDiscreteScheduler option use_dynamic_shifting=True needs the resolution "
                           "shift (mu), which this pipeline does not pass to set_timesteps (diffusers raises too); "
                           "use a static shift")
-    if cls == DPM and config["use_flow_sigmas"] and (config["use_karras_sigmas"] or config["use_exponential_sigmas"]):
+    if kind is DPM and config["use_flow_sigmas"] and (config["use_karras_sigmas"]
+                                                      or config["use_exponential_sigmas"]):
         raise ConfigError("DPMSolverMultistepScheduler: use_karras_sigmas / use_exponential_sigmas with "
                           "use_flow_sigmas give NaN in diffusers (VP sigmas with flow alphas); use one of them")
-    if cls in (DDIM, EULER) and (call.get("custom_sigmas") or call.get("mu") == "always"):
+    if kind in (DDIM, EULER) and (call.get("custom_sigmas") or call.get("mu") == "always"):
         raise ConfigError(f"this pipeline passes its own sigmas and a resolution shift (mu) to set_timesteps, which "
                           f"{cls} does not accept (diffusers raises too); use FlowMatchEulerDiscreteScheduler")
-    if cls == EULER and call.get("steps_scaled_input"):
+    if kind is EULER and call.get("steps_scaled_input"):
         raise ConfigError("EulerDiscreteScheduler does not work in this pipeline: DiTPipeline passes the "
                           "scale_model_input result back to scheduler.step, which breaks σ-space schedulers; use "
                           "DDIMScheduler or DPMSolverMultistepScheduler")
-    if cls == DPM and call.get("custom_sigmas") and not config["use_flow_sigmas"]:
+    if kind is DPM and call.get("custom_sigmas") and not config["use_flow_sigmas"]:
         raise ConfigError("this pipeline passes its own sigmas to set_timesteps, which DPMSolverMultistepScheduler "
                           "does not accept (diffusers raises too); use FlowMatchEulerDiscreteScheduler")
-    if cls == DPM and call.get("mu") == "always" and not config["use_dynamic_shifting"]:
+    if kind is DPM and call.get("mu") == "always" and not config["use_dynamic_shifting"]:
         raise ConfigError("this pipeline passes a resolution shift (mu) to set_timesteps; DPMSolverMultistepScheduler "
                           "accepts it only with use_dynamic_shifting=True (diffusers asserts)")
     return config
@@ -218,27 +161,25 @@ def switch(config: dict, name: str, prediction: str, shift: float | None = None)
     options that keep the model's prediction type (and, between flow schedulers, its shift) as `options`."""
     if name not in SAMPLERS:
         raise ConfigError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
-    cls, options = SAMPLERS[name]
+    kind, options = SAMPLERS[name]
     if name == "euler" and prediction != "flow":
-        cls = EULER
-    old_shift = config.get("shift") if config["_class_name"] == FLOW else config.get("flow_shift")
+        kind = EULER
+    cls = kind.cls
+    old = SCHEDULERS[config["_class_name"]]
     if prediction == "flow":
-        if cls in (DDIM, EULER):
+        if kind.flow_options is None:
             raise ConfigError(f"sampler {name!r} ({cls}) needs an epsilon/v-prediction model; this model "
                               f"predicts flow; choose euler or a dpm++ sampler")
-        if cls == DPM:
-            options = {"prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": old_shift,
-                       **options}
-        elif config["_class_name"] != FLOW:
-            options = {"shift": old_shift, **options}
+        if kind.flow_options or kind is not old:  # FlowMatch to FlowMatch carries its shift itself
+            options = {**kind.flow_options, kind.shift_key: config.get(old.shift_key), **options}
     else:
-        if cls == FLOW:
-            raise ConfigError(f"sampler {name!r} (FlowMatchEulerDiscreteScheduler) needs a flow model; this model "
+        if "prediction_type" not in kind.defaults:
+            raise ConfigError(f"sampler {name!r} ({cls}) needs a flow model; this model "
                               f"predicts {prediction}; choose ddim or a dpm++ sampler")
         options = {"prediction_type": prediction, **options}
     new = full_config({**given_options(config), "_class_name": cls, **options})
     if shift is not None:
-        key = "shift" if cls == FLOW else "flow_shift" if new.get("use_flow_sigmas") else None
+        key = kind.shift_key if kind is FLOW or new.get("use_flow_sigmas") else None
         if key is None or new.get("use_dynamic_shifting"):
             raise ConfigError(f"--shift {shift} does not apply to this sampler ({cls} without a static flow shift)")
         if isinstance(shift, bool) or not (isinstance(shift, (int, float)) and math.isfinite(shift) and shift > 0):
@@ -249,17 +190,10 @@ def switch(config: dict, name: str, prediction: str, shift: float | None = None)
 
 def label(config: dict) -> str:
     """The sampler's name as A1111-style PNG metadata shows it."""
-    cls = config["_class_name"]
-    if cls == FLOW:
-        return "Euler"
-    if cls == EULER:
-        return "Euler" + (" Karras" if config["use_karras_sigmas"] else " Exponential"
-                          if config["use_exponential_sigmas"] else "")
-    if cls == DDIM:
-        return "DDIM"
-    name = {1: "DPM++ 1S", 2: "DPM++ 2M", 3: "DPM++ 3M"}[config["solver_order"]]
-    return name + (" Karras" if config["use_karras_sigmas"] else " Exponential" if config["use_exponential_sigmas"]
-                   else "")
+    sigmas = (" Karras" if config.get("use_karras_sigmas") else
+              " Exponential" if config.get("use_exponential_sigmas") else "")
+    order = {1: "1S", 2: "2M", 3: "3M"}.get(config.get("solver_order"))
+    return SCHEDULERS[config["_class_name"]].label.format(order=order, sigmas=sigmas)
 
 
 # ---------------------------------------------------------------------------------------------- β schedules
@@ -349,7 +283,7 @@ def flow_sigmas(c: dict, steps: int, sigmas=None, mu: float | None = None) -> tu
     return np.append(sigmas, np.float32(0.0)), sigmas * np.float32(n)
 
 
-def _flow_euler(c: dict, steps: int, sigmas=None, mu=None) -> dict:
+def _flow_euler(c: dict, steps: int, sigmas=None, mu=None, **_) -> dict:
     """x_next = x + (σ_next − σ)·v; x0 = x − σ·v for previews and x0_prev."""
     s, t = flow_sigmas(c, steps, sigmas, mu)
     s = s.astype(np.float64)
@@ -531,10 +465,84 @@ def _euler(c: dict, steps: int, scales_initial_noise: bool = False, **_) -> dict
             "init": (init_sigma if scales_initial_noise else 1.0) * c_in[0], "final": 1 / c_in[-1]}
 
 
+# ----------------------------------------------------------------------------------------------- the registry
+
+@dataclass(frozen=True, eq=False)  # one value per class: compared and hashed by identity
+class SchedulerKind:
+    """One supported diffusers scheduler class: what this module knows about it."""
+    cls: str  # the diffusers class name, a config's "_class_name"
+    defaults: dict  # constructor defaults (diffusers 0.3x), so a partial config means what it means there
+    allowed: dict  # option -> the values reproduced, others refused (_WHY); unlisted options: any value
+    plan: Callable  # (full config, steps, **timestep_args) -> the raw per-step scalars make_plan completes
+    label: str  # the sampler's name in A1111-style PNG metadata, {order} and {sigmas} filled in by label()
+    flow_options: dict | None = None  # what makes it sample a flow model (with the shift); None: ε/v/x0 only
+    shift_key: str | None = None  # the option holding its static flow shift
+    gives_x0: bool = False  # its step returns pred_original_sample (PixArt-α's one-step result)
+
+
+_BETAS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+          "trained_betas": None, "rescale_betas_zero_snr": False}
+_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+_SPACINGS = ("leading", "trailing", "linspace")
+FLOW = SchedulerKind(
+    "FlowMatchEulerDiscreteScheduler", plan=_flow_euler, label="Euler", flow_options={}, shift_key="shift",
+    defaults={"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False, "base_shift": 0.5,
+              "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096, "invert_sigmas": False,
+              "shift_terminal": None, "use_karras_sigmas": False, "use_exponential_sigmas": False,
+              "use_beta_sigmas": False, "time_shift_type": "exponential", "stochastic_sampling": False},
+    allowed={"invert_sigmas": (False,), "use_beta_sigmas": (False,), "stochastic_sampling": (False,),
+             "time_shift_type": ("exponential", "linear")})
+DDIM = SchedulerKind(
+    "DDIMScheduler", plan=_ddim, label="DDIM", gives_x0=True,
+    defaults={**_BETAS, "clip_sample": True, "set_alpha_to_one": True, "steps_offset": 0,
+              "prediction_type": "epsilon", "thresholding": False, "dynamic_thresholding_ratio": 0.995,
+              "clip_sample_range": 1.0, "sample_max_value": 1.0, "timestep_spacing": "leading"},
+    allowed={"thresholding": (False,), "prediction_type": ("epsilon", "v_prediction", "sample"),
+             "timestep_spacing": _SPACINGS, "beta_schedule": _BETA_SCHEDULES})
+DPM = SchedulerKind(
+    "DPMSolverMultistepScheduler", plan=_dpm, label="DPM++ {order}{sigmas}", shift_key="flow_shift",
+    flow_options={"prediction_type": "flow_prediction", "use_flow_sigmas": True},
+    defaults={**_BETAS, "solver_order": 2, "prediction_type": "epsilon", "thresholding": False,
+              "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0, "algorithm_type": "dpmsolver++",
+              "solver_type": "midpoint", "lower_order_final": True, "euler_at_final": False,
+              "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
+              "use_lu_lambdas": False, "use_flow_sigmas": False, "flow_shift": 1.0,
+              "final_sigmas_type": "zero", "lambda_min_clipped": -math.inf, "variance_type": None,
+              "timestep_spacing": "linspace", "steps_offset": 0, "use_dynamic_shifting": False,
+              "time_shift_type": "exponential"},
+    allowed={"thresholding": (False,), "algorithm_type": ("dpmsolver++",),
+             "solver_type": ("midpoint", "heun"), "solver_order": (1, 2, 3), "use_beta_sigmas": (False,),
+             "use_lu_lambdas": (False,), "variance_type": (None,), "final_sigmas_type": ("zero", "sigma_min"),
+             "prediction_type": ("epsilon", "v_prediction", "sample", "flow_prediction"),
+             "timestep_spacing": _SPACINGS, "time_shift_type": ("exponential",),
+             "beta_schedule": _BETA_SCHEDULES})
+EULER = SchedulerKind(
+    "EulerDiscreteScheduler", plan=_euler, label="Euler{sigmas}", gives_x0=True,
+    defaults={**_BETAS, "prediction_type": "epsilon", "interpolation_type": "linear",
+              "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
+              "sigma_min": None, "sigma_max": None, "timestep_spacing": "linspace",
+              "timestep_type": "discrete", "steps_offset": 0, "final_sigmas_type": "zero"},
+    allowed={"prediction_type": ("epsilon", "v_prediction", "sample", "original_sample"),
+             "interpolation_type": ("linear",), "use_beta_sigmas": (False,), "timestep_type": ("discrete",),
+             "timestep_spacing": _SPACINGS, "final_sigmas_type": ("zero", "sigma_min"),
+             "beta_schedule": _BETA_SCHEDULES})
+SCHEDULERS = {kind.cls: kind for kind in (FLOW, DDIM, DPM, EULER)}
+
+# --sampler names: (class, options), applied as diffusers' `X.from_config(current_config, **options)`.
+# "euler" is FlowMatchEulerDiscreteScheduler for a flow model and EulerDiscreteScheduler for the others.
+SAMPLERS = {
+    "euler": (FLOW, {}),
+    "euler-karras": (EULER, {"use_karras_sigmas": True}),
+    "ddim": (DDIM, {}),
+    "dpm++1": (DPM, {"solver_order": 1}),
+    "dpm++2m": (DPM, {"solver_order": 2}),
+    "dpm++2m-karras": (DPM, {"solver_order": 2, "use_karras_sigmas": True}),
+    "dpm++3m": (DPM, {"solver_order": 3}),
+    **{kind.cls: (kind, {}) for kind in SCHEDULERS.values()},
+}
+
+
 # --------------------------------------------------------------------------------------------------- the plan
-
-_PLANS = {FLOW: _flow_euler, DDIM: _ddim, DPM: _dpm, EULER: _euler}
-
 
 def timestep_args(config: dict, call: dict, steps: int) -> dict:
     """What the diffusers pipeline passes to set_timesteps besides the step count: custom sigmas and/or μ.
@@ -544,7 +552,7 @@ def timestep_args(config: dict, call: dict, steps: int) -> dict:
     pipeline's fallbacks for base/max sequence length and shift when the config lacks them), and
     scales_initial_noise (PixArt multiplies its initial latents by the scheduler's init_noise_sigma).
     """
-    kw = {"scales_initial_noise": True} if call.get("scales_initial_noise") and config["_class_name"] == EULER else {}
+    kw = {"scales_initial_noise": True} if call.get("scales_initial_noise") else {}  # matters for Euler only
     if call.get("custom_sigmas") == "linspace" and not config.get("use_flow_sigmas"):
         kw["sigmas"] = np.linspace(1.0, 1 / steps, steps)
     if call.get("mu") == "always" or (call.get("mu") == "dynamic" and config.get("use_dynamic_shifting")):
@@ -560,9 +568,10 @@ def make_plan(config: dict, steps: int, call: dict | None = None) -> dict[str, n
     initial noise and of the final latents (1 but for EulerDiscreteScheduler), and "final_from_x0" (the result is
     the last step's x0, not x_next). The config must pass check_config."""
     config = full_config(config)
+    kind = SCHEDULERS[config["_class_name"]]
     try:
         with np.errstate(all="ignore"):
-            raw = _PLANS[config["_class_name"]](config, steps, **timestep_args(config, call or {}, steps))
+            raw = kind.plan(config, steps, **timestep_args(config, call or {}, steps))
     except (ArithmeticError, IndexError) as e:  # e.g. base_image_seq_len == max_image_seq_len, exp overflow
         raise ConfigError(f"{config['_class_name']} gives an undefined schedule at {steps} step(s) "
                           f"({type(e).__name__}: {e}); check the scheduler's options") from None
@@ -575,7 +584,7 @@ def make_plan(config: dict, steps: int, call: dict | None = None) -> dict[str, n
     plan = {k: v.astype(np.float32) for k, v in plan.items()}
     # PixArtAlphaPipeline returns the step's pred_original_sample when it takes a single step
     from_x0 = bool((call or {}).get("one_step_x0")) and n == 1
-    if from_x0 and config["_class_name"] not in (DDIM, EULER):
+    if from_x0 and not kind.gives_x0:
         raise ConfigError(f"this pipeline cannot take 1 step with {config['_class_name']} (diffusers fails: the step "
                           "returns no pred_original_sample); use 2 or more steps")
     return {**plan, "init": np.float32(raw.get("init", 1.0)), "final": np.float32(raw.get("final", 1.0)),

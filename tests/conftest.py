@@ -9,24 +9,46 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def exported_once(name: str, tmp_path_factory, folder: str | None = None, **options) -> Path:
+    """The built-in model `name` exported once per test run: the pytest-xdist workers of a run share the
+    folder (the first to ask exports it while the others wait), instead of one export per worker."""
+    from filelock import FileLock  # a dependency of torch
+
+    from ditrt.export import export_model
+
+    base = tmp_path_factory.getbasetemp()
+    run = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # xdist: pytest-N/, one per run
+    out = run / "shared-engines" / (folder or name)
+    out.parent.mkdir(exist_ok=True)
+    with FileLock(f"{out}.lock"):
+        if not (out / "manifest.json").is_file():
+            export_model(name, out, **options)
+    return out
+
+
 @pytest.fixture(scope="session")
 def digits_engine(tmp_path_factory) -> Path:
-    """The built-in digits model exported once per test session (read-only for tests)."""
-    from ditrt.export.folder import export_model
+    """The built-in digits model exported once per test run (read-only for tests)."""
+    return exported_once("digits", tmp_path_factory)
 
-    out = tmp_path_factory.mktemp("engines") / "digits"
-    export_model("digits", out)
-    return out
+
+@pytest.fixture(scope="session")
+def random_digits_engine(tmp_path_factory) -> Path:
+    """digits with seeded random weights (dit-export digits --random-weights --seed 1), once per run."""
+    return exported_once("digits", tmp_path_factory, "digits-random", random_weights=True, seed=1)
 
 
 @pytest.fixture(scope="session")
 def text_digits_engine(tmp_path_factory) -> Path:
-    """The built-in text-digits model (a small Sana pipeline) exported once per test session (read-only)."""
-    from ditrt.export.folder import export_model
+    """The built-in text-digits model (a small Sana pipeline) exported once per test run (read-only)."""
+    return exported_once("text-digits", tmp_path_factory)
 
-    out = tmp_path_factory.mktemp("engines") / "text-digits"
-    export_model("text-digits", out)
-    return out
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest -n, slow tests first (the order is kept otherwise): the longest work starts early instead
+    of leaving one worker busy at the end while the other idles."""
+    if hasattr(config, "workerinput"):  # an xdist worker; every worker sorts its identical collection alike
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def pytest_addoption(parser):
@@ -66,6 +88,26 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
+def run_cli_here(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The same console script called in this process (click's CliRunner, sys.argv as the script sees it),
+    answered as run_cli answers, without a subprocess that imports torch again (about 4 s per dit-export)."""
+    from importlib import import_module
+
+    from click.testing import CliRunner
+
+    module = {"dit-export": "ditrt.export.cli", "dit-run": "ditrt.runtime.cli"}[args[0]]
+    old, argv = os.getcwd(), sys.argv
+    os.chdir(cwd or old)
+    sys.argv = list(args)  # as the script sees it (dit-export records its command line in the manifest)
+    try:
+        main = import_module(module).main
+        r = CliRunner().invoke(main, list(args[1:]), env={"COLUMNS": "120"}, prog_name=args[0])
+    finally:
+        os.chdir(old)
+        sys.argv = argv
+    return subprocess.CompletedProcess(args, r.exit_code, r.stdout, r.stderr)
+
+
 def one_line_error(r, *fragments):
     """A CLI run that failed with exit code 2 and one stderr line containing every fragment."""
     assert r.returncode == 2, (r.stdout, r.stderr)
@@ -74,14 +116,3 @@ def one_line_error(r, *fragments):
     for f in fragments:
         assert f in lines[0], lines[0]
 
-
-def randomize(model, seed: int = 0, buffers: bool = False):
-    """diffusers zero-inits some layers; random values everywhere (and in stored buffers such as SD3's position
-    table, with buffers=True) make every weight count."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for t in [*model.parameters(), *(model.buffers() if buffers else ())]:
-            t.copy_(torch.randn(t.shape, generator=g) * 0.1)
-    return model.eval()

@@ -1,8 +1,10 @@
 """Contracts of the package layout: a torch-free runtime, size budgets, console scripts."""
 
 import ast
+import io
 import subprocess
 import sys
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -57,27 +59,41 @@ def test_runtime_sources_never_import_export():
                     assert not alias.name.startswith(("torch", "ditrt.export")), f"{path} imports {alias.name}"
 
 
-# Size budgets (lines): change them only in a reviewed diff.
-FILE_BUDGET = {"export/models/dit.py": 200, "export/models/layers.py": 400, "export/models/pixart.py": 200,
-               "export/models/sana.py": 200, "export/models/mmdit.py": 200, "export/models/flux.py": 200,
-               "export/models/dc_ae.py": 210}
-FORWARD_BUDGET = 40
-FUNCTION_BUDGET = 60
-RUNTIME_BUDGET = 2300  # 1500 until schedules.py reproduced four diffusers scheduler classes option by option;
-# 1700 until the manifest schema (types, ranges, cross-field checks), request validation of every parameter and
-# PNG outputs that never overwrite (outputs.py)
+# Size budgets, counted in code tokens (names, operators, literals; a docstring is one token, comments and layout
+# are free), so that packing lines cannot meet them: only a smaller design can. Change them only in a reviewed
+# diff. A family file holds everything about its family (config, module, checkpoint, descriptor): ~2000 tokens
+# is about 200 plainly written lines.
+FAMILY_FILES = ("dit", "pixart", "sana", "mmdit", "flux", "vae_kl", "dc_ae")
+FILE_BUDGET = {**{f"export/models/{name}.py": 2300 for name in FAMILY_FILES}, "export/models/layers.py": 3600,
+               "export/models/blocks.py": 1000}
+FORWARD_BUDGET = 500  # a forward reads top to bottom like the paper
+FUNCTION_BUDGET = 700
+RUNTIME_BUDGET = 20500  # the torch-free runtime: manifest contract, schedulers, tokenizer, backends, pipeline, CLI
 CLI_ENTRY_POINTS = {("export/cli.py", "main"), ("runtime/cli.py", "main")}
+LAYOUT = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENCODING,
+          tokenize.ENDMARKER}
+
+
+def code_tokens(source: str) -> list[tokenize.TokenInfo]:
+    return [t for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type not in LAYOUT]
+
+
+def test_packing_lines_does_not_meet_a_budget():
+    """The counter sees through layout: the same code packed on fewer lines counts the same (or more)."""
+    plain = "a = f(x)\nb = g(y)\nreturn a + b\n"
+    packed = "a, b = f(x), g(y); return a + b  # same\n"
+    assert len(code_tokens(packed)) >= len(code_tokens(plain)) == 16
 
 
 @pytest.mark.parametrize("rel,budget", FILE_BUDGET.items())
 def test_file_budgets(rel, budget):
-    n = len((ROOT / rel).read_text().splitlines())
-    assert n <= budget, f"{rel} has {n} lines, budget {budget}"
+    n = len(code_tokens((ROOT / rel).read_text()))
+    assert n <= budget, f"{rel} has {n} code tokens, budget {budget}"
 
 
 def test_runtime_budget():
-    n = sum(len(p.read_text().splitlines()) for p in (ROOT / "runtime").rglob("*.py"))
-    assert n <= RUNTIME_BUDGET, f"runtime/ has {n} lines, budget {RUNTIME_BUDGET}"
+    n = sum(len(code_tokens(p.read_text())) for p in (ROOT / "runtime").rglob("*.py"))
+    assert n <= RUNTIME_BUDGET, f"runtime/ has {n} code tokens, budget {RUNTIME_BUDGET}"
 
 
 def test_function_budgets():
@@ -85,12 +101,14 @@ def test_function_budgets():
     for folder in ("export", "runtime"):
         for path in (ROOT / folder).rglob("*.py"):
             rel = path.relative_to(ROOT).as_posix()
-            for node in ast.walk(ast.parse(path.read_text())):
+            source = path.read_text()
+            starts = [t.start[0] for t in code_tokens(source)]
+            for node in ast.walk(ast.parse(source)):
                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                    n = node.end_lineno - node.lineno + 1
+                    n = sum(node.lineno <= line <= node.end_lineno for line in starts)
                     budget = FORWARD_BUDGET if node.name == "forward" else FUNCTION_BUDGET
                     if n > budget and (rel, node.name) not in CLI_ENTRY_POINTS:
-                        over.append(f"{rel}:{node.name} has {n} lines (budget {budget})")
+                        over.append(f"{rel}:{node.name} has {n} code tokens (budget {budget})")
     assert not over, "; ".join(over)
 
 

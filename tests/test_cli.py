@@ -4,7 +4,7 @@ import shutil
 import pytest
 from PIL import Image
 
-from conftest import one_line_error, run_cli
+from conftest import one_line_error, run_cli, run_cli_here
 
 
 def test_export_then_run_end_to_end(tmp_path):
@@ -77,10 +77,12 @@ def test_run_refuses_to_overwrite(digits_engine, tmp_path):
 
 
 def test_export_errors(tmp_path):
-    one_line_error(run_cli("dit-export", "dit-xxl", cwd=tmp_path), "unknown model 'dit-xxl'", "digits")
+    # in this process: a dit-export subprocess spends 4 s importing torch before these errors (the usage error
+    # below and test_export_then_run_end_to_end run the script itself)
+    one_line_error(run_cli_here("dit-export", "dit-xxl", cwd=tmp_path), "unknown model 'dit-xxl'", "digits")
     assert list(tmp_path.iterdir()) == []
     (tmp_path / "taken").mkdir()
-    one_line_error(run_cli("dit-export", "digits", "-o", "taken", cwd=tmp_path), "already exists")
+    one_line_error(run_cli_here("dit-export", "digits", "-o", "taken", cwd=tmp_path), "already exists")
     r = run_cli("dit-export", cwd=tmp_path)
     assert r.returncode == 2 and "missing MODEL" in r.stderr
 
@@ -130,7 +132,7 @@ def test_unexpected_failure_is_one_line_without_traceback(digits_engine, tmp_pat
         monkeypatch.setattr(Pipeline, "load", boom)
         main, args = run_cli_module.main, [str(digits_engine), "-c", "1"]
     else:
-        monkeypatch.setattr("ditrt.export.folder.export_model", boom)
+        monkeypatch.setattr("ditrt.export.exporter.export_model", boom)
         main, args = export_cli.main, ["digits", "-o", "x"]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 1 and r.output.strip() == \
@@ -145,6 +147,6 @@ def test_invalid_model_config_is_a_one_line_error(tmp_path):
 
     DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, num_layers=1, sample_size=9,
                           num_embeds_ada_norm=10).save_pretrained(tmp_path / "dit")
-    one_line_error(run_cli("dit-export", str(tmp_path / "dit"), "-o", "eng", cwd=tmp_path),
+    one_line_error(run_cli_here("dit-export", str(tmp_path / "dit"), "-o", "eng", cwd=tmp_path),
                    "DiTConfig.sample_size=9 is not a multiple of patch_size=2")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dit"]

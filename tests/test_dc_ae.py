@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from conftest import randomize
 from ditrt.export.loaders.diffusers import load_component
 from ditrt.export.models import dc_ae
 from ditrt.runtime.errors import ConfigError
+from tiny_components import dc_ae_config, randomize
 
 # fp32 throughout, same op order as diffusers except RMSNorm's channel mean (reduced over dim 1 instead of a moved
 # last dim) and, on grids of <= attention_head_dim positions, the linear instead of diffusers' quadratic form of the
@@ -14,23 +14,12 @@ from ditrt.runtime.errors import ConfigError
 RTOL_OF_SCALE = 1e-4
 
 
-def tiny_config(upsample: str) -> dict:
-    return dict(in_channels=3, latent_channels=4, attention_head_dim=4, scaling_factor=0.41407,
-                encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
-                decoder_block_types=("ResBlock", "EfficientViTBlock", "EfficientViTBlock"),
-                encoder_block_out_channels=(8, 16, 32), decoder_block_out_channels=(8, 16, 32),
-                encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 2, 1),
-                encoder_qkv_multiscales=((), (), (5,)), decoder_qkv_multiscales=((), (3,), (3, 5)),
-                upsample_block_type=upsample, downsample_block_type="pixel_unshuffle",
-                decoder_norm_types="rms_norm", decoder_act_fns="silu", decoder_conv_act_fn="relu")
-
-
 @pytest.mark.parametrize("upsample", ["interpolate", "pixel_shuffle"])
 @pytest.mark.parametrize("hw", [(6, 5), (2, 2)])  # 30 positions: diffusers' linear path; 4 (<= head dim): quadratic
 def test_dc_ae_decoder_matches_diffusers(tmp_path, upsample, hw):
     from diffusers import AutoencoderDC
 
-    ref = randomize(AutoencoderDC(**tiny_config(upsample)), seed=1)
+    ref = randomize(AutoencoderDC(**dc_ae_config(upsample)), seed=1)
     ref.save_pretrained(tmp_path / "vae")
     ours = load_component(tmp_path / "vae")
     assert isinstance(ours, dc_ae.DCAEDecoder)
@@ -53,6 +42,6 @@ def test_dc_ae_defaults_are_the_sana_release():
                                        ("upsample_block_type", "bicubic"), ("decoder_block_types", "ResnetBlock"),
                                        ("decoder_layers_per_block", (0, 1, 1)), ("decoder_conv_act_fn", "tanh")])
 def test_dc_ae_refuses_unsupported_config(key, value):
-    d = dict(tiny_config("interpolate"), **{key: value})
+    d = dict(dc_ae_config("interpolate"), **{key: value})
     with pytest.raises(ConfigError, match=f"{key}.*{value if isinstance(value, str) else 0}"):
         dc_ae.config_from_diffusers(d)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import tiny_components as tc
+from tiny_components import randomize
 from ditrt.export.loaders.diffusers import load_component
 from ditrt.runtime.errors import LoaderError
 
@@ -33,10 +34,7 @@ def saved(cls, config: dict, tmp_path, weights: str, prepare=None):
     torch.manual_seed(0)
     ref = cls(**config).eval()
     if weights == "random":
-        g = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for t in ref.state_dict(keep_vars=True).values():
-                t.copy_(torch.randn(t.shape, generator=g) * 0.1)
+        randomize(ref, seed=0, buffers="saved")
     if prepare is not None:
         prepare(ref)
     ref.save_pretrained(tmp_path / "transformer")

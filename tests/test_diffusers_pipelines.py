@@ -1,8 +1,10 @@
 """Whole-pipeline parity at configurations we did not design: diffusers' own pipeline-test dummy components
 (tests/pipelines/<family>/test_*.py get_dummy_components, built locally by tiny_components) with THEIR schedulers
 and VAEs, saved with save_pretrained, exported with `export_model`, generated with `Pipeline` from the same initial
-noise as the diffusers pipeline; plus an odd-head / odd-grid variant per family. Slow (the exports take 20–40 s
-each on 2 cores): SD3, Flux and the odd variants; DiT, PixArt-Σ and Sana run in the quick set.
+noise as the diffusers pipeline; plus an odd-head / odd-grid variant per family. Slow (the exports take 10–40 s
+each on 2 cores): all but DiT, which runs in the fast lane -m "not slow"; each other family has a pipeline folder
+against its diffusers pipeline there too (PixArt, SD3 and Flux in test_text_pipeline, Sana as the shipped
+text-digits folder in test_text_demo).
 
 Bound: max |runtime − diffusers| ≤ 1e-3 on [0, 1] pixels. fp32 end to end (text encoders, denoiser, scheduler
 arithmetic, VAE); ONNX Runtime and torch sum in different orders, so the difference is rounding (measured ≤ 1e-5
@@ -21,8 +23,10 @@ import pytest
 import torch
 
 import tiny_components as tc
-from ditrt.export.folder import export_model
+from ditrt.export import export_model
 from ditrt.runtime import Pipeline
+
+pytestmark = pytest.mark.xdist_group("diffusers_pipelines")  # one worker exports each folder (pytest -n)
 
 PROMPT = "A painting of a squirrel eating a burger"  # every dummy test's prompt
 OTHER = "a cat"
@@ -87,6 +91,7 @@ def pixart_sigma(tmp_path_factory):
     return exported(tc.pixart_pipeline(sigma=True), tmp_path_factory, "pixart-sigma")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("steps,guidance,negative", TEXT_CASES)
 def test_pixart_sigma(pixart_sigma, steps, guidance, negative):
     """tests/pipelines/pixart_sigma/test_pixart.py: DDIMScheduler() (clip_sample=True), AutoencoderKL(), T5."""
@@ -100,6 +105,7 @@ def sana(tmp_path_factory):
     return exported(tc.sana_pipeline(), tmp_path_factory, "sana", height=32, width=32)  # the dummy test's size
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("steps,guidance,negative,prompt", [(2, 6.0, "", ""), (2, 6.0, "", PROMPT),
                                                             (6, 4.5, "blurry", PROMPT), (6, 0.0, None, PROMPT)])
 def test_sana(sana, steps, guidance, negative, prompt):
@@ -140,8 +146,8 @@ def test_flux(flux, steps, guidance):
     compare(got, want, f"Flux {steps} steps, guidance {guidance}")
 
 
-@pytest.mark.parametrize("family", ["pixart_sigma", "sana", pytest.param("sd3", marks=pytest.mark.slow),
-                                    pytest.param("flux", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["pixart_sigma", "sana", "sd3", "flux"])
 def test_prompt_moves_the_image(request, family):
     """Another prompt (and, with CFG, another negative prompt) changes the image by far more than the bound."""
     _, pipe, m = request.getfixturevalue(family)

@@ -7,26 +7,18 @@ import pytest
 import torch
 
 from ditrt.export import folder as folder_mod
-from ditrt.export.folder import export_model
+from ditrt.export import export_model
 from ditrt.export.graphs import StepGraph, step_io, sample_inputs
 from ditrt.export.models.dit import DiT, DiTConfig
 from ditrt.export.onnx_export import export_onnx
 from ditrt.export.presets import build_preset, get_preset
 from ditrt.runtime.errors import ConfigError, InputError
 from ditrt.runtime.manifest import load_manifest
+from tiny_components import randomize
 
 TINY = DiTConfig(sample_size=8, in_channels=4, patch_size=2, hidden_size=32, depth=2, num_heads=4, num_classes=5)
 # fp32 end to end; ORT fuses and reorders reductions (LayerNorm, Gemm), so a few ulps of O(1) outputs differ
 ATOL = 1e-5
-
-
-def random_model(cfg: DiTConfig) -> DiT:
-    model = DiT(cfg).init_weights(0)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():  # no zero-init layers: every weight must matter
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model.eval()
 
 
 def assert_engine_matches_torch(model: DiT, path, batches=(1, 3)):
@@ -45,10 +37,14 @@ def assert_engine_matches_torch(model: DiT, path, batches=(1, 3)):
             np.testing.assert_allclose(o, r.numpy(), rtol=0, atol=ATOL)
 
 
-@pytest.mark.parametrize("cfg", [TINY, replace(TINY, learn_sigma=False, freq_shift=1, mlp_norm_eps=1e-5, prediction="flow"),
+# learn-sigma is slow: test_step_graphs' DiT (learn_sigma too) makes the same engine-vs-torch check
+QUIRKS = replace(TINY, learn_sigma=False, freq_shift=1, mlp_norm_eps=1e-5, prediction="flow")
+
+
+@pytest.mark.parametrize("cfg", [pytest.param(TINY, marks=pytest.mark.slow), QUIRKS,
                                  replace(TINY, patch_size=4, in_channels=1)], ids=["learn-sigma", "diffusers-quirks", "p4"])
 def test_step_engine_matches_torch(cfg, tmp_path):
-    model = random_model(cfg)
+    model = randomize(DiT(cfg), seed=1)  # no zero-init layers: every weight must matter
     graph = StepGraph(model)
     inputs, outputs = step_io(model)
     export_onnx(graph, inputs, outputs, tmp_path / "step.onnx")
@@ -61,7 +57,7 @@ def test_shipped_digits_engine_matches_torch(digits_engine):
 
 
 def test_step_graph_guidance_and_update_algebra():
-    model = random_model(TINY)
+    model = randomize(DiT(TINY), seed=1)
     graph = StepGraph(model)
     inputs, _ = step_io(model)
     x, x0_prev, x0_prev2, t, g, p, q, a, b, c, e, d, clip, labels = sample_inputs(inputs, {"B": 2, "n": 2})
@@ -93,7 +89,7 @@ def test_failed_export_leaves_nothing_behind(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("exporter crashed")
 
-    monkeypatch.setattr("ditrt.export.onnx_export.export_onnx", boom)
+    monkeypatch.setattr("ditrt.export.build.export_onnx", boom)
     with pytest.raises(RuntimeError, match="exporter crashed"):
         export_model("digits", tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

@@ -7,12 +7,13 @@ import json
 import pytest
 from torch import nn
 
-from conftest import one_line_error, randomize, run_cli
-from ditrt.export.folder import export_model
-from ditrt.export.graphs import IOSpec
+from conftest import one_line_error, run_cli_here
+from ditrt.export import export_model
 from ditrt.export.models.mmdit import MMDiT, MMDiTConfig
 from ditrt.export.onnx_export import export_onnx
 from ditrt.runtime import DitError, InputError
+from ditrt.runtime.manifest import TensorSpec
+from tiny_components import randomize
 
 
 def pipeline_folder(root, transformer, pipeline_class: str):
@@ -36,7 +37,7 @@ def test_sd3_position_table_limit_in_pixels(tmp_path):
         num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8,
         pos_embed_max_size=4), "StableDiffusion3Pipeline")
     # the table covers 4 tokens × patch 2 = 8 latent rows, × VAE factor 2 = 16 px (not the factor 8 of SD3's VAE)
-    r = run_cli("dit-export", str(root), "-H", "24", "-W", "16", "-o", str(tmp_path / "e"))
+    r = run_cli_here("dit-export", str(root), "-H", "24", "-W", "16", "-o", str(tmp_path / "e"))
     one_line_error(r, "image 24x16 px is larger than this model's position table covers: at most 16 px per side "
                       "(pos_embed_max_size=4 × patch_size=2 × VAE factor 2)")
     assert not (tmp_path / "e").exists()
@@ -60,10 +61,10 @@ def test_dit_fixed_position_table_in_pixels(tmp_path):
 def test_project_errors_raised_while_tracing_surface_as_themselves(tmp_path):
     model = MMDiT(MMDiTConfig(sample_size=8, in_channels=4, out_channels=4, hidden_size=16, depth=1, num_heads=2,
                               joint_attention_dim=16, pooled_projection_dim=12, pos_embed_max_size=4))
-    inputs = [IOSpec("x", "float32", ("B", 4, 10, 10)), IOSpec("t", "float32", ("B",)),
-              IOSpec("encoder_hidden_states", "float32", ("B", 3, 16)),
-              IOSpec("pooled_projections", "float32", ("B", 12))]
-    outputs = [IOSpec("out", "float32", ("B", 4, 10, 10))]
+    inputs = [TensorSpec("x", "float32", ("B", 4, 10, 10)), TensorSpec("t", "float32", ("B",)),
+              TensorSpec("encoder_hidden_states", "float32", ("B", 3, 16)),
+              TensorSpec("pooled_projections", "float32", ("B", 12))]
+    outputs = [TensorSpec("out", "float32", ("B", 4, 10, 10))]
     # torch.export wraps it in a TorchExportError; the user gets the model's own one-line error (in latent units:
     # export_onnx knows no VAE)
     with pytest.raises(InputError, match=r"^latent 10x10 is larger than this model's position table covers: at most "
@@ -75,7 +76,7 @@ def test_project_errors_raised_while_tracing_surface_as_themselves(tmp_path):
             raise RuntimeError("a bug, not a user error")
 
     with pytest.raises(Exception) as e:  # anything else is still reported as an internal error
-        export_onnx(Broken(), [IOSpec("x", "float32", ("B", 2))], [IOSpec("y", "float32", ("B", 2))],
+        export_onnx(Broken(), [TensorSpec("x", "float32", ("B", 2))], [TensorSpec("y", "float32", ("B", 2))],
                     tmp_path / "b.onnx")
     assert not isinstance(e.value, DitError) and "a bug, not a user error" in repr(e.value.__cause__ or e.value)
     assert not (tmp_path / "m.onnx").exists()

@@ -9,7 +9,7 @@ from ditrt.export.loaders.diffusers import load_component
 from ditrt.export.models.flux import (FLUX_DEV, FLUX_SCHNELL, Flux, FluxConfig, config_from_diffusers,
                                        latent_image_ids, pack_latents, unpack_latents)
 from ditrt.runtime.errors import ConfigError, InputError
-from conftest import randomize
+from tiny_components import randomize
 
 # fp32 on CPU, same weights, same maths in a different order (fused LayerNorm+modulate, RoPE angles from fp32
 # rather than fp64 frequencies): the differences are float rounding, ~1e-6 at these sizes

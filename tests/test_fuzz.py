@@ -8,7 +8,8 @@ collected as signatures (type + message start) and fail the test, listing the ed
 
 `--fuzz-seconds S` sets the wall-clock budget shared by the fuzz loops (CI: 30 s); a longer run, e.g.
 `python -m pytest tests/test_fuzz.py --fuzz-seconds 600 -s`, prints iterations and outcomes per loop.
-Inputs that once crashed live in tests/fuzz_corpus.jsonl and replay on every run.
+The loops are marked slow (they spend their whole budget); inputs that once crashed live in
+tests/fuzz_corpus.jsonl and replay on every run, the fast lane included.
 """
 
 import copy
@@ -27,6 +28,8 @@ from hypothesis import strategies as st
 from ditrt.runtime.errors import DitError
 from ditrt.runtime.manifest import MANIFEST_NAME
 from ditrt.runtime.pipeline import Pipeline
+
+pytestmark = pytest.mark.xdist_group("fuzz")  # with -n, one worker: the other need not wait for the same engines
 
 CORPUS = Path(__file__).with_name("fuzz_corpus.jsonl")
 LOOPS = 4  # the fuzz loops below share --fuzz-seconds: manifests of two models, requests to two models
@@ -163,6 +166,7 @@ def engine(request, digits_engine, text_digits_engine, tmp_path):
     return dst, json.loads((src / MANIFEST_NAME).read_text())
 
 
+@pytest.mark.slow
 def test_manifest_mutations_fail_only_with_project_errors(engine, request):
     folder, base = engine
     outcomes = Outcomes()
@@ -209,6 +213,7 @@ def latents_for(kind: str, pipe: Pipeline, batch) -> object:
             "huge": x * np.float32(1e30), "list": x.tolist()}[kind]
 
 
+@pytest.mark.slow
 def test_requests_fail_only_with_project_errors(digits_engine, text_digits_engine, request):
     outcomes = Outcomes()
     for folder in (digits_engine, text_digits_engine):
@@ -233,11 +238,12 @@ def corpus():
 
 
 @pytest.mark.parametrize("case", corpus(), ids=lambda c: c["id"])
-def test_corpus_of_past_crashes_is_refused_in_one_line(case, digits_engine, text_digits_engine, tmp_path):
+def test_corpus_of_past_crashes_is_refused_in_one_line(case, request, tmp_path):
     """Each input that once escaped as a non-project exception is now refused with the message it deserves."""
     folder = tmp_path / case["base"]
+    engine = request.getfixturevalue("digits_engine" if case["base"] == "digits" else "text_digits_engine")
     # hard links: the engine files are shared, only manifest.json (replaced below, not written through) differs
-    shutil.copytree(digits_engine if case["base"] == "digits" else text_digits_engine, folder, copy_function=os.link)
+    shutil.copytree(engine, folder, copy_function=os.link)
     path = folder / MANIFEST_NAME
     if "raw" in case:  # a manifest text no JSON value can express: deep nesting, huge integers
         text = case["raw"].replace("{NEST}", nest(100_000)).replace("{DIGITS}", "9" * 5000)

@@ -186,6 +186,9 @@ def test_numpy_scalars_mean_their_numbers(pipe):
     ({"sampler": 5}, "sampler 5 is not allowed; give a name: euler,"),
     ({"sampler": ["euler"]}, "sampler ['euler'] is not allowed"),
     ({"on_step": "x"}, "on_step 'x' is not callable; give a function f(step, steps) or None"),
+    ({"output_type": "np"}, "output_type 'np' is not allowed; use uint8, float or latent"),
+    ({"output_type": None}, "output_type None is not allowed; use uint8, float or latent"),
+    ({"output_type": ["latent"]}, "output_type ['latent'] is not allowed"),
     ({"latents": [0.0]}, "latents of list are not allowed"),
     ({"max_sequence_length": np.int64(5)}, "max_sequence_length 5 cannot be chosen for this engine folder"),
     ({"class_label": True}, "class label True is not an integer or a class name; model 'digits' has classes 0..9"),
@@ -222,6 +225,16 @@ def test_huge_latents_give_a_finite_image_or_one_error(text_pipe, magnitude, sta
             assert stage is not None and str(e).startswith(stage), str(e)
             assert "guidance 100, 2 steps" in str(e) and "initial latents of ordinary magnitude" in str(e)
     no_runtime_warnings(record)
+
+
+def test_latent_output_never_runs_the_vae(text_pipe):
+    """Latents the VAE overflows on (1e37 above): output_type="latent" returns them, skipping the decoder."""
+    latents = np.full((1, 8, 4, 4), 1e37, np.float32)
+    with pytest.raises(InputError, match=r"^the VAE decoder \(from finite latents\) produced non-finite"):
+        text_pipe(prompt="a 3", latents=latents, guidance=100, steps=2, output_type="float")
+    r = text_pipe(prompt="a 3", latents=latents, guidance=100, steps=2, output_type="latent")
+    assert r.images is None and r.pixels is None
+    assert r.latents.shape == (1, 8, 4, 4) and np.isfinite(r.latents).all()
 
 
 def test_largest_guidance_without_warnings(pipe):
@@ -421,15 +434,12 @@ def test_cli_outputs_that_cannot_be_one_file_name(digits_engine, tmp_path, outpu
 
 # --- random weights (9) ---
 
-def test_random_weights_are_reported(tmp_path):
-    from ditrt.export.folder import export_model
-
-    export_model("digits", tmp_path / "rand", random_weights=True)
+def test_random_weights_are_reported(random_digits_engine, tmp_path):
     expected = ("model 'digits' has random weights (exported with --random-weights): its images are noise, "
                 "for benchmarking only")
-    with Pipeline.load(tmp_path / "rand") as p:
+    with Pipeline.load(random_digits_engine) as p:
         assert p(class_label=1, steps=1).warnings == (expected,)
-    r = cli(tmp_path / "rand", "-c", "1", "--steps", "1", "--json", cwd=tmp_path)
+    r = cli(random_digits_engine, "-c", "1", "--steps", "1", "--json", cwd=tmp_path)
     assert r.exit_code == 0 and r.stderr.strip() == f"warning: {expected}", r.output
     assert json.loads(r.stdout)["warnings"] == [expected]
 

@@ -17,8 +17,10 @@ from ditrt.export.ops import adaln_modulate, adaln_modulate_residual, linear_att
 from ditrt.export.ops import adaln, adaln_residual
 from ditrt.export.ops.linear_attention import reference as la_reference
 from ditrt.runtime.errors import InputError
+from ditrt.runtime.manifest import TensorSpec
 
 build_mod = importlib.import_module("ditrt.export.kernels.build")  # the module, not its build() function
+pytestmark = pytest.mark.xdist_group("kernels")  # one worker compiles the module's kernel library (pytest -n)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 C_ABI = ["dit_adaln_modulate", "dit_adaln_modulate_residual", "dit_linear_attention",
          "dit_linear_attention_workspace_size", "dit_runtime_check", "dit_error_string", "dit_kernels_version"]
@@ -100,13 +102,12 @@ class _Residual(torch.nn.Module):
 def test_residual_plugin_lowering_is_one_node_with_two_outputs(tmp_path):
     import onnx
 
-    from ditrt.export.graphs import IOSpec
     from ditrt.export.onnx_export import export_onnx
 
     x, row = ("B", 5, 8), ("B", 8)
-    inputs = [IOSpec(n, "float32", x) for n in ("residual", "y")] + [IOSpec(n, "float32", row)
+    inputs = [TensorSpec(n, "float32", x) for n in ("residual", "y")] + [TensorSpec(n, "float32", row)
                                                                       for n in ("gate", "shift", "scale")]
-    outputs = [IOSpec("h2", "float32", x), IOSpec("out", "float32", x)]
+    outputs = [TensorSpec("h2", "float32", x), TensorSpec("out", "float32", x)]
     for name in ("plugin", "portable"):
         export_onnx(_Residual(), inputs, outputs, tmp_path / f"{name}.onnx", name)
     nodes = onnx.load(str(tmp_path / "plugin.onnx")).graph.node
@@ -120,14 +121,14 @@ def test_residual_plugin_lowering_is_one_node_with_two_outputs(tmp_path):
 def test_cuda_entries_check_inputs_before_anything_else():
     x, shift, scale = modulation_inputs((2, 3, 8), torch.float32)[::2]
     with pytest.raises(InputError, match="scale is torch.float16 but x torch.float32"):
-        torch_ops._adaln_modulate_cuda(x, shift, scale.half(), 1e-6)
+        torch_ops.adaln_modulate_cuda(x, shift, scale.half(), 1e-6)
     with pytest.raises(InputError, match=r"shift must be \(B, D\) = \(2, 8\), got \(2, 9\)"):
-        torch_ops._adaln_modulate_cuda(x, torch.zeros(2, 9), scale, 1e-6)
+        torch_ops.adaln_modulate_cuda(x, torch.zeros(2, 9), scale, 1e-6)
     with pytest.raises(InputError, match="y must have the shape of residual"):
-        torch_ops._adaln_modulate_residual_cuda(x, x[:, :2], shift, shift, scale, 1e-6)
+        torch_ops.adaln_modulate_residual_cuda(x, x[:, :2], shift, shift, scale, 1e-6)
     q = torch.randn(1, 2, 3, 4)
     with pytest.raises(InputError, match=r"share one \(B, H, N, d\) shape"):
-        torch_ops._linear_attention_cuda(q, q[..., :3], q, 1e-15)
+        torch_ops.linear_attention_cuda(q, q[..., :3], q, 1e-15)
 
 
 def test_lazy_kernels_warn_once_and_use_the_reference(monkeypatch):
@@ -135,15 +136,15 @@ def test_lazy_kernels_warn_once_and_use_the_reference(monkeypatch):
         raise KernelUnavailable("nvcc not found: ...")
 
     monkeypatch.setattr(torch_ops, "load", unavailable)
-    torch_ops._library.cache_clear()
+    torch_ops.library.cache_clear()
     try:
         q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
         with pytest.warns(RuntimeWarning, match="torch reference: nvcc not found") as record:
-            out = torch_ops._linear_attention_cuda(q, k, v, 1e-15)
-            torch_ops._linear_attention_cuda(q, k, v, 1e-15)
+            out = torch_ops.linear_attention_cuda(q, k, v, 1e-15)
+            torch_ops.linear_attention_cuda(q, k, v, 1e-15)
         assert len(record) == 1 and torch.equal(out, la_reference(q, k, v, 1e-15))
     finally:
-        torch_ops._library.cache_clear()
+        torch_ops.library.cache_clear()
 
 
 def test_register_without_a_gpu_says_so(monkeypatch):
@@ -200,6 +201,7 @@ def library(kernel_cache) -> Path:
 
 
 @needs_nvcc
+@pytest.mark.slow  # `library`'s nvcc build (sm_80, sm_90, PTX): 10-15 s; fast lane: the PTX emitter's nvcc
 def test_build_is_cached_and_the_cli_prints_its_path(library):
     mtime = library.stat().st_mtime_ns
     assert build() == library and library.stat().st_mtime_ns == mtime
@@ -238,6 +240,7 @@ def cuobjdump() -> str | None:
 
 
 @needs_nvcc
+@pytest.mark.slow
 def test_library_holds_sm80_sm90_and_compute90_ptx(library, tmp_path):
     assert {("elf", 80), ("elf", 90), ("ptx", 90)} <= fatbin_entries(library, tmp_path)
     tool = cuobjdump()
@@ -248,6 +251,7 @@ def test_library_holds_sm80_sm90_and_compute90_ptx(library, tmp_path):
 
 
 @needs_nvcc
+@pytest.mark.slow
 def test_library_exports_the_c_abi(library):
     symbols = subprocess.run(["nm", "-D", "--defined-only", str(library)], capture_output=True, text=True,
                              check=True).stdout.split()
@@ -255,6 +259,7 @@ def test_library_exports_the_c_abi(library):
 
 
 @needs_nvcc
+@pytest.mark.slow
 def test_library_loads_and_rejects_bad_sizes_without_a_gpu(library):
     lib = load()
     assert lib.dit_kernels_version().decode().startswith("ditrt-kernels 1 (CUDA ")
@@ -407,7 +412,7 @@ def test_linear_attention_zero_and_noncontiguous(cuda_lib, dtype):
 
 @pytest.mark.gpu
 def test_model_calls_dispatch_to_the_kernels(cuda_lib):
-    assert torch_ops._library() is cuda_lib
+    assert torch_ops.library() is cuda_lib
     x, y, gate, shift, scale = modulation_inputs((2, 64, 1152), torch.float16, "cuda")
     direct = torch.empty_like(x)
     code = cuda_lib.dit_adaln_modulate(x.data_ptr(), shift.data_ptr(), scale.data_ptr(), direct.data_ptr(), 2, 64,

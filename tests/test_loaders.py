@@ -7,7 +7,7 @@ import torch
 
 from ditrt.export.loaders.diffusers import load_component
 from ditrt.runtime.errors import LoaderError
-from conftest import randomize
+from tiny_components import randomize
 
 # fp32 on CPU, same weights, same maths in a different order: differences are float rounding
 ATOL = 1e-4

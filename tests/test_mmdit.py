@@ -10,15 +10,10 @@ from ditrt.export.loaders.diffusers import load_component
 from ditrt.export.models.mmdit import (SD3_MEDIUM, SD35_LARGE, SD35_MEDIUM, MMDiT, MMDiTConfig,
                                         config_from_diffusers)
 from ditrt.runtime.errors import ConfigError, InputError
-from conftest import randomize
+from tiny_components import randomize
 
 # fp32 on CPU, same weights, same maths in a different order (token order inside the joint attention, fused
 # LayerNorm+modulate): the differences are float rounding, ~1e-6 at these sizes
-
-def randomize_all(model, seed: int = 0):
-    return randomize(model, seed, buffers=True)
-
-
 ATOL = 1e-4
 TINY = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
             num_attention_heads=2, joint_attention_dim=12, caption_projection_dim=16, pooled_projection_dim=10,
@@ -30,12 +25,10 @@ CASES = {
 }
 
 
-
-
 def diffusers_sd3(folder, **overrides):
     from diffusers import SD3Transformer2DModel
 
-    model = randomize_all(SD3Transformer2DModel(**dict(TINY, **overrides)))
+    model = randomize(SD3Transformer2DModel(**dict(TINY, **overrides)), buffers=True)
     model.save_pretrained(folder)
     return model
 

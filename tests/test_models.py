@@ -4,6 +4,7 @@ import torch
 
 from ditrt.export.models.dit import DiT, DiTConfig
 from ditrt.export.models.layers import sincos_pos_embed_2d, timestep_embedding, timestep_freqs
+from tiny_components import randomize
 
 TINY = DiTConfig(sample_size=8, in_channels=4, patch_size=2, hidden_size=32, depth=2, num_heads=4, num_classes=5)
 
@@ -29,9 +30,7 @@ def test_pos_embed_matches_diffusers(grid):
 def test_dit_shapes_and_learn_sigma(learn_sigma):
     from dataclasses import replace
 
-    model = DiT(replace(TINY, learn_sigma=learn_sigma)).init_weights(0)
-    for p in model.parameters():  # leave the zero init so the output depends on the input
-        torch.nn.init.normal_(p, std=0.1)
+    model = randomize(DiT(replace(TINY, learn_sigma=learn_sigma)))  # no zero init: output depends on input
     x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([1.0, 500.0, 999.0]), torch.tensor([0, 4, 5])
     out = model(x, t, y)
     assert out.shape == (3, 8 if learn_sigma else 4, 8, 8)
@@ -39,9 +38,7 @@ def test_dit_shapes_and_learn_sigma(learn_sigma):
 
 
 def test_null_class_changes_output():
-    model = DiT(TINY).init_weights(0)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.1)
+    model = randomize(DiT(TINY))
     x, t = torch.randn(1, 4, 8, 8), torch.tensor([300.0])
     assert not torch.allclose(model(x, t, torch.tensor([2])), model(x, t, torch.tensor([5])))
 

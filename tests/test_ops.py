@@ -4,6 +4,7 @@ import torch
 
 from ditrt.export.ops import adaln_modulate, lowering
 from ditrt.export.ops.adaln import PLUGIN_NAME, PLUGIN_VERSION
+from ditrt.runtime.manifest import TensorSpec
 
 
 def decomposed(x, shift, scale, eps):
@@ -55,13 +56,12 @@ class _Modulated(torch.nn.Module):
 
 
 def _export(tmp_path, lowering_name):
-    from ditrt.export.graphs import IOSpec
     from ditrt.export.onnx_export import export_onnx
 
-    inputs = [IOSpec("x", "float32", ("B", 5, 8)), IOSpec("shift", "float32", ("B", 8)),
-              IOSpec("scale", "float32", ("B", 8))]
+    inputs = [TensorSpec("x", "float32", ("B", 5, 8)), TensorSpec("shift", "float32", ("B", 8)),
+              TensorSpec("scale", "float32", ("B", 8))]
     path = tmp_path / f"{lowering_name}.onnx"
-    export_onnx(_Modulated(), inputs, [IOSpec("y", "float32", ("B", 5, 8))], path, lowering_name)
+    export_onnx(_Modulated(), inputs, [TensorSpec("y", "float32", ("B", 5, 8))], path, lowering_name)
     return onnx.load(str(path))
 
 
@@ -139,12 +139,11 @@ def test_linear_attention_lowerings(tmp_path):
     import numpy as np
     import onnxruntime as ort
 
-    from ditrt.export.graphs import IOSpec
     from ditrt.export.onnx_export import export_onnx
     from ditrt.export.ops.linear_attention import PLUGIN_NAME
 
-    specs = [IOSpec(n, "float32", ("B", 2, "N", 8)) for n in "qkv"]
-    out = [IOSpec("o", "float32", ("B", 2, "N", 8))]
+    specs = [TensorSpec(n, "float32", ("B", 2, "N", 8)) for n in "qkv"]
+    out = [TensorSpec("o", "float32", ("B", 2, "N", 8))]
     export_onnx(_LinearAttn(), specs, out, tmp_path / "p.onnx", "plugin")
     model = onnx.load(str(tmp_path / "p.onnx"))
     nodes = [n for n in model.graph.node if n.op_type == PLUGIN_NAME]

@@ -165,3 +165,22 @@ def test_result_holds_the_final_latents(digits_engine):
         r = pipe(class_label=3, seed=5, steps=4, batch_size=2)
     assert r.latents.shape == (2, 1, 16, 16) and r.latents.dtype == np.float32
     np.testing.assert_array_equal(r.pixels[..., 0], np.clip((r.latents[:, 0] + 1) / 2, 0, 1))
+
+
+@pytest.mark.parametrize("engine", ["digits_engine", "text_digits_engine"])
+def test_output_types_return_the_same_generation_trimmed(request, engine, tmp_path):
+    """output_type as diffusers': "float" is the default run without its 8-bit images, "latent" its latents
+    alone (text-digits: before the DC-AE decoder); one seed gives the same latents whatever is returned."""
+    with Pipeline.load(request.getfixturevalue(engine)) as pipe:
+        ask = {"prompt": "a 7"} if pipe.manifest.conditioning == "text" else {"class_label": 7}
+        full, flt, lat = (pipe(**ask, seed=3, steps=3, batch_size=2, output_type=kind)
+                          for kind in ("uint8", "float", "latent"))
+    assert len(full.images) == 2 and full.images[0].dtype == np.uint8 and full.pixels.dtype == np.float32
+    assert flt.images is None and np.array_equal(flt.pixels, full.pixels)
+    assert lat.images is None and lat.pixels is None and np.array_equal(lat.latents, full.latents)
+    assert full.seeds == flt.seeds == lat.seeds == [3, 4]
+    assert full.parameters == flt.parameters == lat.parameters
+    for result in (flt, lat):
+        with pytest.raises(InputError, match="holds no 8-bit images to save"):
+            result.save(tmp_path / "x.png")
+    assert list(tmp_path.iterdir()) == []

@@ -6,7 +6,7 @@ import torch
 from ditrt.export.loaders.diffusers import load_component
 from ditrt.runtime.errors import ConfigError, LoaderError
 
-from conftest import randomize
+from tiny_components import randomize
 
 # fp32, same weights; attention/linear-attention sums run in another order than diffusers': rounding only
 ATOL = 1e-4

@@ -11,13 +11,13 @@ from click.testing import CliRunner
 from onnx import TensorProto
 
 from ditrt.export.cli import main as export_cli
-from ditrt.export.folder import export_model
+from ditrt.export import export_model
 from ditrt.runtime import Pipeline
 from ditrt.runtime.cli import main as run_cli
 from ditrt.runtime.errors import BackendUnavailable, InputError
 from ditrt.runtime.manifest import load_manifest
 from ditrt.runtime.pipeline import initial_noise, unpack
-from test_text_pipeline import PROMPT, build_flux
+from tiny_components import PROMPT, build_flux
 
 F32, F16, BF16 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16
 ISLAND_OPS = ("LayerNormalization", "GroupNormalization", "Softmax")
@@ -82,6 +82,7 @@ def test_digits_fp16_engine_matches_fp32(digits_engine, tmp_path):
     np.testing.assert_allclose(img16, img32, rtol=0, atol=5e-3)
 
 
+@pytest.mark.slow  # a whole pipeline export; fast lane: the digits fp16 engine, the bf16 graph and VAE typing
 def test_flux_fp16_engine_matches_fp32(tmp_path):
     """Tiny Flux-dev: CLIP in fp16 and T5 in fp32 within one text engine, the denoiser in fp16 (RoPE tables and
     qk RMSNorm in fp32), the VAE in fp32. The fp32 reference is diffusers' FluxPipeline, which the fp32 engine

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import randomize
-from ditrt.export.folder import export_model
+from tiny_components import randomize
+
+pytestmark = pytest.mark.xdist_group("runtime_samplers")  # one worker exports dit_engine (pytest -n)
+from ditrt.export import export_model
 from ditrt.runtime import InputError, Pipeline
 from ditrt.runtime.pipeline import initial_noise
 
@@ -52,6 +54,7 @@ def test_ddim_loop_matches_diffusers(dit_engine, steps, guidance):
     assert "Sampler: DDIM" in r.parameters[0] and r.images[0].shape == (8, 8)
 
 
+@pytest.mark.slow  # fast lane: test_diffusers_pipelines' DiTPipeline dummy (DDIMScheduler(), clip_sample on)
 @pytest.mark.parametrize("clip_sample", [True, False])  # DDIMScheduler()'s default, and DiT-XL-2's config
 def test_dit_pipeline_folder_matches_diffusers_dit_pipeline(tmp_path, clip_sample):
     """A whole diffusers DiTPipeline folder (transformer + AutoencoderKL + DDIM) exported and run by the runtime

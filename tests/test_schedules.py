@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from ditrt.runtime.errors import ConfigError
-from ditrt.runtime.schedules import (DEFAULTS, SAMPLERS, STEP_SCALARS, calculate_shift, check_config, full_config,
-                                     make_plan, switch, timestep_args)
+from ditrt.runtime.schedules import (SAMPLERS, SCHEDULERS, STEP_SCALARS, calculate_shift, check_config,
+                                     full_config, make_plan, switch, timestep_args)
 
 FLOW, DDIM, DPM = "FlowMatchEulerDiscreteScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler"
 EULER = "EulerDiscreteScheduler"
@@ -114,7 +114,7 @@ def test_trajectory_matches_diffusers(cls, options, call, steps):
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * max(1.0, float(np.abs(want).max())))
 
 
-@pytest.mark.parametrize("cls", DEFAULTS)
+@pytest.mark.parametrize("cls", SCHEDULERS)
 def test_defaults_are_diffusers_defaults(cls):
     ours = full_config({"_class_name": cls})
     theirs = {k: v for k, v in getattr(diffusers, cls)().config.items() if not k.startswith("_")}
@@ -122,7 +122,7 @@ def test_defaults_are_diffusers_defaults(cls):
     assert set(ours) - {"_class_name", "_use_default_values"} == set(theirs)
 
 
-@pytest.mark.parametrize("name", [n for n in SAMPLERS if n in DEFAULTS])
+@pytest.mark.parametrize("name", [n for n in SAMPLERS if n in SCHEDULERS])
 @pytest.mark.parametrize("start", [(DPM, {}), (DDIM, {"clip_sample": False, "steps_offset": 1}),
                                    (DPM, {"timestep_spacing": "trailing", "solver_order": 3}),
                                    (DDIM, {"clip_sample": False, "timestep_spacing": "leading", "beta_end": 0.012})])
@@ -135,7 +135,8 @@ def test_switching_is_from_config(start, name):
     folder = {"_class_name": start[0], **start[1]}  # a scheduler_config.json that leaves most options out
     ours = switch(full_config(folder), name, "epsilon")
     theirs = getattr(diffusers, name).from_config(getattr(diffusers, start[0]).from_config(folder).config).config
-    assert {k: ours[k] for k in DEFAULTS[name]} == {k: theirs[k] for k in DEFAULTS[name]}
+    defaults = SCHEDULERS[name].defaults
+    assert {k: ours[k] for k in defaults} == {k: theirs[k] for k in defaults}
 
 
 def test_switching_a_flow_model_keeps_flow_prediction_and_shift():

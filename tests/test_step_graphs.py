@@ -8,13 +8,14 @@ import torch
 from onnx import numpy_helper
 
 from ditrt.export.graphs import StepGraph, sample_inputs, step_io
-from ditrt.export.models.layers import rope_omega, timestep_freqs
+from ditrt.export.models.layers import rope_freqs, rope_omega, timestep_freqs
 from ditrt.export.models.dit import DiT, DiTConfig
-from ditrt.export.models.flux import Flux, FluxConfig
+from ditrt.export.models.flux import Flux, FluxConfig, latent_image_ids
 from ditrt.export.models.mmdit import MMDiT, MMDiTConfig
 from ditrt.export.models.pixart import PixArt, PixArtConfig
 from ditrt.export.models.sana import Sana, SanaConfig
 from ditrt.export.onnx_export import export_onnx
+from tiny_components import randomize
 
 TINY = {  # name: (model, text tokens, latent (H, W))
     "dit": (lambda: DiT(DiTConfig(sample_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=5)), 0, None),
@@ -45,11 +46,7 @@ TIMESTEPS = (0.0, 1.0, 500.0, 999.0, 1000.0)  # the step graph's t: DDPM timeste
 
 def build(name):
     make, text_len, hw = TINY[name]
-    model = make().eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for t in list(model.parameters()) + [b for n, b in model.named_buffers() if n == "pos_embed"]:
-            t.copy_(torch.randn(t.shape, generator=g) * 0.1)
+    model = randomize(make(), seed=1, buffers=True)  # pos_embed: MMDiT's stored table, DiT's sin-cos one
     return model, StepGraph(model, text_len, hw), *step_io(model, text_len, hw)
 
 
@@ -81,8 +78,11 @@ def test_step_engine_matches_torch(name, tmp_path):
     tables = [numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "step.onnx")).graph.initializer]
     assert holds_exactly(tables, model.t_embedder.freqs)
     assert model.t_embedder.freqs.equal(timestep_freqs(256, getattr(model.cfg, "freq_shift", 0)))
-    if hasattr(model, "rope_omega"):
-        assert holds_exactly(tables, rope_omega(model.cfg.axes_dims_rope, model.cfg.rope_theta))
+    if hasattr(model, "rope_omega"):  # Flux: its positions are constants of the engine, so are their RoPE tables
+        _, text_len, hw = TINY[name]
+        ids = torch.cat([torch.zeros(text_len, 3), latent_image_ids(*hw)])
+        cos, sin = rope_freqs(ids, model.cfg.axes_dims_rope, rope_omega(model.cfg.axes_dims_rope, model.cfg.rope_theta))
+        assert holds_close(tables, cos) and holds_close(tables, sin)  # folded at export, within an ulp of torch's
     assert "Exp" not in {n.op_type for n in onnx.load(str(tmp_path / "step.onnx")).graph.node}
     for t in TIMESTEPS:
         args = feeds(inputs, 2, seed=3)
@@ -92,6 +92,12 @@ def test_step_engine_matches_torch(name, tmp_path):
         got = session.run(None, {k: v.numpy() for k, v in args.items()})
         for w, o in zip(want, got):
             np.testing.assert_allclose(o, w.numpy(), rtol=0, atol=T_ATOL, err_msg=f"t = {t}")
+
+
+def holds_close(tables: list[np.ndarray], want: torch.Tensor) -> bool:
+    """One of the tables is want, up to one fp32 ulp of 1 (the exporter's constant folding computes cos/sin)."""
+    want = want.numpy()
+    return any(t.shape == want.shape and np.abs(t - want).max() <= 2**-23 for t in tables)
 
 
 def holds_exactly(tables: list[np.ndarray], want: torch.Tensor) -> bool:
@@ -115,14 +121,15 @@ def test_cfg_branches(name):
     """n = 2: g = uncond + guidance·(cond − uncond), in the pipeline's batch order; n = 1: g = cond alone."""
     model, graph, inputs, _ = build(name)
     args = feeds(inputs, 2)
-    paired = [s.name for s in inputs if s.shape[:1] == ("n",)]
-    shared = [n for n in args if n in ("resolution", "aspect_ratio")]
+    paired = [s.name for s in inputs if s.shape[:1] == ["n"]]
+    # PixArt-α's micro-conditions are constants of the engine's size: here (no VAE) the latent's, 8x8
+    micro = {"resolution": torch.tensor([[8.0, 8.0]] * 2), "aspect_ratio": torch.tensor([[1.0]] * 2)} \
+        if getattr(model.cfg, "micro_conditions", False) else {}
     t, g, x = args["t"], args["guidance"], args["x"]
     C = model.cfg.in_channels
     args.update(p=torch.tensor(0.0), q=torch.tensor(1.0), a=torch.tensor(0.0), b=torch.tensor(1.0))  # out: x0 = g
     with torch.no_grad():
-        uncond, cond = (model(x, t.expand(2), *[args[k][i] for k in paired], *[args[k] for k in shared])[:, :C]
-                        for i in (0, 1))
+        uncond, cond = (model(x, t.expand(2), *[args[k][i] for k in paired], **micro)[:, :C] for i in (0, 1))
         _, x0 = graph(*args.values())
         _, x0_cond_only = graph(*{**args, **{k: args[k][1:] for k in paired}}.values())
     torch.testing.assert_close(x0, uncond + g * (cond - uncond), atol=1e-5, rtol=0)
@@ -133,10 +140,12 @@ def test_cfg_branches(name):
 def test_flux_dev_embeds_guidance_without_cfg_batch():
     model, graph, inputs, _ = build("flux-dev")
     args = feeds(inputs, 2)
-    assert not any(s.shape[:1] == ("n",) for s in inputs)  # no CFG branches
+    assert not any(s.shape[:1] == ["n"] for s in inputs)  # no CFG branches
+    img_ids = latent_image_ids(8, 6)  # the engine's constants: FluxPipeline's ids at its latent size
+    txt_ids = torch.zeros(args["prompt_embeds"].shape[1], 3)
     with torch.no_grad():
         v = model(args["x"], (args["t"] / 1000).expand(2), args["prompt_embeds"], args["pooled_prompt_embeds"],
-                  args["img_ids"], args["txt_ids"], guidance=args["guidance"].expand(2))
+                  img_ids, txt_ids, guidance=args["guidance"].expand(2))
         _, x0 = graph(*args.values())
         other = dict(args, guidance=args["guidance"] + 1)
         _, x0_other = graph(*other.values())

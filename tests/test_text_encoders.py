@@ -8,59 +8,18 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
-from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, Gemma2Config,
-                          Gemma2Model, GemmaTokenizer, T5Config, T5EncoderModel, T5Tokenizer)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, Gemma2Config, Gemma2Model
 
 from ditrt.export.onnx_export import export_onnx
 from ditrt.export.text_encoders import ClipGraph, EncoderGraph, save_tokenizer
 from ditrt.runtime.errors import ConfigError, InputError, ManifestError
 from ditrt.runtime.tokenizer import TextTokenizer, TokenizerConfig
 
-from conftest import randomize
+from tiny_components import clip_tokenizer, gemma_tokenizer, randomize, t5_model, t5_tokenizer
 
-CORPUS = ["a photo of a cat sitting on a red sofa", "a painting of a dog on the beach at sunset",
-          "an astronaut riding a horse on the moon", "a bowl of fruit, oil on canvas", "two cats and a dog"] * 3
 PROMPTS = ["a photo of a cat", "", "An astronaut riding a horse on the MOON, oil on canvas!! ü 😀 " * 2,
            "a cat </s> <|endoftext|> <bos> <pad>"]  # short, empty, over the limit, special tokens as text
 T = 12  # tokens per prompt in these tests
-
-
-def clip_tokenizer(**kw) -> CLIPTokenizer:
-    """CLIP's byte-level BPE with `</w>` word ends; BOS/EOS last in the vocabulary, as in CLIP (49406, 49407)."""
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    bpe.normalizer = normalizers.Lowercase()
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""), "removed",
-                             invert=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, initial_alphabet=alphabet,
-                                                        end_of_word_suffix="</w>", show_progress=False))
-    vocab = bpe.get_vocab()
-    for c in alphabet:
-        vocab.setdefault(c + "</w>", len(vocab))
-    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
-    merges = [tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
-    return CLIPTokenizer(vocab=vocab, merges=merges, **kw)
-
-
-def t5_tokenizer() -> T5Tokenizer:
-    """T5's Unigram: <pad> 0, </s> 1, <unk> 2, pieces, then 100 <extra_id_*> added tokens."""
-    uni = Tokenizer(models.Unigram())
-    uni.pre_tokenizer = pre_tokenizers.Metaspace()
-    uni.train_from_iterator(CORPUS, trainers.UnigramTrainer(vocab_size=100, special_tokens=["<pad>", "</s>", "<unk>"],
-                                                            unk_token="<unk>", show_progress=False))
-    return T5Tokenizer(vocab=[tuple(v) for v in json.loads(uni.to_str())["model"]["vocab"]])
-
-
-def gemma_tokenizer() -> GemmaTokenizer:
-    """Gemma's BPE with byte fallback; adds <bos> and no <eos>, like gemma-2's tokenizer_config."""
-    bpe = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
-    bpe.normalizer = normalizers.Replace(" ", "▁")
-    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"] + [f"<0x{i:02X}>" for i in range(256)]
-    bpe.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False))
-    merges = [tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
-    return GemmaTokenizer(vocab=bpe.get_vocab(), merges=merges, add_bos_token=True, add_eos_token=False)
 
 
 TOKENIZERS = {  # name: (transformers tokenizer, padding side its pipeline uses)
@@ -174,11 +133,6 @@ def clip_model(cls, tok, **kw):
     return cls(CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                               num_attention_heads=2, projection_dim=16, max_position_embeddings=77,
                               bos_token_id=tok.bos_token_id, **kw))
-
-
-def t5_model(tok):
-    return T5EncoderModel(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                                   feed_forward_proj="gated-gelu", relative_attention_num_buckets=8))
 
 
 def gemma_model(tok):  # sliding_window < T so both of Gemma-2's mask kinds are in the graph (Sana: 4096 > 300)

@@ -6,12 +6,13 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import one_line_error, randomize, run_cli
-from ditrt.export.folder import export_model
+from conftest import one_line_error, run_cli, run_cli_here
+from ditrt.export import export_model
 from ditrt.runtime import InputError, Pipeline
-from test_text_encoders import t5_model, t5_tokenizer
+from tiny_components import (PROMPT, build_flux, clip_tokenizer, dc_ae_config, gemma_tokenizer, randomize,
+                             t5_model, t5_tokenizer)
 
-PROMPT = "A photo of a CAT sitting on a red sofa "
+pytestmark = pytest.mark.xdist_group("text_pipeline")  # one worker builds the module's folders (pytest -n)
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +86,6 @@ def sd3(tmp_path_factory):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    from test_text_encoders import clip_tokenizer
-
     root = tmp_path_factory.mktemp("sd3") / "sd3-tiny"
     tok_l, tok_g = clip_tokenizer(model_max_length=77), clip_tokenizer(pad_token="!", model_max_length=77)
     tok_t5 = t5_tokenizer()
@@ -101,9 +100,7 @@ def sd3(tmp_path_factory):
     transformer = randomize(SD3Transformer2DModel(
         sample_size=4, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
         num_attention_heads=2, joint_attention_dim=48, caption_projection_dim=16, pooled_projection_dim=32,
-        pos_embed_max_size=8), seed=4)
-    with torch.no_grad():  # the stored position table is a buffer: random too
-        transformer.pos_embed.pos_embed.copy_(torch.randn(transformer.pos_embed.pos_embed.shape) * 0.1)
+        pos_embed_max_size=8), seed=4, buffers=True)  # the stored position table is a buffer: random too
     vae = randomize(AutoencoderKL(latent_channels=16, block_out_channels=(8, 16), layers_per_block=1,
                                   norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 2,
                                   up_block_types=("UpDecoderBlock2D",) * 2, use_quant_conv=False,
@@ -134,34 +131,10 @@ def test_matches_stable_diffusion_3_pipeline(sd3, negative, guidance, t5_len):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-3)
 
 
-def build_flux(root, guidance_embeds: bool, dynamic: bool | None = None):
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-    from test_text_encoders import clip_tokenizer
-
-    tok_l, tok_t5 = clip_tokenizer(model_max_length=77), t5_tokenizer()
-    clip = randomize(CLIPTextModel(CLIPTextConfig(vocab_size=len(tok_l), hidden_size=16, intermediate_size=32,
-                                                  num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
-                                                  bos_token_id=tok_l.bos_token_id, eos_token_id=tok_l.eos_token_id)), 1)
-    t5 = randomize(T5EncoderModel(T5Config(vocab_size=len(tok_t5), d_model=32, d_kv=8, d_ff=64, num_layers=2,
-                                           num_heads=4, relative_attention_num_buckets=8)), seed=2)
-    transformer = randomize(FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6)), 3)
-    vae = randomize(AutoencoderKL(latent_channels=16, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
-                                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                                  use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611,
-                                  shift_factor=0.1159), seed=4)
-    dynamic = guidance_embeds if dynamic is None else dynamic  # FLUX.1-dev shifts by resolution, schnell not
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0 if guidance_embeds else 1.0, use_dynamic_shifting=dynamic)
-    ref = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tok_l, text_encoder_2=t5,
-                       tokenizer_2=tok_t5, transformer=transformer)
-    ref.save_pretrained(root)
-    return ref
-
-
-@pytest.mark.parametrize("dev,dynamic", [(True, True), (False, False), (True, False)],
+# slow: schnell and the static shift (the Flux graph without guidance embedding is in test_step_graphs, static
+# flow shifts with Flux's sigmas in test_schedules)
+@pytest.mark.parametrize("dev,dynamic", [(True, True), pytest.param(False, False, marks=pytest.mark.slow),
+                                         pytest.param(True, False, marks=pytest.mark.slow)],
                          ids=["flux-dev", "flux-schnell", "flux-dev-static-shift"])
 def test_matches_flux_pipeline(tmp_path, dev, dynamic):
     from diffusers import FluxPipeline
@@ -194,6 +167,7 @@ def test_export_size_errors(tmp_path):
     assert not (tmp_path / "e").exists()
 
 
+@pytest.mark.slow  # fast lane: test_text_demo's shipped Sana folder against SanaPipeline
 def test_matches_sana_pipeline(tmp_path):
     """Gemma-2 with the instruction prefix on the positive prompt only, Sana (linear attention), the folder's flow
     DPM-Solver++, DC-AE: the runtime against SanaPipeline from the same noise; and the flow Euler schedulers users
@@ -202,9 +176,6 @@ def test_matches_sana_pipeline(tmp_path):
     from diffusers import (AutoencoderDC, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, SanaPipeline,
                            SanaTransformer2DModel)
     from transformers import Gemma2Config, Gemma2Model
-
-    from test_dc_ae import tiny_config
-    from test_text_encoders import gemma_tokenizer
 
     tok = gemma_tokenizer()
     tok.padding_side = "right"
@@ -216,7 +187,7 @@ def test_matches_sana_pipeline(tmp_path):
         in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
         num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=32,
         sample_size=8), seed=2)
-    vae = randomize(AutoencoderDC(**tiny_config("interpolate")), seed=3)
+    vae = randomize(AutoencoderDC(**dc_ae_config("interpolate")), seed=3)
     scheduler = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
     ref = SanaPipeline(tokenizer=tok, text_encoder=gemma, vae=vae, transformer=transformer, scheduler=scheduler)
     ref.save_pretrained(tmp_path / "sana")
@@ -241,6 +212,7 @@ def test_matches_sana_pipeline(tmp_path):
         assert "Sampler: Euler," in got.parameters[0]
 
 
+@pytest.mark.slow  # fast lane: test_diffusers_pipelines' DDIMScheduler() DiT folder; test_schedules' switching
 def test_pixart_folder_with_another_scheduler(pixart, tmp_path):
     """A PixArt-Σ folder whose scheduler is `DDIMScheduler()` (clip_sample=True, leading spacing): the runtime runs
     it, as diffusers does, at guidance > 1 (CFG) and <= 1 (conditional branch only); and `--sampler` gives what
@@ -278,7 +250,7 @@ def test_folder_with_an_unsupported_scheduler_is_refused(pixart, tmp_path):
     ref, _, _ = pixart
     PixArtSigmaPipeline(**{**ref.components, "scheduler": EulerAncestralDiscreteScheduler()}).save_pretrained(
         tmp_path / "folder")
-    r = run_cli("dit-export", str(tmp_path / "folder"), "-o", str(tmp_path / "engine"))
+    r = run_cli_here("dit-export", str(tmp_path / "folder"), "-o", str(tmp_path / "engine"))
     one_line_error(r, "scheduler class 'EulerAncestralDiscreteScheduler' is not supported",
                    "FlowMatchEulerDiscreteScheduler, DDIMScheduler, DPMSolverMultistepScheduler")
     assert not (tmp_path / "engine").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["folder"]
@@ -312,6 +284,7 @@ def test_matches_pixart_alpha_pipeline_with_micro_conditions(tmp_path):
         pipe(prompt=PROMPT, steps=1)  # PixArtAlphaPipeline fails there (the step has no pred_original_sample)
 
 
+@pytest.mark.slow  # fast lane: PixArt-α with micro-conditions; a DDIM folder in test_diffusers_pipelines' DiT
 def test_pixart_alpha_folder_scheduler_class_and_single_step(pixart, tmp_path):
     """diffusers builds the scheduler class model_index.json names (even when scheduler_config.json says another),
     and PixArtAlphaPipeline returns the step's x0 when it takes one step."""

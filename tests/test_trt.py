@@ -21,7 +21,10 @@ from ditrt.export.trt.build import DEFAULT_DIMS, check_engine, profile_shapes
 from ditrt.runtime.errors import BackendUnavailable, InputError
 from ditrt.runtime.manifest import Component, TensorSpec
 
-from conftest import one_line_error, run_cli
+from conftest import one_line_error, run_cli, run_cli_here
+from tiny_components import randomize
+
+pytestmark = pytest.mark.xdist_group("trt")  # one worker exports the module's plugin graphs (pytest -n)
 
 TINY = {  # name: (model, text tokens)
     "dit": (lambda: DiT(DiTConfig(sample_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=5)), 0),
@@ -43,11 +46,7 @@ def tensorrt_missing() -> bool:
 
 def build(name):
     make, text_len = TINY[name]
-    model = make().eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for t in model.parameters():  # no zero-init layers: every weight must matter
-            t.copy_(torch.randn(t.shape, generator=g) * 0.1)
+    model = randomize(make(), seed=1)  # no zero-init layers: every weight must matter
     return model, StepGraph(model, text_len), *step_io(model, text_len)
 
 
@@ -63,13 +62,12 @@ class Residual(torch.nn.Module):  # no model uses the fused residual form yet
 def plugin_graphs(tmp_path_factory):
     """name -> (path of the plugin-lowered graph, the module, its input specs, output specs): the tiny step
     graphs, and "residual" for the fused residual op alone."""
-    from ditrt.export.graphs import IOSpec
 
     rows, vecs = ("B", 6, 16), ("B", 16)
     graphs = {name: build(name)[1:] for name in TINY}
-    graphs["residual"] = (Residual(), [IOSpec(n, "float32", rows) for n in ("x", "y")] +
-                          [IOSpec(n, "float32", vecs) for n in ("gate", "shift", "scale")],
-                          [IOSpec(n, "float32", rows) for n in ("h", "out")])
+    graphs["residual"] = (Residual(), [TensorSpec(n, "float32", rows) for n in ("x", "y")] +
+                          [TensorSpec(n, "float32", vecs) for n in ("gate", "shift", "scale")],
+                          [TensorSpec(n, "float32", rows) for n in ("h", "out")])
     out = {}
     for name, (graph, inputs, outputs) in graphs.items():
         path = tmp_path_factory.mktemp("plugin") / f"{name}.onnx"
@@ -233,7 +231,8 @@ def test_tensorrt_engines_need_the_plugin_lowering():
 def test_without_tensorrt_export_says_so_and_writes_nothing(tmp_path):
     with pytest.raises(BackendUnavailable, match="TensorRT is not installed"):
         plugins.register_plugins()
-    one_line_error(run_cli("dit-export", "digits", "--engine", "tensorrt", cwd=tmp_path), "TensorRT is not installed")
+    one_line_error(run_cli_here("dit-export", "digits", "--engine", "tensorrt", cwd=tmp_path),
+                   "TensorRT is not installed")
     assert list(tmp_path.iterdir()) == []  # not even engines/
 
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from conftest import randomize
 from ditrt.export.loaders.diffusers import load_component
+from tiny_components import dc_ae_config, randomize
 
 # fp32; GroupNorm/conv/attention in the same order as diffusers: rounding only, on outputs of size ~1-10
 ATOL = 1e-4
@@ -39,13 +39,12 @@ def test_decoder_engine_matches_torch(tmp_path, kind):
     from ditrt.export.graphs import DecoderGraph, decoder_io
     from ditrt.export.models import dc_ae, vae_kl
     from ditrt.export.onnx_export import export_onnx
-    from test_dc_ae import tiny_config
 
     if kind == "kl":
         vae = vae_kl.VAEDecoder(vae_kl.VAEConfig(latent_channels=16, block_out_channels=(8, 16), layers_per_block=1,
                                                  norm_num_groups=4, post_quant_conv=False, shift_factor=0.06))
     else:
-        vae = dc_ae.DCAEDecoder(dc_ae.config_from_diffusers(tiny_config("interpolate")))
+        vae = dc_ae.DCAEDecoder(dc_ae.config_from_diffusers(dc_ae_config("interpolate")))
     randomize(vae)
     graph = DecoderGraph(vae)
     inputs, outputs = decoder_io(vae, (6, 4))

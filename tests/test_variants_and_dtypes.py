@@ -8,12 +8,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from conftest import one_line_error, randomize, run_cli
-from ditrt.export.folder import export_model
+from conftest import one_line_error, run_cli_here
+from ditrt.export import export_model
 from ditrt.export.loaders.diffusers import load_component
 from ditrt.runtime import LoaderError
 from ditrt.runtime.manifest import load_manifest
-from test_text_encoders import t5_model, t5_tokenizer
+from tiny_components import randomize, t5_model, t5_tokenizer
 
 PROMPT = "a photo of a cat sitting on a red sofa"
 
@@ -51,7 +51,8 @@ def t5_reference(model, tokenizer, length: int) -> np.ndarray:
         return model(ids.input_ids, attention_mask=ids.attention_mask).last_hidden_state.float().numpy()
 
 
-@pytest.mark.parametrize("key", ["torch_dtype", "dtype"])  # the Hub's older configs, and transformers 5's
+@pytest.mark.parametrize("key", [pytest.param("torch_dtype", marks=pytest.mark.slow), "dtype"])  # the Hub's
+# older configs (slow: one export each, and both keys take the same path), and transformers 5's
 def test_text_encoder_is_fp32_whatever_its_config_says(tmp_path, key):
     from transformers import T5EncoderModel
 
@@ -100,23 +101,23 @@ def test_cli_variant_chooses_among_several_and_refuses_to_guess(tmp_path):
     vae = root / "vae"
     (vae / "diffusion_pytorch_model.fp16.safetensors").rename(vae / "diffusion_pytorch_model.safetensors")
 
-    r = run_cli("dit-export", str(root), "-o", str(tmp_path / "e"))
+    r = run_cli_here("dit-export", str(root), "-o", str(tmp_path / "e"))
     one_line_error(r, f"{str(root / 'transformer')!r} has no plain (non-variant) safetensors weights; found "
                       "diffusion_pytorch_model.ema.safetensors, diffusion_pytorch_model.fp16.safetensors: pass "
                       "--variant ema or --variant fp16")
-    r = run_cli("dit-export", str(root), "--variant", "bf16", "-o", str(tmp_path / "e"))
+    r = run_cli_here("dit-export", str(root), "--variant", "bf16", "-o", str(tmp_path / "e"))
     one_line_error(r, "has no 'bf16' variant safetensors weights; found diffusion_pytorch_model.ema.safetensors, "
                       "diffusion_pytorch_model.fp16.safetensors: pass --variant ema or --variant fp16")
     assert not (tmp_path / "e").exists()
 
-    r = run_cli("dit-export", str(root), "--variant", "fp16", "-o", str(tmp_path / "e"))
+    r = run_cli_here("dit-export", str(root), "--variant", "fp16", "-o", str(tmp_path / "e"))
     assert r.returncode == 0, r.stderr
     m = load_manifest(tmp_path / "e")
     assert m.export["variant"] == "fp16" and "--variant fp16" in m.export["command"]
     assert [n for n in m.export["notes"] if "variant" in n] == \
         ["vae: no 'fp16' variant, loaded diffusion_pytorch_model.safetensors"]
 
-    r = run_cli("dit-export", "digits", "--variant", "fp16", "-o", str(tmp_path / "d"))
+    r = run_cli_here("dit-export", "digits", "--variant", "fp16", "-o", str(tmp_path / "d"))
     one_line_error(r, "--variant fp16 applies to diffusers folders, not to the built-in model 'digits'")
 
 

@@ -1,4 +1,12 @@
-"""diffusers' own test-suite dummy configurations, built here without the Hub.
+"""The shared test factories, in one place: test modules import these from here, never from each other.
+
+- `randomize`: seeded random weights for any torch module (every weight counts, unlike diffusers' zero inits);
+- tokenizers trained here on a few sentences (`clip_tokenizer`, `t5_tokenizer`, `gemma_tokenizer`; no
+  downloads), tiny models (`t5_model`, `dc_ae_config`) and a tiny Flux pipeline folder (`build_flux`);
+- diffusers' own test-suite dummy configurations, built here without the Hub (below).
+Fixtures (engine folders exported once per session) live in conftest.py.
+
+diffusers' dummy configurations:
 
 Transformer configs are copied from diffusers' model tests (tests/models/transformers/test_models_*.py,
 `prepare_init_args_and_inputs_for_common` / `get_init_dict`) and pipeline components from the pipeline tests
@@ -20,9 +28,129 @@ Their Hub text encoders and tokenizers cannot be downloaded here, so they are bu
   can be encoded.
 """
 
+import json
+
 import torch
 
-from test_text_encoders import clip_tokenizer, gemma_tokenizer, t5_tokenizer
+PROMPT = "A photo of a CAT sitting on a red sofa "
+# the tokenizers' training sentences
+CORPUS = ["a photo of a cat sitting on a red sofa", "a painting of a dog on the beach at sunset",
+          "an astronaut riding a horse on the moon", "a bowl of fruit, oil on canvas",
+          "two cats and a dog"] * 3
+
+
+def randomize(model, seed: int = 0, buffers: bool | str = False):
+    """N(0, 0.1²) values (seeded) in every parameter: diffusers zero-inits some layers, random values make
+    every weight count. buffers=True: in every buffer too, after the parameters (SD3's stored position table);
+    buffers="saved": in what save_pretrained writes instead (parameters and persistent buffers, in state_dict
+    order; not the tables diffusers recomputes on load). Returns the model in eval mode."""
+    if buffers == "saved":
+        tensors = list(model.state_dict(keep_vars=True).values())
+    else:
+        tensors = [*model.parameters(), *(model.buffers() if buffers else ())]
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in tensors:
+            t.copy_(torch.randn(t.shape, generator=g) * 0.1)
+    return model.eval()
+
+
+def clip_tokenizer(**kw):
+    """CLIP's byte-level BPE with `</w>` word ends; BOS/EOS last in the vocabulary, as CLIP's 49406, 49407."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import CLIPTokenizer
+
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    bpe.normalizer = normalizers.Lowercase()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""),
+                             "removed", invert=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, initial_alphabet=alphabet,
+                                                        end_of_word_suffix="</w>", show_progress=False))
+    vocab = bpe.get_vocab()
+    for c in alphabet:
+        vocab.setdefault(c + "</w>", len(vocab))
+    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
+    merges = [tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
+    return CLIPTokenizer(vocab=vocab, merges=merges, **kw)
+
+
+def t5_tokenizer():
+    """T5's Unigram: <pad> 0, </s> 1, <unk> 2, pieces, then 100 <extra_id_*> added tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import T5Tokenizer
+
+    uni = Tokenizer(models.Unigram())
+    uni.pre_tokenizer = pre_tokenizers.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=100, special_tokens=["<pad>", "</s>", "<unk>"],
+                                      unk_token="<unk>", show_progress=False)
+    uni.train_from_iterator(CORPUS, trainer)
+    return T5Tokenizer(vocab=[tuple(v) for v in json.loads(uni.to_str())["model"]["vocab"]])
+
+
+def gemma_tokenizer():
+    """Gemma's BPE with byte fallback; adds <bos> and no <eos>, like gemma-2's tokenizer_config."""
+    from tokenizers import Tokenizer, models, normalizers, trainers
+    from transformers import GemmaTokenizer
+
+    bpe = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    bpe.normalizer = normalizers.Replace(" ", "▁")
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"] + [f"<0x{i:02X}>" for i in range(256)]
+    bpe.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                                        show_progress=False))
+    merges = [tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
+    return GemmaTokenizer(vocab=bpe.get_vocab(), merges=merges, add_bos_token=True, add_eos_token=False)
+
+
+def t5_model(tok):
+    """A tiny T5 encoder (gated GELU, 2 layers) over `tok`'s vocabulary, at transformers' initialisation."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                      feed_forward_proj="gated-gelu", relative_attention_num_buckets=8)
+    return T5EncoderModel(config)
+
+
+def dc_ae_config(upsample: str) -> dict:
+    """A tiny AutoencoderDC: ResBlock and EfficientViT stages, factor 4, upsampling by `upsample`."""
+    return dict(in_channels=3, latent_channels=4, attention_head_dim=4, scaling_factor=0.41407,
+                encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+                decoder_block_types=("ResBlock", "EfficientViTBlock", "EfficientViTBlock"),
+                encoder_block_out_channels=(8, 16, 32), decoder_block_out_channels=(8, 16, 32),
+                encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 2, 1),
+                encoder_qkv_multiscales=((), (), (5,)), decoder_qkv_multiscales=((), (3,), (3, 5)),
+                upsample_block_type=upsample, downsample_block_type="pixel_unshuffle",
+                decoder_norm_types="rms_norm", decoder_act_fns="silu", decoder_conv_act_fn="relu")
+
+
+def build_flux(root, guidance_embeds: bool, dynamic: bool | None = None):
+    """A tiny FluxPipeline (dev with guidance_embeds, else schnell) saved to `root`; returns the pipeline."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    tok_l, tok_t5 = clip_tokenizer(model_max_length=77), t5_tokenizer()
+    clip = randomize(CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tok_l), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=77, bos_token_id=tok_l.bos_token_id,
+        eos_token_id=tok_l.eos_token_id)), 1)
+    t5 = randomize(T5EncoderModel(T5Config(vocab_size=len(tok_t5), d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                           num_heads=4, relative_attention_num_buckets=8)), seed=2)
+    transformer = randomize(FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
+        guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6)), 3)
+    vae = randomize(AutoencoderKL(
+        latent_channels=16, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159), seed=4)
+    dynamic = guidance_embeds if dynamic is None else dynamic  # FLUX.1-dev shifts by resolution, schnell not
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0 if guidance_embeds else 1.0,
+                                                use_dynamic_shifting=dynamic)
+    ref = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tok_l, text_encoder_2=t5,
+                       tokenizer_2=tok_t5, transformer=transformer)
+    ref.save_pretrained(root)
+    return ref
 
 # ---- denoiser configs from diffusers' model tests ----
 # tests/models/transformers/test_models_dit_transformer2d.py

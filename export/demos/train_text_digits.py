@@ -224,7 +224,7 @@ def encode_captions(tokenizer, text_encoder, prompts: list[str], chunk: int = 25
     longest caption (masked keys get no attention weight) is left out."""
     from transformers import DynamicCache
 
-    from ..folder import SANA_INSTRUCTION
+    from ..models.sana import SANA_INSTRUCTION
 
     chi = "\n".join(SANA_INSTRUCTION)
     n = len(tokenizer.encode(chi)) - 1  # the instruction's tokens but its trailing "▁", which joins the prompt
@@ -288,7 +288,7 @@ def train(out: Path, vae_steps: int, steps: int, batch_size: int, lr: float, see
           template_p: float = 0.25, vocab_size: int = 1024, embed_std: float = 1.0, log_every: int = 250) -> dict:
     from diffusers import DPMSolverMultistepScheduler, SanaPipeline
 
-    from ..folder import SANA_INSTRUCTION
+    from ..models.sana import SANA_INSTRUCTION
 
     cpu_start = time.process_time()
     torch.manual_seed(seed)

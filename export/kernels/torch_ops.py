@@ -8,6 +8,8 @@ How they get registered, and when the library is built:
   sources), that call and later ones use the plain-torch reference after one warning naming the reason.
 - `register()` is the strict form for tests and benchmarks: it needs a CUDA device, builds and loads now, and raises
   KernelUnavailable otherwise.
+`adaln_modulate_cuda`, `adaln_modulate_residual_cuda` and `linear_attention_cuda` are those kernels, callable
+directly (their input checks run before any device work); `library()` is the loaded library or None.
 Inputs the kernels do not cover (dtypes other than fp32/fp16/bf16, D above the kernel's limit, head dims above 64,
 empty tensors) go to the reference, which computes the same op. Inconsistent inputs raise InputError.
 """
@@ -39,7 +41,7 @@ def _load_usable():
 
 
 @functools.lru_cache(maxsize=None)
-def _library():
+def library():
     """The usable library, or None after one warning when it cannot be built or loaded here."""
     try:
         return _load_usable()
@@ -82,10 +84,10 @@ def _stream(t: Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream
 
 
-def _adaln_modulate_cuda(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tensor:
+def adaln_modulate_cuda(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tensor:
     _check_same("adaln_modulate", {"x": x, "shift": shift, "scale": scale})
     _check_modulation("adaln_modulate", x, {"shift": shift, "scale": scale})
-    lib = _library()
+    lib = library()
     if lib is None or x.dtype not in DTYPES or x.numel() == 0 or x.shape[2] > ADALN_MAX_DIM[x.dtype]:
         return _reference("adaln")(x, shift, scale, eps)
     x, shift, scale = x.contiguous(), shift.contiguous(), scale.contiguous()
@@ -97,15 +99,15 @@ def _adaln_modulate_cuda(x: Tensor, shift: Tensor, scale: Tensor, eps: float) ->
     return out
 
 
-def _adaln_modulate_residual_cuda(residual: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scale: Tensor,
-                                  eps: float) -> tuple[Tensor, Tensor]:
+def adaln_modulate_residual_cuda(residual: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scale: Tensor,
+                                 eps: float) -> tuple[Tensor, Tensor]:
     inputs = {"residual": residual, "y": y, "gate": gate, "shift": shift, "scale": scale}
     _check_same("adaln_modulate_residual", inputs)
     _check_modulation("adaln_modulate_residual", residual, {"gate": gate, "shift": shift, "scale": scale})
     if y.shape != residual.shape:
         raise InputError(f"adaln_modulate_residual: y must have the shape of residual {tuple(residual.shape)}, "
                          f"got {tuple(y.shape)}")
-    lib = _library()
+    lib = library()
     if (lib is None or residual.dtype not in DTYPES or residual.numel() == 0
             or residual.shape[2] > ADALN_MAX_DIM[residual.dtype]):
         return _reference("adaln_residual")(residual, y, gate, shift, scale, eps)
@@ -119,12 +121,12 @@ def _adaln_modulate_residual_cuda(residual: Tensor, y: Tensor, gate: Tensor, shi
     return h, out
 
 
-def _linear_attention_cuda(q: Tensor, k: Tensor, v: Tensor, eps: float) -> Tensor:
+def linear_attention_cuda(q: Tensor, k: Tensor, v: Tensor, eps: float) -> Tensor:
     _check_same("linear_attention", {"q": q, "k": k, "v": v})
     if q.dim() != 4 or not q.shape == k.shape == v.shape:
         raise InputError(f"linear_attention: q, k, v must share one (B, H, N, d) shape, got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
-    lib = _library()
+    lib = library()
     if lib is None or q.dtype not in DTYPES or q.numel() == 0 or q.shape[3] > LA_MAX_HEAD_DIM:
         return _reference("linear_attention")(q, k, v, eps)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -142,9 +144,9 @@ def _linear_attention_cuda(q: Tensor, k: Tensor, v: Tensor, eps: float) -> Tenso
 def install() -> None:
     """Register the CUDA kernels of the dit:: ops (idempotent; compiles nothing)."""
     importlib.import_module("ditrt.export.ops")  # defines the ops (a no-op when that import is what calls us)
-    torch.library.register_kernel("dit::adaln_modulate", "cuda", _adaln_modulate_cuda)
-    torch.library.register_kernel("dit::adaln_modulate_residual", "cuda", _adaln_modulate_residual_cuda)
-    torch.library.register_kernel("dit::linear_attention", "cuda", _linear_attention_cuda)
+    torch.library.register_kernel("dit::adaln_modulate", "cuda", adaln_modulate_cuda)
+    torch.library.register_kernel("dit::adaln_modulate_residual", "cuda", adaln_modulate_residual_cuda)
+    torch.library.register_kernel("dit::linear_attention", "cuda", linear_attention_cuda)
 
 
 def register() -> None:
@@ -153,5 +155,5 @@ def register() -> None:
         raise KernelUnavailable("no CUDA device: the dit CUDA kernels need a GPU (torch.cuda.is_available() is "
                                 "False); on this machine the dit ops use the torch reference")
     _load_usable()
-    _library.cache_clear()  # a lazy attempt that failed earlier does not hide the library now
+    library.cache_clear()  # a lazy attempt that failed earlier does not hide the library now
     install()

@@ -1,21 +1,27 @@
 """diffusers component folders -> (config, state dict) -> our modules. safetensors only, strict.
 
 A component folder holds `config.json` and either one `*.safetensors` file or shards listed in a
-`*.safetensors.index.json`, plain or in diffusers' variants (`variant="fp16"`: `*.fp16.safetensors`). Weights are
-upcast to fp32 (our reference path); pickled `.bin` files are refused.
+`*.safetensors.index.json`, plain or in diffusers' variants (`variant="fp16"`: `*.fp16.safetensors`). Pickled
+`.bin` files are refused.
+
+Loading is lean: the module is built with its parameters on the meta device (`empty_parameters`), the
+safetensors files are memory-mapped, each tensor is cast once to the dtype the component runs in (no copy when
+it already has it) and assigned to the module (`load_state_dict(assign=True)`): no fp32 copy of bf16/fp16
+weights, no random init.
 """
 
 import json
 import re
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
 from ditrt.runtime.errors import LoaderError
 
-from . import keymaps
+from ..precision import FLOAT_DTYPES
+from ..registry import CHECKPOINTS
 from .keymaps import KeyRule
 
 WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
@@ -25,7 +31,6 @@ WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
 # as seen on the Hub (`{name}.fp16.safetensors.index.json`).
 WEIGHT_ENTRY = re.compile(r"(?:diffusion_pytorch_model|model)(?:\.(?P<a>\w+))?\.safetensors"
                           r"(?:(?:\.(?P<b>\w+))?\.index(?:\.(?P<c>\w+))?\.json)?")
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def read_config(folder: Path) -> dict:
@@ -106,21 +111,42 @@ def weight_files(folder: Path, variant: str | None = None) -> list[Path]:
     return [folder / s for s in shards]
 
 
-def read_state_dict(folder: Path, variant: str | None = None) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def read_state_dict(folder: Path, variant: str | None = None,
+                    dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """A component's weights, memory-mapped, each cast once to dtype (one already in dtype is not copied)."""
+    from safetensors import SafetensorError, safe_open
 
     state = {}
     for path in weight_files(folder, variant):
         try:
-            tensors = load_file(path)
+            with safe_open(str(path), "pt") as f:  # mmaps the file: tensors are views of it until cast
+                for k in f.keys():
+                    v = f.get_tensor(k)
+                    if v.dtype not in FLOAT_DTYPES:
+                        raise LoaderError(f"{k!r} in {path.name!r} has dtype {v.dtype}; expected fp32, fp16 "
+                                          "or bf16")
+                    state[k] = v.to(dtype)
         except (SafetensorError, OSError) as e:
             raise LoaderError(f"cannot read {str(path)!r}: {e}") from None
-        for k, v in tensors.items():
-            if v.dtype not in FLOAT_DTYPES:
-                raise LoaderError(f"{k!r} in {path.name!r} has dtype {v.dtype}; expected fp32, fp16 or bf16")
-            state[k] = v.float()
     return state
+
+
+@contextmanager
+def empty_parameters():
+    """Build modules with every parameter on the meta device (no memory, no random init); buffers and the
+    tables computed in __init__ stay real (as accelerate's init_empty_weights(include_buffers=False))."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
 
 
 def remap(state: dict[str, torch.Tensor], rules: list[KeyRule]) -> dict[str, torch.Tensor]:
@@ -140,7 +166,9 @@ def remap(state: dict[str, torch.Tensor], rules: list[KeyRule]) -> dict[str, tor
 
 
 def fill(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-    """Load strictly: every model tensor filled with the right shape, no checkpoint tensor left over."""
+    """Load strictly: every model tensor filled with the right shape, no checkpoint tensor left over. The
+    state's tensors become the module's (assign: no copy, their dtype kept), so model may hold meta
+    parameters."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     extra = [k for k in state if k not in own]
@@ -155,42 +183,27 @@ def fill(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
         if shapes:
             parts.append(f"{len(shapes)} shape mismatch(es) (e.g. {'; '.join(shapes[:3])})")
         raise LoaderError(f"weights do not fit {type(model).__name__}: " + "; ".join(parts))
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 
 
-def load_component(folder: str | Path, variant: str | None = None, notes: list[str] | None = None) -> nn.Module:
-    """A diffusers component folder (config.json + safetensors: a transformer or a VAE) as our module, in fp32.
+def load_component(folder: str | Path, variant: str | None = None, notes: list[str] | None = None,
+                   dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A diffusers component folder (config.json + safetensors: a transformer or a VAE) as our module, its
+    weights in dtype (the one the component runs in: precision.POLICY), cast once from the checkpoint's.
 
     variant: diffusers' `variant=` (e.g. "fp16"), chosen as `pick_variant` says; its note, if any, goes to notes.
     """
     folder = Path(folder)
     config = read_config(folder)
     name = config.get("_class_name")
-    if name not in FAMILIES:
-        raise LoaderError(f"{str(folder)!r} holds a {name!r}; supported: {', '.join(sorted(FAMILIES))}")
+    if name not in CHECKPOINTS:
+        raise LoaderError(f"{str(folder)!r} holds a {name!r}; supported: {', '.join(sorted(CHECKPOINTS))}")
     variant, note = pick_variant(folder, variant)
     if note and notes is not None:
         notes.append(note)
-    to_config, model_cls, rules = FAMILIES[name]
-    model = model_cls(to_config(config))
-    return fill(model, remap(read_state_dict(folder, variant), rules))
-
-
-def _families() -> dict[str, tuple[Callable, type, list[KeyRule]]]:
-    """diffusers `_class_name` -> (config converter, our module, key table)."""
-    from ..models import dc_ae, dit, flux, mmdit, pixart, sana, vae_kl
-
-    return {
-        "DiTTransformer2DModel": (dit.config_from_diffusers, dit.DiT, keymaps.DIT),
-        "Transformer2DModel": (dit.config_from_diffusers, dit.DiT, keymaps.DIT),  # legacy name of the same class
-        "PixArtTransformer2DModel": (pixart.config_from_diffusers, pixart.PixArt, keymaps.PIXART),
-        "SanaTransformer2DModel": (sana.config_from_diffusers, sana.Sana, keymaps.SANA),
-        "AutoencoderKL": (vae_kl.config_from_diffusers, vae_kl.VAEDecoder, keymaps.VAE_KL),
-        "AutoencoderDC": (dc_ae.config_from_diffusers, dc_ae.DCAEDecoder, keymaps.DC_AE),
-        "SD3Transformer2DModel": (mmdit.config_from_diffusers, mmdit.MMDiT, keymaps.MMDIT),
-        "FluxTransformer2DModel": (flux.config_from_diffusers, flux.Flux, keymaps.FLUX),
-    }
-
-
-FAMILIES = _families()
+    checkpoint = CHECKPOINTS[name]
+    with empty_parameters():
+        model = checkpoint.module(checkpoint.from_diffusers(config))
+    model = fill(model, remap(read_state_dict(folder, variant, dtype), checkpoint.keys))
+    return model.to(dtype)  # the buffers computed in __init__ (the parameters have dtype already: no copy)

@@ -10,6 +10,9 @@ from torch import Tensor, nn
 
 from ditrt.runtime.errors import ConfigError
 
+from ..ops import linear_attention
+from ..family import Checkpoint
+from ..loaders import keymaps
 from .layers import GLUMBConv
 
 ACTS = {"silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu, "mish": F.mish}  # diffusers get_activation
@@ -91,12 +94,6 @@ def multiscale_projection(channels: int, heads: int, kernel: int) -> nn.Sequenti
         proj_out=nn.Conv2d(channels, channels, 1, groups=3 * heads, bias=False)))
 
 
-def relu_linear_attention(q: Tensor, k: Tensor, v: Tensor, eps: float = 1e-15) -> Tensor:
-    """(B, heads, d, N) fp32 inputs, ReLU already applied: [V;1]·Kᵀ·Q, divided by its ones row (diffusers order)."""
-    out = (F.pad(v, (0, 0, 0, 1), value=1.0) @ k.transpose(-1, -2)) @ q
-    return out[:, :, :-1] / out[:, :, -1:].clamp_min(eps)  # not + eps: ONNX export drops tiny constant adds
-
-
 class MultiscaleLinearAttention(nn.Module):
     """diffusers SanaMultiscaleLinearAttention (+ SanaMultiscaleAttnProcessor2_0) with residual, rms_norm output."""
     def __init__(self, channels: int, head_dim: int, kernels: tuple[int, ...]):
@@ -113,9 +110,12 @@ class MultiscaleLinearAttention(nn.Module):
         t = x.movedim(1, -1)
         qkv = torch.cat([self.to_q(t), self.to_k(t), self.to_v(t)], dim=3).movedim(-1, 1)
         qkv = torch.cat([qkv, *(m(qkv) for m in self.to_qkv_multiscale)], dim=1)
-        # heads take consecutive 3·d channel slices (diffusers' layout), then split into q, k, v; sums in fp32
-        q, k, v = qkv.float().reshape(B, -1, 3 * self.head_dim, H * W).chunk(3, dim=2)
-        out = relu_linear_attention(F.relu(q), F.relu(k), v).to(x.dtype).reshape(B, -1, H, W)
+        # heads take consecutive 3·d channel slices (diffusers' layout), then split into q, k, v
+        qkv = qkv.reshape(B, -1, 3 * self.head_dim, H * W).transpose(-1, -2)  # (B, heads, H·W, 3d)
+        q, k, v = qkv.chunk(3, dim=-1)  # (B, heads, H·W, d) each
+        # diffusers' apply_linear_attention: ReLU(q), ReLU(k), fp32 sums (its tiny-grid quadratic form: equal)
+        out = linear_attention(q, k, v)  # (B, heads, H·W, d)
+        out = out.transpose(-1, -2).reshape(B, -1, H, W)  # (B, heads·d, H, W)
         return x + self.norm_out(self.to_out(out.movedim(1, -1)).movedim(-1, 1))
 
 
@@ -201,3 +201,8 @@ def config_from_diffusers(d: dict) -> DCAEConfig:
     v.update({k: (v[k],) * n for k in ("decoder_block_types", "decoder_norm_types", "decoder_act_fns")
               if isinstance(v[k], str)})
     return DCAEConfig(**v)
+
+
+# --- what the exporter loads as this decoder (export/family.py) ---
+
+CHECKPOINT = Checkpoint(("AutoencoderDC",), DCAEDecoder, config_from_diffusers, keymaps.DC_AE)

@@ -5,10 +5,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ditrt.runtime import schedules
 from ditrt.runtime.errors import ConfigError, InputError
+from ditrt.runtime.manifest import TensorSpec
 
-from .layers import (Attention, FeedForward, FinalLayer, PatchEmbed, TimestepEmbedder, adaln_zero, gated_modulate,
-                     modulate, sincos_pos_embed_2d, unpatchify)
+from ..family import Checkpoint, Conditioning, Defaults, Family, Sampler, scheduler
+from ..loaders import keymaps
+from .layers import (Attention, FeedForward, FinalLayer, Modulation, PatchEmbed, TimestepEmbedder,
+                     gated_modulate, modulate, sincos_pos_embed_2d, unpatchify)
 
 PREDICTIONS = ("epsilon", "flow")
 
@@ -48,12 +52,12 @@ class DiTBlock(nn.Module):
         super().__init__()
         D = cfg.hidden_size
         self.mlp_norm_eps = cfg.mlp_norm_eps
-        self.adaLN = nn.Linear(D, 6 * D)
+        self.adaLN = Modulation(D, 2)
         self.attn = Attention(D, cfg.num_heads)
         self.ff = FeedForward(D, int(D * cfg.mlp_ratio))
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        msa, mlp = adaln_zero(self.adaLN, c)
+        msa, mlp = self.adaLN(c)
         x, h = gated_modulate(x, self.attn(modulate(x, msa)), msa.gate, mlp, self.mlp_norm_eps)
         return x + mlp.gate[:, None] * self.ff(h)
 
@@ -125,3 +129,30 @@ def config_from_diffusers(d: dict) -> DiTConfig:
                      hidden_size=heads * head_dim, depth=d.get("num_layers", 28), num_heads=heads,
                      num_classes=d.get("num_embeds_ada_norm", 1000), learn_sigma=out_ch == 2 * in_ch, freq_shift=1,
                      mlp_norm_eps=d.get("norm_eps", 1e-5), prediction="epsilon")
+
+
+# --- family descriptor: what "dit" means to the exporter (export/family.py) ---
+
+DDIM = Sampler(scheduler(schedules.DDIM, clip_sample=False), 50, 4.0)  # facebook/DiT-XL-2-256
+
+
+def conditioning(cfg: DiTConfig, text_len: int, latent_hw: tuple[int, int]) -> Conditioning:
+    """Class labels (B,); the negative branch is the null class num_classes. DiT batches [cond; uncond]."""
+    labels = TensorSpec("class_labels", "int64", ["B"])
+    return Conditioning((labels,), cond_first=True, null_class=cfg.num_classes)
+
+
+def defaults(cfg: DiTConfig, pipeline_class: str | None) -> Defaults:
+    # DiTPipeline steps the scale_model_input result, so a σ-space scheduler cannot run in it
+    return Defaults(DDIM, 0, {"steps_scaled_input": True})
+
+
+FAMILY = Family(
+    name="dit",
+    checkpoint=Checkpoint(("DiTTransformer2DModel", "Transformer2DModel"),  # the second: its legacy name
+                          DiT, config_from_diffusers, keymaps.DIT),
+    config=DiTConfig,
+    conditioning=conditioning,
+    defaults=defaults,
+    class_names=lambda cfg: tuple(str(i) for i in range(cfg.num_classes)),
+)

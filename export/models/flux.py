@@ -10,10 +10,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ditrt.runtime import schedules
 from ditrt.runtime.errors import ConfigError, InputError
+from ditrt.runtime.manifest import TensorSpec
 
-from .layers import (Attention, FeedForward, FinalLayer, JointAttention, MLPEmbedder, TimestepEmbedder, adaln_mods,
-                     adaln_zero, modulate, rope_freqs, rope_omega)
+from ..family import (Checkpoint, Conditioning, Defaults, Family, Sampler, TextEngine, has_component,
+                      scheduler)
+from ..loaders import keymaps
+from .blocks import JointBlock, clip_fp16
+from .layers import (Attention, FinalLayer, MLPEmbedder, Modulation, TimestepEmbedder, modulate, rope_freqs,
+                     rope_omega)
 
 
 @dataclass(frozen=True)
@@ -51,33 +57,9 @@ FLUX_DEV = FluxConfig()
 FLUX_SCHNELL = replace(FLUX_DEV, guidance_embeds=False)
 
 
-def clip_fp16(x: Tensor) -> Tensor:
-    """diffusers clips the residual stream to ±65504 in fp16 so that it cannot overflow to inf."""
-    return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
-
-
-class DoubleStreamBlock(nn.Module):
-    """diffusers FluxTransformerBlock: an MMDiT block with qk RMSNorm and RoPE."""
-
-    def __init__(self, cfg: FluxConfig):
-        super().__init__()
-        D, hidden = cfg.hidden_size, int(cfg.hidden_size * cfg.mlp_ratio)
-        self.adaLN = nn.Linear(D, 6 * D)
-        self.adaLN_context = nn.Linear(D, 6 * D)
-        self.attn = JointAttention(D, cfg.num_heads, qk_norm=True)
-        self.ff = FeedForward(D, hidden)
-        self.ff_context = FeedForward(D, hidden)
-
-    def forward(self, x: Tensor, c: Tensor, temb: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        """x (B, N, D) image and c (B, T, D) text tokens, temb (B, D) -> new (x, c)."""
-        msa, mlp = adaln_zero(self.adaLN, temb)
-        c_msa, c_mlp = adaln_zero(self.adaLN_context, temb)
-        a_x, a_c = self.attn(modulate(x, msa), modulate(c, c_msa), rope)
-        x = x + msa.gate[:, None] * a_x
-        x = x + mlp.gate[:, None] * self.ff(modulate(x, mlp))
-        c = c + c_msa.gate[:, None] * a_c
-        c = c + c_mlp.gate[:, None] * self.ff_context(modulate(c, c_mlp))
-        return x, clip_fp16(c)  # diffusers clips only the text stream here
+def double_stream_block(cfg: FluxConfig) -> JointBlock:
+    """diffusers FluxTransformerBlock: an MMDiT block with qk RMSNorm and RoPE, its text clipped in fp16."""
+    return JointBlock(cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio, qk_norm=True, clip_context=True)
 
 
 class SingleStreamBlock(nn.Module):
@@ -87,14 +69,14 @@ class SingleStreamBlock(nn.Module):
     def __init__(self, cfg: FluxConfig):
         super().__init__()
         D, hidden = cfg.hidden_size, int(cfg.hidden_size * cfg.mlp_ratio)
-        self.adaLN = nn.Linear(D, 3 * D)
+        self.adaLN = Modulation(D, 1)
         self.attn = Attention(D, cfg.num_heads, qk_norm=True, out_proj=False)
         self.proj_mlp = nn.Linear(D, hidden)
         self.proj_out = nn.Linear(D + hidden, D)
 
     def forward(self, h: Tensor, temb: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
         """h (B, T+N, D) text and image tokens, temb (B, D) -> new h."""
-        (mod,) = adaln_mods(self.adaLN, temb, 1)
+        (mod,) = self.adaLN(temb)
         n = modulate(h, mod)
         out = torch.cat([self.attn(n, rope), F.gelu(self.proj_mlp(n), approximate="tanh")], dim=-1)  # (B, S, D+4D)
         return clip_fp16(h + mod.gate[:, None] * self.proj_out(out))
@@ -112,7 +94,7 @@ class Flux(nn.Module):
             self.guidance_embedder = TimestepEmbedder(D)
         self.pooled_embedder = MLPEmbedder(cfg.pooled_projection_dim, D)
         self.context_embedder = nn.Linear(cfg.joint_attention_dim, D)
-        self.transformer_blocks = nn.ModuleList(DoubleStreamBlock(cfg) for _ in range(cfg.depth))
+        self.transformer_blocks = nn.ModuleList(double_stream_block(cfg) for _ in range(cfg.depth))
         self.single_transformer_blocks = nn.ModuleList(SingleStreamBlock(cfg) for _ in range(cfg.depth_single))
         self.final = FinalLayer(D, 1, cfg.out_channels)
 
@@ -187,3 +169,75 @@ def config_from_diffusers(d: dict) -> FluxConfig:
                       pooled_projection_dim=d.get("pooled_projection_dim", 768),
                       guidance_embeds=bool(d.get("guidance_embeds", False)),
                       axes_dims_rope=tuple(d.get("axes_dims_rope", (16, 56, 56))))
+
+
+# --- family descriptor: what "flux" means to the exporter (export/family.py) ---
+
+FLUX_DEV_EULER = Sampler(scheduler(schedules.FLOW, shift=3.0, use_dynamic_shifting=True,
+                                   base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                   max_image_seq_len=4096), 28, 3.5)
+FLUX_SCHNELL_EULER = Sampler(scheduler(schedules.FLOW, shift=1.0), 4, 0.0)
+CLIP_LENGTH = 77
+T5_LENGTH = 512  # FluxPipeline's max_sequence_length
+
+
+def conditioning(cfg: FluxConfig, text_len: int | str, latent_hw: tuple[int, int]) -> Conditioning:
+    """T5 states (B, T, 4096) and pooled CLIP-L (B, 768), one forward per step: dev embeds the guidance scale
+    (distilled guidance), schnell has none; there is no CFG batch. The model takes σ (the scheduler's t / 1000)."""
+    text = (TensorSpec("prompt_embeds", "float32", ["B", text_len, cfg.joint_attention_dim]),
+            TensorSpec("pooled_prompt_embeds", "float32", ["B", cfg.pooled_projection_dim]))
+    return Conditioning((), text, cfg_batch=False, guidance_input=cfg.guidance_embeds, timestep_scale=1e-3)
+
+
+def defaults(cfg: FluxConfig, pipeline_class: str | None) -> Defaults:
+    """FluxPipeline passes sigmas linspace(1, 1/n, n) and μ(image tokens) to set_timesteps, always.
+    schnell (no guidance embedding): 4 steps, no guidance."""
+    call = {"custom_sigmas": "linspace", "mu": "always", "mu_defaults": [256, 4096, 0.5, 1.15]}
+    return Defaults(FLUX_DEV_EULER if cfg.guidance_embeds else FLUX_SCHNELL_EULER, "T", call)
+
+
+class PositionedFlux(nn.Module):
+    """Flux at one latent size: the position ids FluxPipeline passes are constants of the engine's size,
+    (0, row, column) per packed image token and zeros per text token (fp32, as RoPE wants them)."""
+
+    def __init__(self, model: Flux, latent_hw: tuple[int, int]):
+        super().__init__()
+        self.model = model
+        self.latent_hw = latent_hw
+
+    def forward(self, hidden_states: Tensor, t: Tensor, encoder_hidden_states: Tensor, pooled_projections: Tensor,
+                guidance: Tensor | None = None) -> Tensor:
+        img_ids = latent_image_ids(*self.latent_hw)  # (N, 3)
+        txt_ids = torch.zeros(encoder_hidden_states.shape[1], 3)  # (T, 3)
+        return self.model(hidden_states, t, encoder_hidden_states, pooled_projections, img_ids, txt_ids, guidance)
+
+
+def step_model(model: Flux, latent_hw: tuple[int, int], image_hw: tuple[int, int]) -> nn.Module:
+    return PositionedFlux(model, latent_hw)
+
+
+def text_engine(path, cfg: FluxConfig, text_len: int | str, load) -> TextEngine | None:
+    """CLIP-L's pooled output and T5-XXL's states, without masks (FluxPipeline's encode_prompt)."""
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    from ..text_encoders import FluxPromptGraph, unmasked_tokenizers
+
+    if not has_component(path, "text_encoder_2"):
+        return None
+    graph = FluxPromptGraph(load(CLIPTextModel, "text_encoder"), load(T5EncoderModel, "text_encoder_2"),
+                            CLIP_LENGTH, text_len)
+    rows = [("tokenizer", "clip_l", CLIP_LENGTH), ("tokenizer_2", "t5", T5_LENGTH)]
+    return TextEngine(graph, unmasked_tokenizers(path, rows))
+
+
+FAMILY = Family(
+    name="flux",
+    checkpoint=Checkpoint(("FluxTransformer2DModel",), Flux, config_from_diffusers, keymaps.FLUX),
+    config=FluxConfig,
+    conditioning=conditioning,
+    defaults=defaults,
+    step_model=step_model,
+    text_engine=text_engine,
+    packing=2,  # the loop runs on 2×2-packed latents (B, H/2·W/2, 4·C)
+    latent_hw=lambda cfg: (128, 128),  # 1024 px: Flux has no native sample size
+)

@@ -4,6 +4,7 @@ Semantics follow diffusers (see reference/architectures.md §0); each numeric qu
 """
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -119,27 +120,58 @@ def unpatchify(x: Tensor, h: int, w: int, p: int, c: int) -> Tensor:
     return x.permute(0, 5, 1, 3, 2, 4).reshape(x.shape[0], c, h * p, w * p)  # a Transpose (ONNX Einsum has no bf16)
 
 
-class Modulation(NamedTuple):
+# --- modulation: one value type from two sources (BFL's `Modulation`, PixArt's adaLN-single table) ---------
+
+GATED = ("shift", "scale", "gate")  # AdaLN-Zero order: diffusers' AdaLayerNormZero(Single), BFL, DiT
+SHIFT_SCALE = ("shift", "scale")  # final layers: no gate
+
+
+class ModulationOut(NamedTuple):
     shift: Tensor  # (B, D)
     scale: Tensor  # (B, D)
     gate: Tensor | None = None  # (B, D)
 
 
-def modulate(x: Tensor, mod: Modulation, eps: float = 1e-6) -> Tensor:
+def modulation_outs(chunks: Sequence[Tensor], fields: tuple[str, ...]) -> list[ModulationOut]:
+    """Consecutive (B, D) chunks, len(fields) per ModulationOut, named by fields in their stored order."""
+    k = len(fields)
+    return [ModulationOut(**dict(zip(fields, chunks[i:i + k]))) for i in range(0, len(chunks), k)]
+
+
+class Modulation(nn.Linear):
+    """BFL's Modulation: Linear(SiLU(vec)) (B, D) -> n ModulationOuts, chunks stored in `fields` order.
+
+    n=1: Flux single blocks (AdaLayerNormZeroSingle) and final layers; n=2: DiT, MMDiT and Flux blocks
+    (AdaLayerNormZero: msa, mlp); n=3: SD3.5's MMDiT-X blocks (msa, mlp, msa2).
+    It is the Linear itself, so its state-dict keys stay `<name>.weight` and `<name>.bias`.
+    """
+
+    def __init__(self, dim: int, n: int = 1, fields: tuple[str, ...] = GATED):
+        super().__init__(dim, n * len(fields) * dim)
+        self.fields = fields
+        self.chunks = n * len(fields)
+
+    def forward(self, vec: Tensor) -> list[ModulationOut]:
+        return modulation_outs(super().forward(F.silu(vec)).chunk(self.chunks, dim=-1), self.fields)
+
+
+def table_modulation(table: Tensor, emb: Tensor, fields: tuple[str, ...] = GATED) -> list[ModulationOut]:
+    """adaLN-single (PixArt-α §2.3): a learned table (k, D) plus a shared embedding, either k rows of it
+    (B, k·D) or one row (B, D) added to every table row -> the k rows grouped as `modulation_outs` does."""
+    rows = table[None] + emb.view(emb.shape[0], -1, table.shape[-1])  # (B, k, D)
+    return modulation_outs(rows.unbind(1), fields)
+
+
+def modulate(x: Tensor, mod: ModulationOut, eps: float = 1e-6) -> Tensor:
     """LN(x)·(1 + scale) + shift: the single call site of the adaln_modulate op."""
     return adaln_modulate(x, mod.shift, mod.scale, eps)
 
 
-def gated_modulate(x: Tensor, y: Tensor, gate: Tensor, mod: Modulation, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+def gated_modulate(x: Tensor, y: Tensor, gate: Tensor, mod: ModulationOut,
+                   eps: float = 1e-6) -> tuple[Tensor, Tensor]:
     """(x + gate·y, modulate(x + gate·y, mod)) as one fused op: a sub-block's gated residual and the next
     sub-block's modulation."""
     return adaln_modulate_residual(x, y, gate, mod.shift, mod.scale, eps)
-
-
-def adaln_zero(linear: nn.Linear, c: Tensor) -> tuple[Modulation, Modulation]:
-    """AdaLN-Zero: Linear(SiLU(c)) chunked shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp."""
-    s1, c1, g1, s2, c2, g2 = linear(F.silu(c)).chunk(6, dim=-1)
-    return Modulation(s1, c1, g1), Modulation(s2, c2, g2)
 
 
 class Attention(nn.Module):
@@ -172,14 +204,14 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """Linear -> GELU(tanh) -> Linear."""
+    """Linear -> GELU(tanh) -> Linear, token by token (the grid argument is GLUMBConv's, and unused here)."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, grid: tuple[int, int] | None = None) -> Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
@@ -188,15 +220,15 @@ class FinalLayer(nn.Module):
 
     def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
         super().__init__()
-        self.adaLN = nn.Linear(hidden_size, 2 * hidden_size)
+        self.adaLN = Modulation(hidden_size, 1, SHIFT_SCALE)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        shift, scale = self.adaLN(F.silu(c)).chunk(2, dim=-1)
-        return self.linear(modulate(x, Modulation(shift, scale)))
+        (mod,) = self.adaLN(c)
+        return self.linear(modulate(x, mod))
 
 
-# --- adaLN-single, cross-attention, linear attention (PixArt, Sana) ---------------------------------------------
+# --- cross-attention, linear attention, Mix-FFN (PixArt, Sana) ----------------------------------------------
 
 
 class RMSNorm(nn.Module):
@@ -211,18 +243,6 @@ class RMSNorm(nn.Module):
         xf = x.float()
         y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
         return y * self.weight if self.weight is not None else y
-
-
-def adaln_single(table: Tensor, t6: Tensor) -> tuple[Modulation, Modulation]:
-    """adaLN-single: a block's learned table (6, D) plus the shared t6 (B, 6D), in AdaLN-Zero chunk order."""
-    s1, c1, g1, s2, c2, g2 = (table[None] + t6.view(t6.shape[0], 6, -1)).unbind(1)
-    return Modulation(s1, c1, g1), Modulation(s2, c2, g2)
-
-
-def final_adaln_single(table: Tensor, emb: Tensor) -> Modulation:
-    """PixArt/Sana output norm: table (2, D) plus the *un-projected* timestep embedding (B, D): shift, scale."""
-    shift, scale = (table[None] + emb[:, None]).unbind(1)
-    return Modulation(shift, scale)
 
 
 class CaptionProjection(nn.Module):
@@ -282,21 +302,15 @@ class GLUMBConv(nn.Module):
         self.conv_depth = nn.Conv2d(2 * hidden, 2 * hidden, 3, padding=1, groups=2 * hidden)
         self.conv_point = nn.Conv2d(hidden, dim, 1, bias=False)
 
-    def forward(self, x: Tensor, h: int, w: int) -> Tensor:
+    def forward(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
+        """x (B, h·w, C) row-major tokens of the (h, w) grid -> (B, h·w, C)."""
         B, N, C = x.shape
-        grid = x.transpose(1, 2).reshape(B, C, h, w)  # tokens are row-major
-        y, gate = self.conv_depth(F.silu(self.conv_inverted(grid))).chunk(2, dim=1)
+        image = x.transpose(1, 2).reshape(B, C, *grid)  # (B, C, h, w)
+        y, gate = self.conv_depth(F.silu(self.conv_inverted(image))).chunk(2, dim=1)
         return self.conv_point(y * F.silu(gate)).flatten(2).transpose(1, 2)
 
 
 # --- joint attention, RoPE, pooled-text embedding (SD3/SD3.5 MMDiT, Flux) ------------------------------------------
-
-
-def adaln_mods(linear: nn.Linear, c: Tensor, n: int) -> list[Modulation]:
-    """Linear(SiLU(c)) as n (shift, scale, gate) triples, diffusers' chunk order: n=1 AdaLayerNormZeroSingle,
-    n=2 AdaLayerNormZero (msa, mlp), n=3 SD35AdaLayerNormZeroX (msa, mlp, msa2)."""
-    chunks = linear(F.silu(c)).chunk(3 * n, dim=-1)
-    return [Modulation(*chunks[i:i + 3]) for i in range(0, 3 * n, 3)]
 
 
 class MLPEmbedder(nn.Module):

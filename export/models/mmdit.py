@@ -7,13 +7,17 @@ SD3.5-medium ("MMDiT-X") adds an image-only self-attention to its first 13 block
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ditrt.runtime import schedules
 from ditrt.runtime.errors import ConfigError, InputError
+from ditrt.runtime.manifest import TensorSpec
 
-from .layers import (Attention, FeedForward, FinalLayer, JointAttention, MLPEmbedder, Modulation, PatchEmbed,
-                     TimestepEmbedder, adaln_mods, adaln_zero, modulate, unpatchify)
+from ..family import (Checkpoint, Conditioning, Defaults, Family, Sampler, TextEngine, has_component,
+                      scheduler)
+from ..loaders import keymaps
+from .blocks import JointBlock
+from .layers import FinalLayer, MLPEmbedder, PatchEmbed, TimestepEmbedder, unpatchify
 
 
 @dataclass(frozen=True)
@@ -58,40 +62,11 @@ SD35_MEDIUM = replace(SD3_MEDIUM, pos_embed_max_size=384, qk_norm=True, dual_att
 SD35_LARGE = replace(SD3_MEDIUM, hidden_size=2432, depth=38, num_heads=38, qk_norm=True)
 
 
-class MMDiTBlock(nn.Module):
+def mmdit_block(cfg: MMDiTConfig, index: int) -> JointBlock:
     """diffusers JointTransformerBlock. The last block (context_pre_only) only lends the text's keys and values."""
-
-    def __init__(self, cfg: MMDiTConfig, index: int):
-        super().__init__()
-        D, hidden = cfg.hidden_size, int(cfg.hidden_size * cfg.mlp_ratio)
-        self.context_pre_only = index == cfg.depth - 1
-        self.dual = index in cfg.dual_attention_layers
-        self.adaLN = nn.Linear(D, (9 if self.dual else 6) * D)
-        self.adaLN_context = nn.Linear(D, (2 if self.context_pre_only else 6) * D)
-        self.attn = JointAttention(D, cfg.num_heads, cfg.qk_norm, context_out=not self.context_pre_only)
-        if self.dual:
-            self.attn2 = Attention(D, cfg.num_heads, qk_norm=cfg.qk_norm)
-        self.ff = FeedForward(D, hidden)
-        if not self.context_pre_only:
-            self.ff_context = FeedForward(D, hidden)
-
-    def forward(self, x: Tensor, c: Tensor, temb: Tensor) -> tuple[Tensor, Tensor]:
-        """x (B, N, D) image and c (B, T, D) text tokens, temb (B, D) -> new (x, c); the last block returns c as is."""
-        msa, mlp, *extra = adaln_mods(self.adaLN, temb, 3 if self.dual else 2)
-        if self.context_pre_only:  # AdaLayerNormContinuous: diffusers stores (scale, shift), and there are no gates
-            scale, shift = self.adaLN_context(F.silu(temb)).chunk(2, dim=-1)
-            c_msa = Modulation(shift, scale)
-        else:
-            c_msa, c_mlp = adaln_zero(self.adaLN_context, temb)
-        a_x, a_c = self.attn(modulate(x, msa), modulate(c, c_msa))
-        h = x + msa.gate[:, None] * a_x
-        if self.dual:  # MMDiT-X: a second modulation of the same LN(x) feeds an image-only attention
-            h = h + extra[0].gate[:, None] * self.attn2(modulate(x, extra[0]))
-        h = h + mlp.gate[:, None] * self.ff(modulate(h, mlp))
-        if self.context_pre_only:
-            return h, c
-        c = c + c_msa.gate[:, None] * a_c
-        return h, c + c_mlp.gate[:, None] * self.ff_context(modulate(c, c_mlp))
+    return JointBlock(cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio, qk_norm=cfg.qk_norm,
+                      context_pre_only=index == cfg.depth - 1,
+                      dual_attention=index in cfg.dual_attention_layers)
 
 
 class MMDiT(nn.Module):
@@ -105,7 +80,7 @@ class MMDiT(nn.Module):
         self.t_embedder = TimestepEmbedder(D)
         self.pooled_embedder = MLPEmbedder(cfg.pooled_projection_dim, D)
         self.context_embedder = nn.Linear(cfg.joint_attention_dim, D)
-        self.transformer_blocks = nn.ModuleList(MMDiTBlock(cfg, i) for i in range(cfg.depth))
+        self.transformer_blocks = nn.ModuleList(mmdit_block(cfg, i) for i in range(cfg.depth))
         self.final = FinalLayer(D, cfg.patch_size, cfg.out_channels)
 
     def check_latent_size(self, height: int, width: int, vae_factor: int | None = None) -> None:
@@ -164,3 +139,48 @@ def config_from_diffusers(d: dict) -> MMDiTConfig:
                        pooled_projection_dim=d.get("pooled_projection_dim", 2048),
                        pos_embed_max_size=d.get("pos_embed_max_size", 96), qk_norm=qk_norm == "rms_norm",
                        dual_attention_layers=tuple(d.get("dual_attention_layers", ())))
+
+
+# --- family descriptor: what "mmdit" means to the exporter (export/family.py) ---
+
+SD3_EULER = Sampler(scheduler(schedules.FLOW, shift=3.0), 28, 7.0)
+CLIP_LENGTH = 77
+T5_LENGTH = 256  # StableDiffusion3Pipeline's max_sequence_length
+
+
+def conditioning(cfg: MMDiTConfig, text_len: int | str, latent_hw: tuple[int, int]) -> Conditioning:
+    """[CLIP-L ‖ CLIP-G padded; T5] states (B, 77 + T, 4096) and pooled CLIP (B, 2048); batch [uncond; cond]."""
+    return Conditioning((TensorSpec("prompt_embeds", "float32", ["B", text_len, cfg.joint_attention_dim]),
+                         TensorSpec("pooled_prompt_embeds", "float32", ["B", cfg.pooled_projection_dim])))
+
+
+def defaults(cfg: MMDiTConfig, pipeline_class: str | None) -> Defaults:
+    """The text length is chosen per request ("T": 77 CLIP tokens, then max_sequence_length T5 tokens).
+    StableDiffusion3Pipeline passes a resolution shift μ to set_timesteps when the scheduler shifts dynamically."""
+    return Defaults(SD3_EULER, "T", {"mu": "dynamic", "mu_defaults": [256, 4096, 0.5, 1.16]})
+
+
+def text_engine(path, cfg: MMDiTConfig, text_len: int | str, load) -> TextEngine | None:
+    """CLIP-L, CLIP-G (with projection) and T5-XXL, all without masks (SD3's encode_prompt)."""
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+    from ..text_encoders import SD3PromptGraph, unmasked_tokenizers
+
+    if not has_component(path, "text_encoder_3"):  # SD3 without T5 is not supported yet
+        return None
+    graph = SD3PromptGraph(load(CLIPTextModelWithProjection, "text_encoder"),
+                           load(CLIPTextModelWithProjection, "text_encoder_2"),
+                           load(T5EncoderModel, "text_encoder_3"), CLIP_LENGTH, text_len)
+    rows = [("tokenizer", "clip_l", CLIP_LENGTH), ("tokenizer_2", "clip_g", CLIP_LENGTH),
+            ("tokenizer_3", "t5", T5_LENGTH)]
+    return TextEngine(graph, unmasked_tokenizers(path, rows))
+
+
+FAMILY = Family(
+    name="mmdit",
+    checkpoint=Checkpoint(("SD3Transformer2DModel",), MMDiT, config_from_diffusers, keymaps.MMDIT),
+    config=MMDiTConfig,
+    conditioning=conditioning,
+    defaults=defaults,
+    text_engine=text_engine,
+)

@@ -6,10 +6,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ditrt.runtime import schedules
 from ditrt.runtime.errors import ConfigError
 
+from ..family import (Checkpoint, Conditioning, Defaults, Family, Sampler, TextEngine, has_component,
+                      masked_text, scheduler)
+from ..loaders import keymaps
+from .blocks import CrossDiTBlock, output_norm
 from .layers import (Attention, CaptionProjection, CrossAttention, FeedForward, PatchEmbed, TimestepEmbedder,
-                     adaln_single, final_adaln_single, mask_to_bias, modulate, sincos_pos_embed_2d, unpatchify)
+                     mask_to_bias, sincos_pos_embed_2d, unpatchify)
 
 
 @dataclass(frozen=True)
@@ -25,7 +30,7 @@ class PixArtConfig:
     caption_projection: bool = True  # False: the states go to cross-attention as they are (diffusers' None)
     interpolation_scale: float = 2.0  # sin-cos grid rescaling (diffusers default max(sample_size // 64, 1))
     micro_conditions: bool = False  # PixArt-α 1024: resolution and aspect-ratio embeddings
-    norm_eps: float = 1e-6
+    norm_eps: float = 1e-6  # the blocks' LayerNorms; the output norm's is 1e-6 always, as in diffusers
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads or (self.micro_conditions and self.hidden_size % 3):
@@ -35,21 +40,12 @@ class PixArtConfig:
             raise ConfigError(f"PixArtConfig.sample_size={self.sample_size} is not a multiple of patch_size")
 
 
-class PixArtBlock(nn.Module):
-    def __init__(self, cfg: PixArtConfig):
-        super().__init__()
-        D = cfg.hidden_size
-        self.eps = cfg.norm_eps
-        self.scale_shift_table = nn.Parameter(torch.zeros(6, D))
-        self.attn = Attention(D, cfg.num_heads)
-        self.cross_attn = CrossAttention(D, D if cfg.caption_projection else cfg.caption_channels, cfg.num_heads)
-        self.ff = FeedForward(D, 4 * D)
-
-    def forward(self, x: Tensor, t6: Tensor, y: Tensor, y_bias: Tensor | None) -> Tensor:
-        msa, mlp = adaln_single(self.scale_shift_table, t6)
-        x = x + msa.gate[:, None] * self.attn(modulate(x, msa, self.eps))
-        x = x + self.cross_attn(x, y, y_bias)  # no norm and no gate on the cross-attention branch
-        return x + mlp.gate[:, None] * self.ff(modulate(x, mlp, self.eps))
+def pixart_block(cfg: PixArtConfig) -> CrossDiTBlock:
+    """Softmax self-attention and a GELU FFN (x4)."""
+    D = cfg.hidden_size
+    text_dim = D if cfg.caption_projection else cfg.caption_channels
+    return CrossDiTBlock(D, Attention(D, cfg.num_heads), CrossAttention(D, text_dim, cfg.num_heads),
+                         FeedForward(D, 4 * D), cfg.norm_eps)
 
 
 class PixArt(nn.Module):
@@ -64,7 +60,7 @@ class PixArt(nn.Module):
             self.resolution_embedder = TimestepEmbedder(D // 3)
             self.aspect_ratio_embedder = TimestepEmbedder(D // 3)
         self.caption_projection = CaptionProjection(cfg.caption_channels, D) if cfg.caption_projection else nn.Identity()
-        self.blocks = nn.ModuleList(PixArtBlock(cfg) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(pixart_block(cfg) for _ in range(cfg.depth))
         self.scale_shift_table = nn.Parameter(torch.zeros(2, D))
         self.proj_out = nn.Linear(D, cfg.patch_size**2 * cfg.out_channels)
 
@@ -87,8 +83,8 @@ class PixArt(nn.Module):
         y = self.caption_projection(encoder_hidden_states)
         bias = None if encoder_attention_mask is None else mask_to_bias(encoder_attention_mask, x.dtype)
         for block in self.blocks:
-            tokens = block(tokens, t6, y, bias)
-        tokens = modulate(tokens, final_adaln_single(self.scale_shift_table, emb), self.cfg.norm_eps)
+            tokens = block(tokens, t6, y, bias, (h, w))
+        tokens = output_norm(tokens, self.scale_shift_table, emb)
         return unpatchify(self.proj_out(tokens), h, w, p, self.cfg.out_channels)
 
 
@@ -122,3 +118,80 @@ def config_from_diffusers(d: dict) -> PixArtConfig:
         caption_projection=projected,
         interpolation_scale=d.get("interpolation_scale") or max(sample // 64, 1),
         micro_conditions=sample == 128 if micro is None else micro, norm_eps=d.get("norm_eps", 1e-6))
+
+
+# --- family descriptor: what "pixart" means to the exporter (export/family.py) ---
+
+PIXART_DPM = Sampler(scheduler(schedules.DPM), 20, 4.5)
+
+
+def conditioning(cfg: PixArtConfig, text_len: int, latent_hw: tuple[int, int]) -> Conditioning:
+    """T5 states (B, T, 4096) and their keep-mask (B, T); the batch is [uncond; cond]."""
+    return Conditioning(masked_text(cfg.caption_channels, text_len))
+
+
+def defaults(cfg: PixArtConfig, pipeline_class: str | None) -> Defaults:
+    """PixArt-α pipelines encode 120 T5 tokens, PixArt-Σ 300. Both multiply the initial latents by the scheduler's
+    init_noise_sigma (which matters for EulerDiscreteScheduler); PixArt-α's one-step call returns the step's x0."""
+    call = {"scales_initial_noise": True}
+    if pipeline_class == "PixArtAlphaPipeline":
+        return Defaults(PIXART_DPM, 120, {**call, "one_step_x0": True})
+    if pipeline_class != "PixArtSigmaPipeline" and cfg.micro_conditions:  # a PixArt-α 1024 transformer alone
+        return Defaults(PIXART_DPM, 120, call)
+    return Defaults(PIXART_DPM, 300, call)
+
+
+class MicroConditioned(nn.Module):
+    """PixArt-α at one image size: the micro-conditions the pipeline passes, the image's (height, width) and
+    aspect ratio, are constants of an engine built for that size (fp32, as the sinusoid wants them)."""
+
+    def __init__(self, model: PixArt, image_hw: tuple[int, int]):
+        super().__init__()
+        self.model = model
+        self.image_hw = image_hw
+
+    def forward(self, x: Tensor, t: Tensor, encoder_hidden_states: Tensor, encoder_attention_mask: Tensor) -> Tensor:
+        h, w = self.image_hw
+        B = x.shape[0]
+        resolution = torch.tensor([[float(h), float(w)]]).expand(B, 2)  # (B, 2)
+        aspect_ratio = torch.tensor([[h / w]]).expand(B, 1)  # (B, 1)
+        return self.model(x, t, encoder_hidden_states, encoder_attention_mask, resolution, aspect_ratio)
+
+
+def step_model(model: PixArt, latent_hw: tuple[int, int], image_hw: tuple[int, int]) -> nn.Module:
+    return MicroConditioned(model, image_hw) if model.cfg.micro_conditions else model
+
+
+def text_engine(path, cfg: PixArtConfig, text_len: int, load) -> TextEngine | None:
+    """T5-XXL with its attention mask; the pipelines lowercase and strip the prompt (clean_caption off)."""
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    from ditrt.runtime.manifest import TextInput
+
+    from ..text_encoders import MaskedPromptGraph
+
+    if not has_component(path, "text_encoder"):
+        return None
+    tok = AutoTokenizer.from_pretrained(path / "tokenizer")
+    graph = MaskedPromptGraph(load(T5EncoderModel, "text_encoder"), text_len, cfg.caption_channels)
+    spec = TextInput("tokenizer/tokenizer.json", text_len, tok.pad_token_id, lowercase=True)
+    return TextEngine(graph, [("tokenizer", tok, spec)])
+
+
+def resolution_bins(cfg: PixArtConfig, vae) -> dict[str, tuple[int, int]]:
+    """The bins a pipeline folder's engines honour (pixels, so only with a VAE)."""
+    from ..pixart_bins import pixart_bins
+
+    return pixart_bins(cfg.sample_size) if vae is not None else {}
+
+
+FAMILY = Family(
+    name="pixart",
+    checkpoint=Checkpoint(("PixArtTransformer2DModel",), PixArt, config_from_diffusers, keymaps.PIXART),
+    config=PixArtConfig,
+    conditioning=conditioning,
+    defaults=defaults,
+    step_model=step_model,
+    text_engine=text_engine,
+    resolution_bins=resolution_bins,
+)

@@ -10,6 +10,8 @@ from torch import Tensor, nn
 
 from ditrt.runtime.errors import ConfigError
 
+from ..family import Checkpoint
+from ..loaders import keymaps
 from .layers import FP32GroupNorm, sdpa
 
 
@@ -153,3 +155,8 @@ def config_from_diffusers(d: dict) -> VAEConfig:
                      post_quant_conv=d.get("use_post_quant_conv", True),
                      mid_attention=d.get("mid_block_add_attention", True),
                      scaling_factor=d.get("scaling_factor", 0.18215), shift_factor=d.get("shift_factor") or 0.0)
+
+
+# --- what the exporter loads as this decoder (export/family.py) ---
+
+CHECKPOINT = Checkpoint(("AutoencoderKL",), VAEDecoder, config_from_diffusers, keymaps.VAE_KL)

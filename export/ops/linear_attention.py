@@ -5,6 +5,8 @@
 
 The K/V state (d×d) and the normaliser are summed in fp32 whatever the I/O dtype (diffusers and the original
 LiteLA both upcast); eps = 1e-15 as in diffusers (the original Sana code uses the same value).
+DC-AE's attention (diffusers' SanaMultiscaleLinearAttention.apply_linear_attention) is the same op: it pads V
+with a ones row and computes [V; 1]·Kᵀ·Q over a (B, H, d, N) layout, which the decoder transposes to ours.
 """
 
 import torch
