@@ -21,13 +21,22 @@ import torch
 
 from ditrt.export.kernels import torch_ops
 from ditrt.export.ops import adaln, adaln_residual
-from ditrt.export.ops.linear_attention import EPS, reference as la_reference
+from ditrt.export.ops.linear_attention import EPS
+from ditrt.export.ops.linear_attention import reference as la_reference
 
 ROOT = Path(__file__).resolve().parent
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Peak HBM bandwidth (GB/s) by device name, when the driver's clock and bus width cannot be read.
-PEAK_GBPS = [("H200", 4800), ("H100 PCIe", 2000), ("H100 NVL", 3900), ("H100", 3350), ("A100-SXM4-80GB", 2039),
-             ("A100", 1555), ("L40S", 864), ("L4", 300)]
+PEAK_GBPS = [
+    ("H200", 4800),
+    ("H100 PCIe", 2000),
+    ("H100 NVL", 3900),
+    ("H100", 3350),
+    ("A100-SXM4-80GB", 2039),
+    ("A100", 1555),
+    ("L40S", 864),
+    ("L4", 300),
+]
 EPS_LN = 1e-6
 
 
@@ -39,9 +48,12 @@ def peak_gbps(props) -> tuple[float | None, str]:
     try:
         from cuda.bindings import runtime as rt
 
-        _, clock = rt.cudaDeviceGetAttribute(rt.cudaDeviceAttr.cudaDevAttrMemoryClockRate, torch.cuda.current_device())
-        _, bus = rt.cudaDeviceGetAttribute(rt.cudaDeviceAttr.cudaDevAttrGlobalMemoryBusWidth,
-                                           torch.cuda.current_device())
+        _, clock = rt.cudaDeviceGetAttribute(
+            rt.cudaDeviceAttr.cudaDevAttrMemoryClockRate, torch.cuda.current_device()
+        )
+        _, bus = rt.cudaDeviceGetAttribute(
+            rt.cudaDeviceAttr.cudaDevAttrGlobalMemoryBusWidth, torch.cuda.current_device()
+        )
         if clock and bus:
             return clock * 1e3 * bus / 8 * 2 / 1e9, "cuda-python"
     except Exception:  # no cuda-python, or an attribute this CUDA version dropped
@@ -51,8 +63,17 @@ def peak_gbps(props) -> tuple[float | None, str]:
 
 def driver_version() -> str:
     try:
-        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                              capture_output=True, text=True, timeout=30).stdout.split("\n")[0].strip() or "unknown"
+        return (
+            subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            .stdout.split("\n")[0]
+            .strip()
+            or "unknown"
+        )
     except OSError:
         return "unknown"
 
@@ -94,14 +115,22 @@ def qkv(B, H, N, d, dtype, seed=0):
 
 def spot_check(quick: bool) -> None:
     """The kernels against the references before anything is timed; exits non-zero on a mismatch."""
-    tol = {torch.float32: (1e-5, 2e-5), torch.float16: (2 ** -9, 1e-4), torch.bfloat16: (2 ** -6, 1e-4)}
+    tol = {torch.float32: (1e-5, 2e-5), torch.float16: (2**-9, 1e-4), torch.bfloat16: (2**-6, 1e-4)}
     for dtype in DTYPES.values():
         rtol, atol = tol[dtype]
         r, y, gate, shift, scale = modulation(2, 7 if quick else 1031, 1151 if quick else 2304, dtype)
-        checks = [(torch.ops.dit.adaln_modulate(r, shift, scale, EPS_LN), adaln.reference(r, shift, scale, EPS_LN),
-                   atol),
-                  (torch.ops.dit.adaln_modulate_residual(r, y, gate, shift, scale, EPS_LN)[1],
-                   adaln_residual.reference(r, y, gate, shift, scale, EPS_LN)[1], atol)]
+        checks = [
+            (
+                torch.ops.dit.adaln_modulate(r, shift, scale, EPS_LN),
+                adaln.reference(r, shift, scale, EPS_LN),
+                atol,
+            ),
+            (
+                torch.ops.dit.adaln_modulate_residual(r, y, gate, shift, scale, EPS_LN)[1],
+                adaln_residual.reference(r, y, gate, shift, scale, EPS_LN)[1],
+                atol,
+            ),
+        ]
         q, k, v = qkv(1, 2, 300 if quick else 16384, 32, dtype)
         ref = la_reference(q, k, v, EPS)
         checks.append((torch.ops.dit.linear_attention(q, k, v, EPS), ref, 1e-5 * ref.abs().max().item()))
@@ -121,21 +150,43 @@ def bench_adaln(timer, shapes, peak, use_compile) -> list[dict]:
             r, y, gate, shift, scale = modulation(B, N, D, dtype)
             size = r.element_size()
             for op, inputs, kernel, ref, bytes_ in (
-                    ("adaln_modulate", (r, shift, scale), torch.ops.dit.adaln_modulate, adaln.reference,
-                     (2 * B * N * D + 2 * B * D) * size),
-                    ("adaln_modulate_residual", (r, y, gate, shift, scale), torch.ops.dit.adaln_modulate_residual,
-                     adaln_residual.reference, (4 * B * N * D + 3 * B * D) * size)):
+                (
+                    "adaln_modulate",
+                    (r, shift, scale),
+                    torch.ops.dit.adaln_modulate,
+                    adaln.reference,
+                    (2 * B * N * D + 2 * B * D) * size,
+                ),
+                (
+                    "adaln_modulate_residual",
+                    (r, y, gate, shift, scale),
+                    torch.ops.dit.adaln_modulate_residual,
+                    adaln_residual.reference,
+                    (4 * B * N * D + 3 * B * D) * size,
+                ),
+            ):
                 ms = timer(lambda: kernel(*inputs, EPS_LN))
                 eager = timer(lambda: ref(*inputs, EPS_LN))
                 comp = compiled(ref, use_compile)
                 comp_ms = timer(lambda: comp(*inputs, EPS_LN)) if comp else None
                 gbps = bytes_ / ms / 1e6
-                rows.append({"op": op, "dtype": name, "B": B, "N": N, "D": D, "kernel_ms": round(ms, 4),
-                             "eager_ms": round(eager, 4), "compiled_ms": comp_ms and round(comp_ms, 4),
-                             "kernel_gbps": round(gbps, 1), "peak_fraction": peak and round(gbps / peak, 3),
-                             "compiled_gbps": comp_ms and round(bytes_ / comp_ms / 1e6, 1),
-                             "speedup_vs_eager": round(eager / ms, 2),
-                             "speedup_vs_compiled": comp_ms and round(comp_ms / ms, 2)})
+                rows.append(
+                    {
+                        "op": op,
+                        "dtype": name,
+                        "B": B,
+                        "N": N,
+                        "D": D,
+                        "kernel_ms": round(ms, 4),
+                        "eager_ms": round(eager, 4),
+                        "compiled_ms": comp_ms and round(comp_ms, 4),
+                        "kernel_gbps": round(gbps, 1),
+                        "peak_fraction": peak and round(gbps / peak, 3),
+                        "compiled_gbps": comp_ms and round(bytes_ / comp_ms / 1e6, 1),
+                        "speedup_vs_eager": round(eager / ms, 2),
+                        "speedup_vs_compiled": comp_ms and round(comp_ms / ms, 2),
+                    }
+                )
                 print_row(rows[-1])
     return rows
 
@@ -144,8 +195,21 @@ def single_kernel(lib, q, k, v):
     """The single-kernel path (what a TensorRT plugin launches): the C ABI without workspace."""
     out = torch.empty_like(q)
     B, H, N, d = q.shape
-    code = lib.dit_linear_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, H, N, d, EPS,
-                                    torch_ops.DTYPES[q.dtype], None, 0, torch.cuda.current_stream().cuda_stream)
+    code = lib.dit_linear_attention(
+        q.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        out.data_ptr(),
+        B,
+        H,
+        N,
+        d,
+        EPS,
+        torch_ops.DTYPES[q.dtype],
+        None,
+        0,
+        torch.cuda.current_stream().cuda_stream,
+    )
     assert code == 0, lib.dit_error_string(code)
     return out
 
@@ -162,13 +226,25 @@ def bench_linear_attention(timer, lib, shapes, use_compile) -> list[dict]:
             comp_ms = timer(lambda: comp(q, k, v, EPS)) if comp else None
             bytes_ = 4 * B * H * N * d * q.element_size()
             flops = 2 * B * H * N * d * (2 * d + 1)  # state and outputs, each ~N·d·(d+1) multiply-adds
-            rows.append({"op": "linear_attention", "dtype": name, "B": B, "H": H, "N": N, "d": d,
-                         "split": bool(lib.dit_linear_attention_workspace_size(B, H, N, d)),
-                         "kernel_ms": round(ms, 4), "single_kernel_ms": round(single, 4),
-                         "eager_ms": round(eager, 4), "compiled_ms": comp_ms and round(comp_ms, 4),
-                         "kernel_gbps": round(bytes_ / ms / 1e6, 1), "kernel_tflops": round(flops / ms / 1e9, 2),
-                         "speedup_vs_eager": round(eager / ms, 2),
-                         "speedup_vs_compiled": comp_ms and round(comp_ms / ms, 2)})
+            rows.append(
+                {
+                    "op": "linear_attention",
+                    "dtype": name,
+                    "B": B,
+                    "H": H,
+                    "N": N,
+                    "d": d,
+                    "split": bool(lib.dit_linear_attention_workspace_size(B, H, N, d)),
+                    "kernel_ms": round(ms, 4),
+                    "single_kernel_ms": round(single, 4),
+                    "eager_ms": round(eager, 4),
+                    "compiled_ms": comp_ms and round(comp_ms, 4),
+                    "kernel_gbps": round(bytes_ / ms / 1e6, 1),
+                    "kernel_tflops": round(flops / ms / 1e9, 2),
+                    "speedup_vs_eager": round(eager / ms, 2),
+                    "speedup_vs_compiled": comp_ms and round(comp_ms / ms, 2),
+                }
+            )
             print_row(rows[-1])
     return rows
 
@@ -194,16 +270,31 @@ def main() -> None:
     timer = Timer(3 if args.quick else args.iters, 1 if args.quick else 10)
     use_compile = not (args.quick or args.no_compile)
     # 1024² images: 4096 latent tokens (DiT/PixArt, patch 2) and 16384; Sana-1600M: 70 heads of 32
-    adaln_shapes = ([(2, 64, 1152), (2, 7, 1151)] if args.quick
-                    else [(2, N, D) for N in (4096, 16384) for D in (1152, 2240, 3072)])
-    la_shapes = ([(1, 2, 300, 32), (1, 1, 300, 33), (1, 2, 4096, 32)] if args.quick
-                 else [(2, 70, 1024, 32), (2, 70, 16384, 32)])
-    result = {"device": props.name, "sm_count": props.multi_processor_count, "driver": driver_version(),
-              "cuda_torch": torch.version.cuda, "kernels": lib.dit_kernels_version().decode(),
-              "torch": torch.__version__, "python": platform.python_version(), "peak_hbm_gbps": peak,
-              "peak_source": peak_source, "iters": timer.iters, "timing": "median of CUDA events, L2 flushed",
-              "adaln": bench_adaln(timer, adaln_shapes, peak, use_compile),
-              "linear_attention": bench_linear_attention(timer, lib, la_shapes, use_compile)}
+    adaln_shapes = (
+        [(2, 64, 1152), (2, 7, 1151)]
+        if args.quick
+        else [(2, N, D) for N in (4096, 16384) for D in (1152, 2240, 3072)]
+    )
+    la_shapes = (
+        [(1, 2, 300, 32), (1, 1, 300, 33), (1, 2, 4096, 32)]
+        if args.quick
+        else [(2, 70, 1024, 32), (2, 70, 16384, 32)]
+    )
+    result = {
+        "device": props.name,
+        "sm_count": props.multi_processor_count,
+        "driver": driver_version(),
+        "cuda_torch": torch.version.cuda,
+        "kernels": lib.dit_kernels_version().decode(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "peak_hbm_gbps": peak,
+        "peak_source": peak_source,
+        "iters": timer.iters,
+        "timing": "median of CUDA events, L2 flushed",
+        "adaln": bench_adaln(timer, adaln_shapes, peak, use_compile),
+        "linear_attention": bench_linear_attention(timer, lib, la_shapes, use_compile),
+    }
     if args.quick:
         return
     slug = re.sub(r"[^a-z0-9]+", "-", props.name.lower()).strip("-")

@@ -56,23 +56,37 @@ def main() -> None:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = args.threads
         start = time.perf_counter()
-        session = ort.InferenceSession(str(Path(tmp) / "engine" / "denoiser" / "model.onnx"), opts,
-                                       providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(
+            str(Path(tmp) / "engine" / "denoiser" / "model.onnx"), opts, providers=["CPUExecutionProvider"]
+        )
         session_s = time.perf_counter() - start
         feeds = {s.name: t.numpy() for s, t in zip(inputs, tensors)}
         ort_ms = median_ms(lambda: session.run(None, feeds), args.iters)
         with torch.no_grad(), lowering("reference"):
             eager_ms = median_ms(lambda: graph(*tensors), args.iters)
     result = {
-        "preset": args.preset, "batch": args.batch, "cfg_batch": 2 * args.batch, "text_len": preset.text_len,
-        "latent_hw": list(hw), "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
-        "onnx_files": {k: v.bytes for k, v in manifest.files.items()}, "export_s": round(export_s, 1),
-        "ort_session_s": round(session_s, 1), "ort_step_ms": round(ort_ms, 1), "torch_eager_step_ms": round(eager_ms, 1),
-        "eager_over_ort": round(eager_ms / ort_ms, 2), "peak_rss_gb": round(resource.getrusage(
-            resource.RUSAGE_SELF).ru_maxrss / 1e6, 1), "threads": args.threads, "iters": args.iters,
-        "device": f"CPU, {os.cpu_count()} cores", "versions": {"onnxruntime": ort.__version__,
-                                                               "torch": torch.__version__,
-                                                               "python": platform.python_version()}}
+        "preset": args.preset,
+        "batch": args.batch,
+        "cfg_batch": 2 * args.batch,
+        "text_len": preset.text_len,
+        "latent_hw": list(hw),
+        "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+        "onnx_files": {k: v.bytes for k, v in manifest.files.items()},
+        "export_s": round(export_s, 1),
+        "ort_session_s": round(session_s, 1),
+        "ort_step_ms": round(ort_ms, 1),
+        "torch_eager_step_ms": round(eager_ms, 1),
+        "eager_over_ort": round(eager_ms / ort_ms, 2),
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 1),
+        "threads": args.threads,
+        "iters": args.iters,
+        "device": f"CPU, {os.cpu_count()} cores",
+        "versions": {
+            "onnxruntime": ort.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+    }
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -1,7 +1,7 @@
 """Generate one image with the public runtime API (no torch needed).
 
-    dit-export digits -o engines/digits
-    python examples/minimal.py engines/digits
+dit-export digits -o engines/digits
+python examples/minimal.py engines/digits
 """
 
 import sys

@@ -5,7 +5,7 @@ descriptions from here (a test keeps the names the same)."""
 MODELS = {
     "digits": "class-conditional DiT trained on scikit-learn's 8x8 digits (16x16 grayscale, classes 0-9)",
     "text-digits": "text-to-image Sana-style model trained on the digits with captions such as 'a handwritten seven' "
-                   "or 'the digit 3' (16x16 grayscale; own Gemma-2-style encoder and DC-AE)",
+    "or 'the digit 3' (16x16 grayscale; own Gemma-2-style encoder and DC-AE)",
     "dit-xl-2-256": "DiT-XL/2 at 256 px (architecture only)",
     "pixart-sigma-1024": "PixArt-Σ XL/2 at 1024 px (architecture only)",
     "sana-600m-1024": "Sana 0.6B at 1024 px (architecture only)",

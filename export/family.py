@@ -22,6 +22,7 @@ BRANCH_AXIS = "n"  # CFG branches: 1 (positive only) or 2 (negative, positive)
 @dataclass(frozen=True)
 class Checkpoint:
     """A diffusers component class this project loads: its config.json -> our config, our module, key rules."""
+
     classes: tuple[str, ...]  # diffusers `_class_name`s (the first is the current one)
     module: type[nn.Module]
     from_diffusers: Callable[[dict], object]  # config.json dict -> our config (raises ConfigError)
@@ -32,6 +33,7 @@ class Checkpoint:
 class Sampler:
     """Pipeline defaults (reference/architectures.md §7.4): a diffusers scheduler config (the class's defaults
     fill the rest), steps and guidance. A pipeline folder's own scheduler_config.json replaces `config`."""
+
     config: dict
     steps: int
     guidance: float
@@ -40,18 +42,24 @@ class Sampler:
 @dataclass(frozen=True)
 class Conditioning:
     """What a family's step graph feeds its model beyond (x, t): engine inputs, declared once."""
-    paired: tuple[TensorSpec, ...]  # per-sample inputs, given per CFG branch: shape ("n", "B", ...) in the engine
+
+    paired: tuple[
+        TensorSpec, ...
+    ]  # per-sample inputs, given per CFG branch: shape ("n", "B", ...) in the engine
     shared: tuple[TensorSpec, ...] = ()  # inputs used as they are by every branch
     cfg_batch: bool = True  # False: one forward per step, guidance embedded in the model (Flux)
     guidance_input: bool = False  # the model takes the guidance scale itself (FLUX.1-dev)
     cond_first: bool = False  # model batch order: DiT/SiT [cond; uncond], PixArt/Sana/SD3 [uncond; cond]
-    null_class: int | None = None  # class-conditional: the label of the negative branch (the runtime fills it)
+    null_class: int | None = (
+        None  # class-conditional: the label of the negative branch (the runtime fills it)
+    )
     timestep_scale: float = 1.0  # model timestep = t · scale (Flux takes σ, the scheduler gives σ·1000)
 
 
 @dataclass(frozen=True)
 class TextEngine:
     """A pipeline folder's text encoders as one graph whose outputs are the denoiser's prompt inputs."""
+
     graph: nn.Module  # has .inputs and .outputs (TensorSpecs)
     tokenizers: list  # [(subfolder, transformers tokenizer, manifest TextInput)]
 
@@ -59,8 +67,11 @@ class TextEngine:
 @dataclass(frozen=True)
 class Defaults:
     """What diffusers' pipeline for a checkpoint of the family uses when the folder does not say."""
+
     sampler: Sampler
-    text_len: int | str  # text tokens the step graph is built for: 0 class-conditional, "T" chosen per request
+    text_len: (
+        int | str
+    )  # text tokens the step graph is built for: 0 class-conditional, "T" chosen per request
     # How the pipeline calls scheduler.set_timesteps and steps, beyond the step count, whatever the scheduler
     # (runtime/schedules.timestep_args): custom sigmas, μ, initial-noise scaling, one-step x0.
     call: dict = field(default_factory=dict)
@@ -81,7 +92,9 @@ class Family:
     # load(transformers class, subfolder) loads one encoder as the export needs it.
     text_engine: Callable[..., TextEngine | None] | None = None
     packing: int = 1  # latent tokens are packed k×k (Flux: 2)
-    latent_hw: Callable[[object], tuple[int, int]] | None = None  # default latent size (None: cfg.sample_size)
+    latent_hw: Callable[[object], tuple[int, int]] | None = (
+        None  # default latent size (None: cfg.sample_size)
+    )
     class_names: Callable[[object], tuple[str, ...]] | None = None  # class-conditional models: their labels
     # (cfg, vae) -> resolution bins a pipeline folder's engines honour (aspect ratio -> (height, width) px)
     resolution_bins: Callable[..., dict[str, tuple[int, int]]] | None = None
@@ -119,5 +132,7 @@ def has_component(path: Path, sub: str) -> bool:
 
 def masked_text(width: int, text_len: int | str) -> tuple[TensorSpec, ...]:
     """Prompt states (B, T, width) with their keep-mask (B, T): PixArt's T5 and Sana's Gemma-2 conditioning."""
-    return (TensorSpec("prompt_embeds", "float32", ["B", text_len, width]),
-            TensorSpec("prompt_attention_mask", "int64", ["B", text_len]))
+    return (
+        TensorSpec("prompt_embeds", "float32", ["B", text_len, width]),
+        TensorSpec("prompt_attention_mask", "int64", ["B", text_len]),
+    )

@@ -34,8 +34,10 @@ def output_target(out: str | os.PathLike) -> Path:
         target = given.parent.resolve() / given.name
     cwd = Path.cwd().resolve()
     if target.resolve() == cwd or target.resolve() in cwd.parents:
-        raise InputError(f"output {str(out)!r} is the current folder or one of its parents ({str(target)!r}); "
-                         "write the engine folder to a new folder, e.g. -o engines/NAME")
+        raise InputError(
+            f"output {str(out)!r} is the current folder or one of its parents ({str(target)!r}); "
+            "write the engine folder to a new folder, e.g. -o engines/NAME"
+        )
     return target
 
 
@@ -50,8 +52,11 @@ def is_engine_folder(folder: Path) -> bool:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError, RecursionError):  # missing, unreadable, not UTF-8 or not JSON
         return False
-    if not (isinstance(manifest, dict) and type(manifest.get("schema_version")) is int
-            and isinstance(manifest.get("files"), dict)):
+    if not (
+        isinstance(manifest, dict)
+        and type(manifest.get("schema_version")) is int
+        and isinstance(manifest.get("files"), dict)
+    ):
         return False
     return not unlisted_files(folder, manifest["files"])
 
@@ -73,15 +78,20 @@ def check_replaceable(target: Path, out, force: bool) -> None:
     if not os.path.lexists(target):
         return
     if target.is_symlink():
-        raise InputError(f"output {str(out)!r} is a symbolic link; dit-export replaces only engine folders, "
-                         "never a link or what it points to; choose another output")
+        raise InputError(
+            f"output {str(out)!r} is a symbolic link; dit-export replaces only engine folders, "
+            "never a link or what it points to; choose another output"
+        )
     if not target.is_dir():
-        raise InputError(f"output {str(out)!r} already exists and is a file, not an engine folder; "
-                         "choose another output")
+        raise InputError(
+            f"output {str(out)!r} already exists and is a file, not an engine folder; choose another output"
+        )
     if not is_engine_folder(target) and any(target.iterdir()):
-        raise InputError(f"output folder {str(out)!r} already exists and is not an engine folder (no dit-export "
-                         "manifest.json listing every file in it); choose another output: --force replaces only "
-                         "engine folders")
+        raise InputError(
+            f"output folder {str(out)!r} already exists and is not an engine folder (no dit-export "
+            "manifest.json listing every file in it); choose another output: --force replaces only "
+            "engine folders"
+        )
     if not force:
         raise InputError(f"output folder {str(out)!r} already exists; pass --force to replace it")
 
@@ -142,8 +152,10 @@ def claimed_folder(target: Path, kind: str, **info) -> tuple[Path, int]:
         except FileExistsError:
             continue
         except OSError as e:  # read-only or unwritable parent, full disk, ...
-            raise InputError(f"cannot create the engine folder beside {str(target)!r}: {e.strerror or e}; "
-                             "choose an output in a folder you can write") from None
+            raise InputError(
+                f"cannot create the engine folder beside {str(target)!r}: {e.strerror or e}; "
+                "choose an output in a folder you can write"
+            ) from None
         # the marker appears already locked (made under another name, then renamed), so no other export ever
         # sees it unlocked; an empty folder is a leftover to others, which may remove it: then take another
         try:
@@ -160,24 +172,36 @@ def commit(tmp: Path, target: Path, out, force: bool) -> None:
     """Rename the complete staging folder to target. A folder --force replaces is moved aside first (into a claimed
     .old folder that names this staging folder, so that a crash between the renames can be undone), checked again
     there, and then removed; without --force nothing is ever moved or replaced."""
-    check_replaceable(target, out, force)  # again, as late as possible: the output may have appeared meanwhile
+    check_replaceable(
+        target, out, force
+    )  # again, as late as possible: the output may have appeared meanwhile
     if not force or not os.path.lexists(target):
         try:
-            os.rename(tmp, target)  # never over a file or a non-empty folder (an empty one goes, losing nothing)
+            os.rename(
+                tmp, target
+            )  # never over a file or a non-empty folder (an empty one goes, losing nothing)
         except OSError:
-            raise InputError(f"output {str(out)!r} appeared while exporting; nothing of it was replaced, and this "
-                             "export was not written: choose another output") from None
-        (target / OWNER_MARKER).unlink()  # after the rename: a kill in between leaves a whole folder, and a marker
+            raise InputError(
+                f"output {str(out)!r} appeared while exporting; nothing of it was replaced, and this "
+                "export was not written: choose another output"
+            ) from None
+        (
+            target / OWNER_MARKER
+        ).unlink()  # after the rename: a kill in between leaves a whole folder, and a marker
         return
     old, lock = claimed_folder(target, "old", staging=tmp.name)
     try:
         kept = old / target.name
         os.replace(target, kept)
-        if not is_engine_folder(kept) and any(kept.iterdir()):  # changed since the check (a file saved in it): it is the user's, put back
+        if not is_engine_folder(kept) and any(
+            kept.iterdir()
+        ):  # changed since the check (a file saved in it): it is the user's, put back
             os.replace(kept, target)
             remove_folder(old)
-            raise InputError(f"output folder {str(out)!r} changed while exporting and is no longer only an engine "
-                             "folder; it was left as it is and this export was not written")
+            raise InputError(
+                f"output folder {str(out)!r} changed while exporting and is no longer only an engine "
+                "folder; it was left as it is and this export was not written"
+            )
         try:
             os.replace(tmp, target)
         except BaseException:  # e.g. Ctrl-C between the renames: the previous folder goes back now
@@ -270,13 +294,17 @@ def restore(old: Path, target: Path, staging) -> None:
     if os.path.lexists(target) and staged is not None and not staged.exists():
         return  # the replace was complete: kept was going to be deleted
     if os.path.lexists(target):
-        raise InputError(f"an interrupted export left the previous {target.name!r} in {str(kept)!r}, and "
-                         f"{str(target)!r} exists again; move one of them away by hand")
+        raise InputError(
+            f"an interrupted export left the previous {target.name!r} in {str(kept)!r}, and "
+            f"{str(target)!r} exists again; move one of them away by hand"
+        )
     try:
         os.replace(kept, target)
     except OSError as e:
-        raise InputError(f"an interrupted export left the previous {target.name!r} in {str(kept)!r} and it "
-                         f"cannot be moved back ({e.strerror}); move it back by hand") from None
+        raise InputError(
+            f"an interrupted export left the previous {target.name!r} in {str(kept)!r} and it "
+            f"cannot be moved back ({e.strerror}); move it back by hand"
+        ) from None
     if staged is not None and staged.is_dir() and not staged.is_symlink():
         remove_folder(staged)  # the dead export's unfinished replacement
 
@@ -284,9 +312,11 @@ def restore(old: Path, target: Path, staging) -> None:
 def file_entries(folder: Path) -> dict[str, FileEntry]:
     """sha256 and size of every file under folder (except the manifest and an export's owner marker), keyed by
     POSIX relative path."""
-    return {p.relative_to(folder).as_posix(): FileEntry(sha256_file(p), p.stat().st_size)
-            for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != MANIFEST_NAME and p.relative_to(folder).as_posix() != OWNER_MARKER}
+    return {
+        p.relative_to(folder).as_posix(): FileEntry(sha256_file(p), p.stat().st_size)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST_NAME and p.relative_to(folder).as_posix() != OWNER_MARKER
+    }
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> None:

@@ -41,11 +41,14 @@ def latent_shape(model: nn.Module, latent_hw: tuple[int, int]) -> list:
     return ["B", model.cfg.in_channels, H, W]
 
 
-def step_io(model: nn.Module, text_len: int | str = 0,
-            latent_hw: tuple[int, int] | None = None) -> tuple[list[TensorSpec], list[TensorSpec]]:
+def step_io(
+    model: nn.Module, text_len: int | str = 0, latent_hw: tuple[int, int] | None = None
+) -> tuple[list[TensorSpec], list[TensorSpec]]:
     latent_hw = latent_hw or default_latent_hw(model)
     cond, latent = conditioning(model, text_len, latent_hw), latent_shape(model, latent_hw)
-    paired = [TensorSpec(s.name, s.dtype, [BRANCH_AXIS, *s.shape]) if cond.cfg_batch else s for s in cond.paired]
+    paired = [
+        TensorSpec(s.name, s.dtype, [BRANCH_AXIS, *s.shape]) if cond.cfg_batch else s for s in cond.paired
+    ]
     inputs = [TensorSpec(s, "float32", latent) for s in STATE]
     inputs += [TensorSpec(s, "float32", []) for s in SCALARS] + paired + list(cond.shared)
     return inputs, [TensorSpec("x_next", "float32", latent), TensorSpec("x0", "float32", latent)]
@@ -58,23 +61,44 @@ class StepGraph(nn.Module):
     boundary, so the guidance combine and the sampler update (the state carried across steps) run in fp32.
     """
 
-    def __init__(self, model: nn.Module, text_len: int | str = 0, latent_hw: tuple[int, int] | None = None,
-                 image_hw: tuple[int, int] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        text_len: int | str = 0,
+        latent_hw: tuple[int, int] | None = None,
+        image_hw: tuple[int, int] | None = None,
+    ):
         """image_hw: the decoded image's (H, W) in pixels where the family's step holds it (PixArt-α); without a
         VAE the image is the latent."""
         super().__init__()
         family = family_of(model)
         latent_hw = latent_hw or family.default_latent_hw(model.cfg)
         self.cond = family.conditioning(model.cfg, text_len, latent_hw)
-        self.model = family.step_model(model, latent_hw, image_hw or latent_hw) if family.step_model else model
+        self.model = (
+            family.step_model(model, latent_hw, image_hw or latent_hw) if family.step_model else model
+        )
         self.channels = model.cfg.in_channels
         self.dtype = next(model.parameters()).dtype
-        conds = step_io(model, text_len, latent_hw)[0][len(STATE) + len(SCALARS):]
+        conds = step_io(model, text_len, latent_hw)[0][len(STATE) + len(SCALARS) :]
         self.cast_conds = tuple(s.dtype == "float32" for s in conds)
 
-    def forward(self, x: Tensor, x0_prev: Tensor, x0_prev2: Tensor, t: Tensor, guidance: Tensor, p: Tensor,
-                q: Tensor, a: Tensor, b: Tensor, c: Tensor, e: Tensor, d: Tensor, clip: Tensor,
-                *conds: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        self,
+        x: Tensor,
+        x0_prev: Tensor,
+        x0_prev2: Tensor,
+        t: Tensor,
+        guidance: Tensor,
+        p: Tensor,
+        q: Tensor,
+        a: Tensor,
+        b: Tensor,
+        c: Tensor,
+        e: Tensor,
+        d: Tensor,
+        clip: Tensor,
+        *conds: Tensor,
+    ) -> tuple[Tensor, Tensor]:
         B, C, k = x.shape[0], self.channels, len(self.cond.paired)
         t = t * self.cond.timestep_scale
         conds = tuple(v.to(self.dtype) if cast else v for v, cast in zip(conds, self.cast_conds))
@@ -90,7 +114,9 @@ class StepGraph(nn.Module):
             batched += [s.unsqueeze(0).expand(n, *s.shape).reshape(n * B, *s.shape[1:]) for s in shared]
             x_in = x.unsqueeze(0).expand(n, *x.shape).reshape(n * B, *x.shape[1:]).to(self.dtype)
             out = self.model(x_in, t.expand(n * B), *batched)
-            out = out[:, :C].float().reshape(n, B, C, *out.shape[2:])  # learned sigma: drop the variance channels
+            out = (
+                out[:, :C].float().reshape(n, B, C, *out.shape[2:])
+            )  # learned sigma: drop the variance channels
             if self.cond.cond_first:
                 out = out.flip(0)
             uncond, cond = out[0], out[n - 1]  # n = 1: both are the positive branch, so g = out_c
@@ -115,8 +141,10 @@ class DecoderGraph(nn.Module):
 def decoder_io(vae: nn.Module, latent_hw: tuple[int, int]) -> tuple[list[TensorSpec], list[TensorSpec]]:
     H, W = latent_hw
     up = vae.cfg.spatial_factor
-    return ([TensorSpec("latents", "float32", ["B", vae.cfg.latent_channels, H, W])],
-            [TensorSpec("image", "float32", ["B", vae.cfg.image_channels, up * H, up * W])])
+    return (
+        [TensorSpec("latents", "float32", ["B", vae.cfg.latent_channels, H, W])],
+        [TensorSpec("image", "float32", ["B", vae.cfg.image_channels, up * H, up * W])],
+    )
 
 
 def sample_inputs(specs: list[TensorSpec], dims: dict[str, int], seed: int = 0) -> tuple[Tensor, ...]:

@@ -49,15 +49,28 @@ def project_error(e: BaseException) -> DitError | None:
     return None
 
 
-def export_onnx(module: nn.Module, inputs: list[TensorSpec], outputs: list[TensorSpec], path: Path,
-                lowering_name: str = "portable", opset: int = DEFAULT_OPSET, external_data: bool = False,
-                max_dim: int = 1024) -> None:
+def export_onnx(
+    module: nn.Module,
+    inputs: list[TensorSpec],
+    outputs: list[TensorSpec],
+    path: Path,
+    lowering_name: str = "portable",
+    opset: int = DEFAULT_OPSET,
+    external_data: bool = False,
+    max_dim: int = 1024,
+) -> None:
     """Write module as ONNX at path. Symbolic axes (e.g. "B") become dynamic dims named after them."""
-    dims = {d: torch.export.Dim(d, min=1, max=DIM_MAX.get(d, max_dim)) for s in inputs for d in s.shape
-            if isinstance(d, str)}
+    dims = {
+        d: torch.export.Dim(d, min=1, max=DIM_MAX.get(d, max_dim))
+        for s in inputs
+        for d in s.shape
+        if isinstance(d, str)
+    }
     dynamic = [{i: dims[d] for i, d in enumerate(s.shape) if isinstance(d, str)} or None for s in inputs]
     params = inspect.signature(module.forward).parameters.values()
-    if any(p.kind is p.VAR_POSITIONAL for p in params):  # forward(x, ..., *conds): the tail is one nested tuple
+    if any(
+        p.kind is p.VAR_POSITIONAL for p in params
+    ):  # forward(x, ..., *conds): the tail is one nested tuple
         n = sum(p.kind is p.POSITIONAL_OR_KEYWORD for p in params)
         dynamic = dynamic[:n] + [tuple(dynamic[n:])]
     args = sample_inputs(inputs, {d: 2 for d in dims})
@@ -65,13 +78,28 @@ def export_onnx(module: nn.Module, inputs: list[TensorSpec], outputs: list[Tenso
     quiet = logging.getLogger("torch.onnx")
     level, quiet.level = quiet.level, logging.ERROR  # the exporter's progress chatter is not for our users
     try:
-        with lowering(LOWERINGS[lowering_name]), torch.no_grad(), contextlib.redirect_stdout(log), \
-                warnings.catch_warnings(), softmax_casts_first():
+        with (
+            lowering(LOWERINGS[lowering_name]),
+            torch.no_grad(),
+            contextlib.redirect_stdout(log),
+            warnings.catch_warnings(),
+            softmax_casts_first(),
+        ):
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(module.eval(), args, dynamic_shapes=tuple(dynamic), dynamo=True,
-                                        opset_version=opset, input_names=[s.name for s in inputs],
-                                        output_names=[s.name for s in outputs], verbose=False, optimize=True)
-    except Exception as e:  # a check in model code (e.g. a size limit) reaches the user as itself, not as an export bug
+            program = torch.onnx.export(
+                module.eval(),
+                args,
+                dynamic_shapes=tuple(dynamic),
+                dynamo=True,
+                opset_version=opset,
+                input_names=[s.name for s in inputs],
+                output_names=[s.name for s in outputs],
+                verbose=False,
+                optimize=True,
+            )
+    except (
+        Exception
+    ) as e:  # a check in model code (e.g. a size limit) reaches the user as itself, not as an export bug
         error = project_error(e)
         if error is None:
             raise
@@ -85,7 +113,9 @@ def export_onnx(module: nn.Module, inputs: list[TensorSpec], outputs: list[Tenso
         spec = next(s for s in inputs if s.name == value.name)
         got = tuple(d if isinstance(d, int) else str(d) for d in value.shape)
         if got != tuple(spec.shape):
-            raise RuntimeError(f"export specialised input {value.name!r} to shape {got}, declared {spec.shape}")
+            raise RuntimeError(
+                f"export specialised input {value.name!r} to shape {got}, declared {spec.shape}"
+            )
     strip_build_metadata(program.model)
     program.save(str(path), external_data=external_data)
 

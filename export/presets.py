@@ -105,12 +105,18 @@ def random_init(model: nn.Module, seed: int = 0, dtype: torch.dtype | None = Non
     whole fp32 model. So the weights equal the fp32 ones cast to dtype, as when an fp32 model is cast after
     its init."""
     g = torch.Generator().manual_seed(seed)
-    for name, t in list(model.named_parameters()) + [(n, b) for n, b in model.named_buffers() if n == "pos_embed"]:
-        if t.ndim >= 2:
+    tensors = list(model.named_parameters()) + [(n, b) for n, b in model.named_buffers() if n == "pos_embed"]
+    scratch = None  # the fp32 draws of reduced-precision tensors reuse one buffer (no fp32 garbage per tensor)
+    for name, t in tensors:
+        target = dtype or t.dtype
+        if t.ndim >= 2 and target == torch.float32:
             value = torch.randn(t.shape, generator=g).mul_(0.02)
+        elif t.ndim >= 2:
+            if scratch is None:
+                scratch = torch.empty(max(x.numel() for _, x in tensors if x.ndim >= 2))
+            value = torch.randn(t.shape, generator=g, out=scratch[:t.numel()].view(t.shape)).mul_(0.02).to(target)
         else:
-            value = torch.full(t.shape, 1.0 if name.endswith("weight") else 0.0)
-        value = value.to(dtype or t.dtype)
+            value = torch.full(t.shape, 1.0 if name.endswith("weight") else 0.0, dtype=target)
         if t.device.type == "meta" or value.dtype != t.dtype:
             owner, _, leaf = name.rpartition(".")
             module = model.get_submodule(owner)

@@ -8,18 +8,22 @@ from ditrt.runtime.errors import ConfigError
 from .family import Checkpoint, Family
 from .models import dc_ae, dit, flux, mmdit, pixart, sana, vae_kl
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (
-    dit.FAMILY,
-    pixart.FAMILY,
-    sana.FAMILY,
-    mmdit.FAMILY,
-    flux.FAMILY,
-)}
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        dit.FAMILY,
+        pixart.FAMILY,
+        sana.FAMILY,
+        mmdit.FAMILY,
+        flux.FAMILY,
+    )
+}
 DECODERS: tuple[Checkpoint, ...] = (vae_kl.CHECKPOINT, dc_ae.CHECKPOINT)
 
 # diffusers `_class_name` -> what loads it
 CHECKPOINTS: dict[str, Checkpoint] = {
-    name: c for c in (*(f.checkpoint for f in FAMILIES.values()), *DECODERS) for name in c.classes}
+    name: c for c in (*(f.checkpoint for f in FAMILIES.values()), *DECODERS) for name in c.classes
+}
 
 
 def family_of(model: nn.Module) -> Family:

@@ -38,18 +38,25 @@ class ClipGraph(nn.Module):
         _check(model, (CLIPTextModel, CLIPTextModelWithProjection), seq_len)
         cfg, f, T = model.config, _dtype(model), seq_len
         if seq_len > cfg.max_position_embeddings:
-            raise ConfigError(f"seq_len {seq_len} exceeds this CLIP's max_position_embeddings "
-                              f"{cfg.max_position_embeddings}; use at most that")
+            raise ConfigError(
+                f"seq_len {seq_len} exceeds this CLIP's max_position_embeddings "
+                f"{cfg.max_position_embeddings}; use at most that"
+            )
         self.model, self.projected = model.eval(), isinstance(model, CLIPTextModelWithProjection)
-        pooled = TensorSpec("text_embeds", f, ("B", cfg.projection_dim)) if self.projected else \
-            TensorSpec("pooler_output", f, ("B", cfg.hidden_size))
+        pooled = (
+            TensorSpec("text_embeds", f, ("B", cfg.projection_dim))
+            if self.projected
+            else TensorSpec("pooler_output", f, ("B", cfg.hidden_size))
+        )
         self.inputs = [TensorSpec("input_ids", "int64", ("B", T))]
         self.outputs = [TensorSpec("hidden_states", f, ("B", T, cfg.hidden_size)), pooled]
 
     def forward(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
         out = self.model(input_ids, output_hidden_states=True)
         pooled = out.text_embeds if self.projected else out.pooler_output
-        return out.hidden_states[-2], pooled  # penultimate layer, before the final LayerNorm: SD3's clip_skip=None
+        return out.hidden_states[
+            -2
+        ], pooled  # penultimate layer, before the final LayerNorm: SD3's clip_skip=None
 
 
 class EncoderGraph(nn.Module):
@@ -72,6 +79,7 @@ class EncoderGraph(nn.Module):
 # Prompt engines: one graph per pipeline whose outputs are exactly the denoiser step graph's prompt inputs, in fp32
 # whatever precision each encoder computes in (see export/precision.py).
 
+
 class MaskedPromptGraph(nn.Module):
     """PixArt (T5) / Sana (Gemma-2): masked encoder states, and the mask passed through, as the prompt inputs.
     seq_len "T" makes the length dynamic (Sana's instruction-prefixed prompt is longer than its negative)."""
@@ -81,8 +89,10 @@ class MaskedPromptGraph(nn.Module):
         self.encoder = EncoderGraph(encoder, seq_len, attention_mask=True)
         T = seq_len
         self.inputs = self.encoder.inputs
-        self.outputs = [TensorSpec("prompt_embeds", "float32", ("B", T, width)),
-                        TensorSpec("prompt_attention_mask", "int64", ("B", T))]
+        self.outputs = [
+            TensorSpec("prompt_embeds", "float32", ("B", T, width)),
+            TensorSpec("prompt_attention_mask", "int64", ("B", T)),
+        ]
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
         return self.encoder(input_ids, attention_mask).float(), attention_mask * 1
@@ -92,20 +102,37 @@ class SD3PromptGraph(nn.Module):
     """SD3 (diffusers encode_prompt): CLIP-L and CLIP-G penultimate states side by side, zero-padded to T5's
     width, then T5's tokens after them; pooled = both projected CLIP embeddings."""
 
-    def __init__(self, clip_l: CLIPTextModelWithProjection, clip_g: CLIPTextModelWithProjection,
-                 t5: T5EncoderModel, clip_len: int = 77, t5_len: int = 256):
+    def __init__(
+        self,
+        clip_l: CLIPTextModelWithProjection,
+        clip_g: CLIPTextModelWithProjection,
+        t5: T5EncoderModel,
+        clip_len: int = 77,
+        t5_len: int = 256,
+    ):
         super().__init__()
         self.clip_l, self.clip_g = ClipGraph(clip_l, clip_len), ClipGraph(clip_g, clip_len)
         self.t5 = EncoderGraph(t5, t5_len, attention_mask=False)
         width, pooled = t5.config.d_model, clip_l.config.projection_dim + clip_g.config.projection_dim
-        self.inputs = [TensorSpec(f"{n}_input_ids", "int64", ("B", L))
-                       for n, L in (("clip_l", clip_len), ("clip_g", clip_len), ("t5", t5_len))]
-        S = clip_len + t5_len if isinstance(t5_len, int) else f"{clip_len}+{t5_len}"  # T5's tokens after CLIP's
-        self.outputs = [TensorSpec("prompt_embeds", "float32", ("B", S, width)),
-                        TensorSpec("pooled_prompt_embeds", "float32", ("B", pooled))]
+        self.inputs = [
+            TensorSpec(f"{n}_input_ids", "int64", ("B", L))
+            for n, L in (("clip_l", clip_len), ("clip_g", clip_len), ("t5", t5_len))
+        ]
+        S = (
+            clip_len + t5_len if isinstance(t5_len, int) else f"{clip_len}+{t5_len}"
+        )  # T5's tokens after CLIP's
+        self.outputs = [
+            TensorSpec("prompt_embeds", "float32", ("B", S, width)),
+            TensorSpec("pooled_prompt_embeds", "float32", ("B", pooled)),
+        ]
 
-    def forward(self, clip_l_input_ids: Tensor, clip_g_input_ids: Tensor, t5_input_ids: Tensor) -> tuple[Tensor, Tensor]:
-        (l_states, l_pooled), (g_states, g_pooled) = self.clip_l(clip_l_input_ids), self.clip_g(clip_g_input_ids)
+    def forward(
+        self, clip_l_input_ids: Tensor, clip_g_input_ids: Tensor, t5_input_ids: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        (l_states, l_pooled), (g_states, g_pooled) = (
+            self.clip_l(clip_l_input_ids),
+            self.clip_g(clip_g_input_ids),
+        )
         t5 = self.t5(t5_input_ids).float()  # (B, 256, 4096); prompt engines output fp32 at any precision
         clip = torch.cat([l_states.float(), g_states.float()], dim=-1)  # (B, 77, 768 + 1280)
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
@@ -118,9 +145,14 @@ class FluxPromptGraph(nn.Module):
     def __init__(self, clip_l: CLIPTextModel, t5: T5EncoderModel, clip_len: int = 77, t5_len: int = 512):
         super().__init__()
         self.clip_l, self.t5 = ClipGraph(clip_l, clip_len), EncoderGraph(t5, t5_len, attention_mask=False)
-        self.inputs = [TensorSpec("clip_l_input_ids", "int64", ("B", clip_len)), TensorSpec("t5_input_ids", "int64", ("B", t5_len))]
-        self.outputs = [TensorSpec("prompt_embeds", "float32", ("B", t5_len, t5.config.d_model)),
-                        TensorSpec("pooled_prompt_embeds", "float32", ("B", clip_l.config.hidden_size))]
+        self.inputs = [
+            TensorSpec("clip_l_input_ids", "int64", ("B", clip_len)),
+            TensorSpec("t5_input_ids", "int64", ("B", t5_len)),
+        ]
+        self.outputs = [
+            TensorSpec("prompt_embeds", "float32", ("B", t5_len, t5.config.d_model)),
+            TensorSpec("pooled_prompt_embeds", "float32", ("B", clip_l.config.hidden_size)),
+        ]
 
     def forward(self, clip_l_input_ids: Tensor, t5_input_ids: Tensor) -> tuple[Tensor, Tensor]:
         return self.t5(t5_input_ids).float(), self.clip_l(clip_l_input_ids)[1].float()
@@ -129,7 +161,9 @@ class FluxPromptGraph(nn.Module):
 def _check(model: nn.Module, types: tuple[type, ...], seq_len: int | str) -> None:
     if not isinstance(model, types):
         names = ", ".join(t.__name__ for t in types)
-        raise ConfigError(f"got a {type(model).__name__}; this graph wraps {names} (see export/text_encoders.py)")
+        raise ConfigError(
+            f"got a {type(model).__name__}; this graph wraps {names} (see export/text_encoders.py)"
+        )
     if isinstance(seq_len, str):  # a symbolic (dynamic) length
         return
     if not isinstance(seq_len, int) or seq_len < 1:
@@ -138,8 +172,9 @@ def _check(model: nn.Module, types: tuple[type, ...], seq_len: int | str) -> Non
 
 def _dtype(model: nn.Module) -> str:
     if model.dtype not in FLOAT_DTYPES:
-        raise ConfigError(f"text encoder dtype {model.dtype} is not exportable; use one of "
-                          f"{', '.join(PRECISIONS.values())}")
+        raise ConfigError(
+            f"text encoder dtype {model.dtype} is not exportable; use one of {', '.join(PRECISIONS.values())}"
+        )
     return dtype_name(model.dtype)
 
 
@@ -155,9 +190,11 @@ def save_tokenizer(tokenizer, folder: Path) -> Path:
         try:
             backend = convert_slow_tokenizer(tokenizer)
         except Exception as e:  # converters raise ValueError, ImportError, AttributeError...
-            raise ConfigError(f"cannot convert {type(tokenizer).__name__} to a tokenizer.json ({e}); install "
-                              "sentencepiece and protobuf, or load the tokenizer from a folder that has a "
-                              "tokenizer.json") from None
+            raise ConfigError(
+                f"cannot convert {type(tokenizer).__name__} to a tokenizer.json ({e}); install "
+                "sentencepiece and protobuf, or load the tokenizer from a folder that has a "
+                "tokenizer.json"
+            ) from None
     tok = Tokenizer.from_str(backend.to_str())  # a copy: the caller's tokenizer keeps its state
     tok.no_padding()
     tok.no_truncation()
@@ -175,7 +212,13 @@ def unmasked_tokenizers(path: Path, rows: list[tuple[str, str, int]]) -> list:
     out = []
     for sub, name, n in rows:
         tok = AutoTokenizer.from_pretrained(path / sub)
-        spec = TextInput(f"{sub}/tokenizer.json", n, tok.pad_token_id, input_ids=f"{name}_input_ids",
-                         attention_mask=None, length_range=[2, T5_MAX] if name == "t5" else [])
+        spec = TextInput(
+            f"{sub}/tokenizer.json",
+            n,
+            tok.pad_token_id,
+            input_ids=f"{name}_input_ids",
+            attention_mask=None,
+            length_range=[2, T5_MAX] if name == "t5" else [],
+        )
         out.append((sub, tok, spec))
     return out

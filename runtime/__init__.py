@@ -5,5 +5,16 @@ from .manifest import SCHEMA_VERSION, Manifest, load_manifest
 from .pipeline import Pipeline, Result
 
 __version__ = "0.1.0"
-__all__ = ["BackendUnavailable", "ConfigError", "DitError", "InputError", "LoaderError", "Manifest", "ManifestError",
-           "Pipeline", "Result", "SCHEMA_VERSION", "load_manifest"]
+__all__ = [
+    "BackendUnavailable",
+    "ConfigError",
+    "DitError",
+    "InputError",
+    "LoaderError",
+    "Manifest",
+    "ManifestError",
+    "Pipeline",
+    "Result",
+    "SCHEMA_VERSION",
+    "load_manifest",
+]

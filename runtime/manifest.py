@@ -91,6 +91,7 @@ class Scheduler:
 @dataclass(frozen=True)
 class TextInput:
     """One tokenizer feeding the text_encoder engine (whose outputs are the denoiser's prompt inputs)."""
+
     tokenizer: str = rule(hi=1024)  # tokenizer.json, relative to the folder
     max_length: int = rule(lo=1, hi=8192)
     pad_id: int = rule(lo=0, hi=2**31 - 1)
@@ -128,9 +129,12 @@ class Manifest:
     text: list[TextInput] = rule(factory=list, hi=4)  # text-conditioned models: tokenizers, in encoder order
     # PixArt's resolution bins: aspect ratio -> (height, width) px; a requested size whose bin is the engines'
     # size is generated at that size, then resized and centre-cropped as the pipeline does
-    resolution_bins: dict[str, list[int]] = rule(factory=dict, hi=1000,
-                                                 item=dict(lo=2, hi=2, item=dict(lo=1, hi=16384)))
-    null_class: int | None = rule(None, lo=0, hi=100_000)  # class models: the unconditional (negative) CFG label
+    resolution_bins: dict[str, list[int]] = rule(
+        factory=dict, hi=1000, item=dict(lo=2, hi=2, item=dict(lo=1, hi=16384))
+    )
+    null_class: int | None = rule(
+        None, lo=0, hi=100_000
+    )  # class models: the unconditional (negative) CFG label
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict:
@@ -144,8 +148,10 @@ class Manifest:
         if "schema_version" not in d:
             raise ManifestError("the manifest has no schema_version; it was not written by dit-export")
         if type(version) is not int or version != SCHEMA_VERSION:
-            raise ManifestError(f"manifest schema_version {_show(version)} is not supported (this runtime reads "
-                                f"version {SCHEMA_VERSION}); re-export the folder with this version's dit-export")
+            raise ManifestError(
+                f"manifest schema_version {_show(version)} is not supported (this runtime reads "
+                f"version {SCHEMA_VERSION}); re-export the folder with this version's dit-export"
+            )
         manifest = _parse(cls, d, "", {})
         _check_consistency(manifest)
         return manifest
@@ -231,8 +237,10 @@ def _parse_scalar(tp: type, v: Any, where: str, checks: dict) -> Any:
 def _check_size(where: str, v: Any, checks: dict, unit: str) -> None:
     lo, hi = checks.get("lo") or 0, checks.get("hi")
     if len(v) < lo or (hi is not None and len(v) > hi):
-        raise ManifestError(f"manifest field {where!r} has {len(v)} {unit}; allowed: {lo}.."
-                            f"{'' if hi is None else hi}. Re-export the folder")
+        raise ManifestError(
+            f"manifest field {where!r} has {len(v)} {unit}; allowed: {lo}.."
+            f"{'' if hi is None else hi}. Re-export the folder"
+        )
 
 
 def _depth(v: Any) -> int:
@@ -256,18 +264,26 @@ def _parse_object(cls: type, v: Any, where: str) -> Any:
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(v) - names)
     if unknown:
-        raise ManifestError(f"{what} has unknown key(s) {', '.join(_show(k) for k in unknown[:5])}; this folder was "
-                            "written by a newer dit-export")
+        raise ManifestError(
+            f"{what} has unknown key(s) {', '.join(_show(k) for k in unknown[:5])}; this folder was "
+            "written by a newer dit-export"
+        )
     missing = [f.name for f in fields(cls) if f.default is f.default_factory is MISSING and f.name not in v]
     if missing:
         raise ManifestError(f"{what} lacks {', '.join(map(repr, missing))}; re-export the folder")
-    return cls(**{f.name: _parse(hints[f.name], v[f.name], f"{where}.{f.name}".lstrip("."), dict(f.metadata))
-                  for f in fields(cls) if f.name in v})
+    return cls(
+        **{
+            f.name: _parse(hints[f.name], v[f.name], f"{where}.{f.name}".lstrip("."), dict(f.metadata))
+            for f in fields(cls)
+            if f.name in v
+        }
+    )
 
 
 def _check_consistency(m: Manifest) -> None:
     """What the runtime relies on across fields: every file it reads hashed, every engine input fed, the latent
     the engines were built for."""
+
     def bad(where: str, message: str) -> ManifestError:
         return ManifestError(f"manifest field {where!r} {message}; re-export the folder")
 
@@ -280,22 +296,35 @@ def _check_consistency(m: Manifest) -> None:
                 raise bad(f"components.{name}.{side}", "names a tensor twice")
     for i, t in enumerate(m.text):
         if t.tokenizer not in m.files:
-            raise bad(f"text[{i}].tokenizer", f"names {t.tokenizer!r}, which the manifest's file list (the files "
-                      "checked at load) lacks")
-        if t.length_range and not (len(t.length_range) == 2 and t.length_range[0] <= t.max_length
-                                   <= t.length_range[1]):
-            raise bad(f"text[{i}].length_range", f"{t.length_range} must be [lo, hi] around max_length {t.max_length}")
+            raise bad(
+                f"text[{i}].tokenizer",
+                f"names {t.tokenizer!r}, which the manifest's file list (the files checked at load) lacks",
+            )
+        if t.length_range and not (
+            len(t.length_range) == 2 and t.length_range[0] <= t.max_length <= t.length_range[1]
+        ):
+            raise bad(
+                f"text[{i}].length_range",
+                f"{t.length_range} must be [lo, hi] around max_length {t.max_length}",
+            )
         if t.prefix and t.prefixed_max_length < t.max_length:
-            raise bad(f"text[{i}].prefixed_max_length", f"{t.prefixed_max_length} must be >= max_length "
-                      f"{t.max_length} when a prefix is set")
+            raise bad(
+                f"text[{i}].prefixed_max_length",
+                f"{t.prefixed_max_length} must be >= max_length {t.max_length} when a prefix is set",
+            )
     try:
         full = full_config(m.scheduler.config)
     except ConfigError as e:
         raise bad("scheduler.config", f"cannot be run by this runtime: {e}") from None
-    changed = [k for k in {**full, **m.scheduler.config} if m.scheduler.config.get(k, "(missing)") != full.get(k)]
+    changed = [
+        k for k in {**full, **m.scheduler.config} if m.scheduler.config.get(k, "(missing)") != full.get(k)
+    ]
     if changed:  # dit-export writes every option; a left-out option has its default (diffusers' from_config)
-        raise bad(f"scheduler.config.{changed[0]}", f"is {_show(m.scheduler.config.get(changed[0], '(missing)'))}, "
-                  f"not {_show(full.get(changed[0], '(absent)'))} as the complete config dit-export writes has it")
+        raise bad(
+            f"scheduler.config.{changed[0]}",
+            f"is {_show(m.scheduler.config.get(changed[0], '(missing)'))}, "
+            f"not {_show(full.get(changed[0], '(absent)'))} as the complete config dit-export writes has it",
+        )
     for key, hw in m.resolution_bins.items():
         if not _positive_number(key):
             raise bad(f"resolution_bins.{key}", "must be keyed by an aspect ratio (a positive number)")
@@ -303,7 +332,9 @@ def _check_consistency(m: Manifest) -> None:
         if not m.class_names:
             raise bad("class_names", "is empty, but the model is class-conditional")
         if m.null_class is not None and m.null_class > len(m.class_names):
-            raise bad("null_class", f"{m.null_class} is past the {len(m.class_names)} classes and their null label")
+            raise bad(
+                "null_class", f"{m.null_class} is past the {len(m.class_names)} classes and their null label"
+            )
     _check_engines(m, bad)
 
 
@@ -325,9 +356,12 @@ def _check_text_engine(m: Manifest, denoiser_inputs: dict, bad) -> None:
     length = m.text[0].max_length
     for out in encoder.outputs:
         want = [length if axis == "T" else axis for axis in out.shape[1:]]
-        if out.name in denoiser_inputs and denoiser_inputs[out.name].shape[-len(want):] != want:
-            raise bad("text[0].max_length", f"{length} does not fit the denoiser's {out.name!r} of shape "
-                      f"{denoiser_inputs[out.name].shape}")
+        if out.name in denoiser_inputs and denoiser_inputs[out.name].shape[-len(want) :] != want:
+            raise bad(
+                "text[0].max_length",
+                f"{length} does not fit the denoiser's {out.name!r} of shape "
+                f"{denoiser_inputs[out.name].shape}",
+            )
 
 
 def _positive_number(text: str) -> bool:
@@ -344,10 +378,15 @@ def _check_engines(m: Manifest, bad) -> None:
         raise bad("components", "lacks the denoiser")
     den, lat = m.components["denoiser"], m.latent
     if lat.height % lat.packing or lat.width % lat.packing:
-        raise bad("latent", f"{lat.height}x{lat.width} cannot be packed in {lat.packing}x{lat.packing} patches")
+        raise bad(
+            "latent", f"{lat.height}x{lat.width} cannot be packed in {lat.packing}x{lat.packing} patches"
+        )
     p = lat.packing
-    state = [lat.channels, lat.height, lat.width] if p == 1 else [lat.height * lat.width // p // p,
-                                                                   lat.channels * p * p]
+    state = (
+        [lat.channels, lat.height, lat.width]
+        if p == 1
+        else [lat.height * lat.width // p // p, lat.channels * p * p]
+    )
     fed = {*STATE_INPUTS, *RUNTIME_INPUTS}
     inputs = {s.name: s for s in den.inputs}
     if "text_encoder" in m.components:
@@ -356,29 +395,43 @@ def _check_engines(m: Manifest, bad) -> None:
     for name in STATE_INPUTS:
         if name not in inputs:
             raise bad("components.denoiser.inputs", f"lacks the step input {name!r}")
-        if inputs[name].dtype != "float32" or len(inputs[name].shape) != (0 if name not in STATE_INPUTS[:3]
-                                                                            else len(state) + 1):
+        if inputs[name].dtype != "float32" or len(inputs[name].shape) != (
+            0 if name not in STATE_INPUTS[:3] else len(state) + 1
+        ):
             raise bad(f"components.denoiser.inputs.{name}", "has the wrong dtype or rank for a step input")
     for name in STATE_INPUTS[:3]:
         if inputs[name].shape[1:] != state:
-            raise bad(f"components.denoiser.inputs.{name}", f"shape {inputs[name].shape} does not hold the "
-                      f"manifest's latent {lat.channels}x{lat.height}x{lat.width} (packing {p})")
+            raise bad(
+                f"components.denoiser.inputs.{name}",
+                f"shape {inputs[name].shape} does not hold the "
+                f"manifest's latent {lat.channels}x{lat.height}x{lat.width} (packing {p})",
+            )
     unfed = sorted(set(inputs) - fed)
-    if unfed and (m.conditioning == "class" or "text_encoder" in m.components):  # else: a denoiser-only export
+    if unfed and (
+        m.conditioning == "class" or "text_encoder" in m.components
+    ):  # else: a denoiser-only export
         raise bad("components.denoiser.inputs", f"has input(s) {unfed} that nothing feeds")
     outputs = {s.name: s for s in den.outputs}
     if [outputs.get(k) and outputs[k].shape[1:] for k in ("x_next", "x0")] != [state, state]:
         raise bad("components.denoiser.outputs", f"must hold x_next and x0 of the latent shape {state}")
     if "vae_decoder" in m.components:
         vae = m.components["vae_decoder"]
-        if [s.name for s in vae.inputs] != ["latents"] or vae.inputs[0].shape[1:] != [lat.channels, lat.height,
-                                                                                     lat.width]:
+        if [s.name for s in vae.inputs] != ["latents"] or vae.inputs[0].shape[1:] != [
+            lat.channels,
+            lat.height,
+            lat.width,
+        ]:
             raise bad("components.vae_decoder.inputs", "must be latents of the manifest's latent shape")
         shape = vae.outputs[0].shape
-        if vae.outputs[0].name != "image" or len(shape) != 4 or not all(type(d) is int for d in shape[1:]) \
-                or shape[1] not in (1, 3):
-            raise bad("components.vae_decoder.outputs", f"must start with image (B, 1 or 3, H, W); got {shape}")
-
+        if (
+            vae.outputs[0].name != "image"
+            or len(shape) != 4
+            or not all(type(d) is int for d in shape[1:])
+            or shape[1] not in (1, 3)
+        ):
+            raise bad(
+                "components.vae_decoder.outputs", f"must start with image (B, 1 or 3, H, W); got {shape}"
+            )
 
 
 def sha256_file(path: Path) -> str:
@@ -394,7 +447,9 @@ def resolve_inside(folder: Path, rel: str) -> Path:
     root = folder.resolve()
     path = (root / rel).resolve()
     if os.path.isabs(rel) or not path.is_relative_to(root) or path == root:
-        raise ManifestError(f"manifest path {rel!r} points outside the engine folder {str(folder)!r}; refusing it")
+        raise ManifestError(
+            f"manifest path {rel!r} points outside the engine folder {str(folder)!r}; refusing it"
+        )
     return path
 
 
@@ -407,7 +462,9 @@ def _constant(name: str) -> float:
 def _object(pairs: list) -> dict:
     keys = [k for k, _ in pairs]
     if len(set(keys)) != len(keys):  # json.loads would keep the last silently
-        raise ValueError(f"key {_show(next(k for k in keys if keys.count(k) > 1))} appears twice in one object")
+        raise ValueError(
+            f"key {_show(next(k for k in keys if keys.count(k) > 1))} appears twice in one object"
+        )
     return dict(pairs)
 
 
@@ -415,11 +472,18 @@ def read_manifest_json(path: Path) -> Any:
     """The parsed JSON of a manifest file: ±Infinity allowed (diffusers writes it in scheduler configs), NaN not;
     bounded in size and nesting."""
     if path.stat().st_size > MAX_MANIFEST_BYTES:
-        raise ManifestError(f"{str(path)!r} is larger than {MAX_MANIFEST_BYTES >> 20} MiB; it is not a manifest "
-                            "dit-export wrote")
+        raise ManifestError(
+            f"{str(path)!r} is larger than {MAX_MANIFEST_BYTES >> 20} MiB; it is not a manifest "
+            "dit-export wrote"
+        )
     try:
-        return json.loads(path.read_bytes().decode("utf-8"), parse_constant=_constant, object_pairs_hook=_object)
-    except (ValueError, RecursionError) as e:  # JSON syntax, NaN, 4300+ digit integers, bad UTF-8, deep nesting
+        return json.loads(
+            path.read_bytes().decode("utf-8"), parse_constant=_constant, object_pairs_hook=_object
+        )
+    except (
+        ValueError,
+        RecursionError,
+    ) as e:  # JSON syntax, NaN, 4300+ digit integers, bad UTF-8, deep nesting
         reason = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0][:120]
         raise ManifestError(f"{str(path)!r} is not valid JSON ({reason})") from None
 
@@ -428,13 +492,16 @@ def load_manifest(folder: str | os.PathLike, verify: bool = True) -> Manifest:
     """Read and check `folder/manifest.json`; with verify, check every file's size and sha256."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
-        raise ManifestError(f"engine folder {str(folder)!r} is a file, not a folder; give the folder dit-export "
-                            "wrote")
+        raise ManifestError(
+            f"engine folder {str(folder)!r} is a file, not a folder; give the folder dit-export wrote"
+        )
     if not folder.is_dir():
         raise ManifestError(f"engine folder {str(folder)!r} does not exist; create one with `dit-export`")
     path = folder / MANIFEST_NAME
     if not path.is_file():
-        raise ManifestError(f"{str(folder)!r} has no {MANIFEST_NAME}; is it an engine folder written by dit-export?")
+        raise ManifestError(
+            f"{str(folder)!r} has no {MANIFEST_NAME}; is it an engine folder written by dit-export?"
+        )
     path = resolve_inside(folder, MANIFEST_NAME)  # a link to a manifest elsewhere is not this folder's
     manifest = Manifest.from_dict(read_manifest_json(path))
     for rel, entry in manifest.files.items():
@@ -444,9 +511,13 @@ def load_manifest(folder: str | os.PathLike, verify: bool = True) -> Manifest:
         if verify:
             size = file.stat().st_size
             if size != entry.bytes:
-                raise ManifestError(f"engine file {rel!r} has {size} bytes, the manifest says {entry.bytes} "
-                                    "(truncated or replaced); re-export the folder")
+                raise ManifestError(
+                    f"engine file {rel!r} has {size} bytes, the manifest says {entry.bytes} "
+                    "(truncated or replaced); re-export the folder"
+                )
             if sha256_file(file) != entry.sha256:
-                raise ManifestError(f"engine file {rel!r} does not match its sha256 in the manifest "
-                                    "(corrupted or modified); re-export the folder")
+                raise ManifestError(
+                    f"engine file {rel!r} does not match its sha256 in the manifest "
+                    "(corrupted or modified); re-export the folder"
+                )
     return manifest

@@ -18,7 +18,9 @@ from .errors import InputError
 NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
 
 
-def write_pngs(images: list[np.ndarray], parameters: list[str | None], paths: list[Path], overwrite: bool) -> None:
+def write_pngs(
+    images: list[np.ndarray], parameters: list[str | None], paths: list[Path], overwrite: bool
+) -> None:
     """Each image as a PNG at its path (parameters: the PNG text chunk, None for none); all or nothing where the
     outputs are new: if one cannot be written, the others this call created are removed again."""
     staged, created = [], []  # created: (path, inode) this call made, undone on failure
@@ -37,11 +39,14 @@ def write_pngs(images: list[np.ndarray], parameters: list[str | None], paths: li
         for done, inode in created:
             _remove_if_same(done, inode)
         if isinstance(e, FileExistsError):  # another writer got there after output_paths' check
-            raise InputError(f"output {str(out)!r} already exists; choose another path or allow overwriting "
-                             "(--force)") from None
+            raise InputError(
+                f"output {str(out)!r} already exists; choose another path or allow overwriting (--force)"
+            ) from None
         if isinstance(e, OSError):
-            raise InputError(f"cannot write {str(out)!r} ({e.strerror or e}); free some space or choose "
-                             "another output path") from None
+            raise InputError(
+                f"cannot write {str(out)!r} ({e.strerror or e}); free some space or choose "
+                "another output path"
+            ) from None
         raise
     finally:
         for tmp, _ in staged:
@@ -126,18 +131,24 @@ def output_paths(path: str | os.PathLike, n: int, overwrite: bool = False) -> li
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise InputError(f"output folder {str(out.parent)!r} is not writable ({e.strerror or e}); "
-                         "choose another output path") from None
+        raise InputError(
+            f"output folder {str(out.parent)!r} is not writable ({e.strerror or e}); "
+            "choose another output path"
+        ) from None
     paths = [out] if n == 1 else [out.with_name(f"{out.stem}-{i:04d}{out.suffix}") for i in range(n)]
     if paths:  # the last name is the longest
         _check_name_length(out.parent, paths[-1].name, n)
     folders = [str(p) for p in paths if p.is_dir()]
     if folders:
         raise InputError(f"output {folders[0]!r} is a folder; give a file name ending in .png")
-    if not overwrite:  # lexists: a dangling symlink is taken too (writing would replace it or go where it points)
+    if (
+        not overwrite
+    ):  # lexists: a dangling symlink is taken too (writing would replace it or go where it points)
         taken = [str(p) for p in paths if os.path.lexists(p)]
         if taken:
-            raise InputError(f"output {taken[0]!r} already exists; choose another path or allow overwriting (--force)")
+            raise InputError(
+                f"output {taken[0]!r} already exists; choose another path or allow overwriting (--force)"
+            )
     return paths
 
 
@@ -145,8 +156,10 @@ def _check_output_text(text: str) -> None:
     """Refuse what a PNG file name cannot be: a folder ("x.png/"), and control characters, which would break the
     one-path-per-line listing of outputs (dit-run's stdout)."""
     if re.search(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", text):  # C0, C1 and the Unicode line separators
-        raise InputError(f"output {text!r:.80} holds control characters (a newline, tab, escape...); choose a name "
-                         "without them")
+        raise InputError(
+            f"output {text!r:.80} holds control characters (a newline, tab, escape...); choose a name "
+            "without them"
+        )
     last = text
     for sep in {os.sep, os.altsep} - {None}:
         last = last.rsplit(sep, 1)[-1]
@@ -164,8 +177,10 @@ def _check_name_length(folder: Path, name: str, n: int) -> None:
     if 0 < limit < size:
         shown = name if len(name) <= 60 else f"{name[:40]}...{name[-12:]}"
         also = " (with the batch index suffix)" if n > 1 else ""
-        raise InputError(f"output name {shown!r}{also} is {size} bytes; this folder allows file names of at most "
-                         f"{limit} bytes; choose a shorter name")
+        raise InputError(
+            f"output name {shown!r}{also} is {size} bytes; this folder allows file names of at most "
+            f"{limit} bytes; choose a shorter name"
+        )
 
 
 def as_path(name: str, value) -> Path:
@@ -178,6 +193,8 @@ def as_path(name: str, value) -> Path:
             raise ValueError
         os.fsencode(text)  # lone surrogates that did not come from undecodable bytes fail here
     except ValueError:
-        raise InputError(f"{name} {text!r:.80} is not a usable path (empty, a NUL byte, or characters that are not "
-                         "valid Unicode)") from None
+        raise InputError(
+            f"{name} {text!r:.80} is not a usable path (empty, a NUL byte, or characters that are not "
+            "valid Unicode)"
+        ) from None
     return Path(text)

@@ -1,8 +1,8 @@
 """The embeddable generator: load an engine folder once, generate many times, from any thread.
 
-    pipe = Pipeline.load("engines/digits")
-    result = pipe(class_label=7, seed=0)
-    result.save("seven.png")
+pipe = Pipeline.load("engines/digits")
+result = pipe(class_label=7, seed=0)
+result.save("seven.png")
 """
 
 import os
@@ -50,8 +50,10 @@ class Result:
         cannot be written, the others this call created are removed again (see outputs.py).
         """
         if self.images is None:
-            raise InputError("this result holds no 8-bit images to save (output_type 'float' or 'latent'); "
-                             "generate with output_type='uint8', the default")
+            raise InputError(
+                "this result holds no 8-bit images to save (output_type 'float' or 'latent'); "
+                "generate with output_type='uint8', the default"
+            )
         paths = output_paths(path, len(self.images), overwrite)
         write_pngs(self.images, [p if metadata else None for p in self.parameters], paths, overwrite)
         return paths
@@ -65,8 +67,13 @@ class Pipeline:
         self.tokenizers = tokenizers
 
     @classmethod
-    def load(cls, folder: str | os.PathLike, backend: str = "onnxruntime", verify: bool = True,
-             threads: int | None = None) -> "Pipeline":
+    def load(
+        cls,
+        folder: str | os.PathLike,
+        backend: str = "onnxruntime",
+        verify: bool = True,
+        threads: int | None = None,
+    ) -> "Pipeline":
         """Check the folder (schema, paths, sizes, sha256 when verify) and open every component's engine."""
         start = time.perf_counter()
         folder = as_path("engine folder", folder)
@@ -77,27 +84,41 @@ class Pipeline:
         threads = None if threads is None else _int("threads", threads, 1, MAX_THREADS)
         manifest = load_manifest(folder, verify=bool(verify))
         if manifest.conditioning != "class" and not (manifest.text and "text_encoder" in manifest.components):
-            raise ManifestError(f"{str(folder)!r} holds only the denoiser of the text-conditioned model "
-                                f"{manifest.model!r}; generating from it needs text encoders and a VAE decoder, "
-                                "which this version does not export yet")
+            raise ManifestError(
+                f"{str(folder)!r} holds only the denoiser of the text-conditioned model "
+                f"{manifest.model!r}; generating from it needs text encoders and a VAE decoder, "
+                "which this version does not export yet"
+            )
         if manifest.latent.channels not in (1, 3) and "vae_decoder" not in manifest.components:
-            raise ManifestError(f"{str(folder)!r} has {manifest.latent.channels}-channel latents and no decoder "
-                                "component, so its latents cannot become an image")
+            raise ManifestError(
+                f"{str(folder)!r} has {manifest.latent.channels}-channel latents and no decoder "
+                "component, so its latents cannot become an image"
+            )
         try:
             config = check_config(manifest.scheduler.config, manifest.scheduler.call)
         except ConfigError as e:
             raise ManifestError(f"the folder's scheduler cannot be run by this runtime: {e}") from None
         if manifest.scheduler.prediction != prediction_of(config):
-            raise ManifestError(f"manifest scheduler.prediction {manifest.scheduler.prediction!r} contradicts its "
-                                f"config ({prediction_of(config)!r}); re-export the folder")
+            raise ManifestError(
+                f"manifest scheduler.prediction {manifest.scheduler.prediction!r} contradicts its "
+                f"config ({prediction_of(config)!r}); re-export the folder"
+            )
         branched = any(s.shape[:1] == [BRANCH_AXIS] for s in manifest.components["denoiser"].inputs)
         if manifest.conditioning == "class" and branched and manifest.null_class is None:
-            raise ManifestError(f"{str(folder)!r} is class-conditional with classifier-free guidance but its manifest "
-                                "names no null_class; re-export the folder")
-        engines = {name: open_backend(backend, resolve_inside(folder, c.file), c, threads)
-                   for name, c in manifest.components.items()}
-        tokenizers = [TextTokenizer(resolve_inside(folder, t.tokenizer),
-                                    TokenizerConfig(t.max_length, t.pad_id, t.padding_side)) for t in manifest.text]
+            raise ManifestError(
+                f"{str(folder)!r} is class-conditional with classifier-free guidance but its manifest "
+                "names no null_class; re-export the folder"
+            )
+        engines = {
+            name: open_backend(backend, resolve_inside(folder, c.file), c, threads)
+            for name, c in manifest.components.items()
+        }
+        tokenizers = [
+            TextTokenizer(
+                resolve_inside(folder, t.tokenizer), TokenizerConfig(t.max_length, t.pad_id, t.padding_side)
+            )
+            for t in manifest.text
+        ]
         return cls(folder, manifest, engines, tokenizers, (time.perf_counter() - start) * 1e3)
 
     def close(self) -> None:
@@ -110,12 +131,25 @@ class Pipeline:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def __call__(self, *, prompt: str | None = None, negative_prompt: str | None = None,
-                 class_label: int | str | None = None, steps: int | None = None, guidance: float | None = None,
-                 seed: int | None = None, batch_size: int = 1, width: int | None = None, height: int | None = None,
-                 sampler: str | None = None, shift: float | None = None, latents: np.ndarray | None = None,
-                 max_sequence_length: int | None = None, on_step: Callable[[int, int], None] | None = None,
-                 output_type: str = "uint8") -> Result:
+    def __call__(
+        self,
+        *,
+        prompt: str | None = None,
+        negative_prompt: str | None = None,
+        class_label: int | str | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        seed: int | None = None,
+        batch_size: int = 1,
+        width: int | None = None,
+        height: int | None = None,
+        sampler: str | None = None,
+        shift: float | None = None,
+        latents: np.ndarray | None = None,
+        max_sequence_length: int | None = None,
+        on_step: Callable[[int, int], None] | None = None,
+        output_type: str = "uint8",
+    ) -> Result:
         """Generate `batch_size` images of `prompt` (text models) or `class_label` (class-conditional models).
 
         Image i uses seed + i; seed None or < 0 picks one. Steps and guidance default to the manifest's.
@@ -131,11 +165,15 @@ class Pipeline:
         # numbers as Python int/float from here on (numpy scalars accepted, bools refused)
         steps = _int("steps", sched.default_steps if steps is None else steps, 1, MAX_STEPS)
         batch_size = _int("batch_size", batch_size, 1, MAX_BATCH)
-        guidance = _real("guidance", sched.default_guidance if guidance is None else guidance, 0, MAX_GUIDANCE)
+        guidance = _real(
+            "guidance", sched.default_guidance if guidance is None else guidance, 0, MAX_GUIDANCE
+        )
         if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
             raise InputError(f"output_type {_show(output_type)} is not allowed; use uint8, float or latent")
         if on_step is not None and not callable(on_step):
-            raise InputError(f"on_step {_show(on_step)} is not callable; give a function f(step, steps) or None")
+            raise InputError(
+                f"on_step {_show(on_step)} is not callable; give a function f(step, steps) or None"
+            )
         config = self.scheduler_config(sampler, shift)
         try:
             plan = make_plan(config, steps, sched.call)
@@ -148,8 +186,9 @@ class Pipeline:
 
         t0 = time.perf_counter()
         lengths = self._text_lengths(max_sequence_length)
-        cond, description, warnings = self._conditioning(prompt, negative_prompt, class_label, batch_size,
-                                                         cfg=guidance > 1, lengths=lengths)
+        cond, description, warnings = self._conditioning(
+            prompt, negative_prompt, class_label, batch_size, cfg=guidance > 1, lengths=lengths
+        )
         t1 = time.perf_counter()
         seeds = [seed + i for i in range(batch_size)]
         why = f"guidance {guidance:g}, {steps} steps, sampler {label(config)}"
@@ -164,10 +203,18 @@ class Pipeline:
             images = to_uint8(pixels) if output_type == "uint8" else None
         t3 = time.perf_counter()
         if m.random_weights:  # nothing else at run time would say so
-            warnings = [f"model {m.model!r} has random weights (exported with --random-weights): its images are "
-                        "noise, for benchmarking only", *warnings]
-        timings.update(text_encode=(t1 - t0) * 1e3, denoise_total=(t2 - t1) * 1e3,
-                       denoise_per_step=(t2 - t1) * 1e3 / steps, decode=(t3 - t2) * 1e3, total=(t3 - t0) * 1e3)
+            warnings = [
+                f"model {m.model!r} has random weights (exported with --random-weights): its images are "
+                "noise, for benchmarking only",
+                *warnings,
+            ]
+        timings.update(
+            text_encode=(t1 - t0) * 1e3,
+            denoise_total=(t2 - t1) * 1e3,
+            denoise_per_step=(t2 - t1) * 1e3 / steps,
+            decode=(t3 - t2) * 1e3,
+            total=(t3 - t0) * 1e3,
+        )
         params = [self._parameters(description, steps, guidance, s, size, config) for s in seeds]
         return Result(images, pixels, seeds, params, timings, tuple(warnings), final)
 
@@ -193,25 +240,34 @@ class Pipeline:
         if shift is not None:
             shift = _real("shift", shift, *SHIFTS)
         try:
-            config = switch(sched.config, sched.config["_class_name"] if sampler is None else sampler,
-                            sched.prediction, shift)
+            config = switch(
+                sched.config,
+                sched.config["_class_name"] if sampler is None else sampler,
+                sched.prediction,
+                shift,
+            )
             return check_config(config, sched.call)
         except ConfigError as e:
             raise InputError(str(e)) from None
 
-    def _conditioning(self, prompt, negative_prompt, class_label, batch: int, cfg: bool,
-                      lengths: list[int]) -> tuple[dict, str, list[str]]:
+    def _conditioning(
+        self, prompt, negative_prompt, class_label, batch: int, cfg: bool, lengths: list[int]
+    ) -> tuple[dict, str, list[str]]:
         """Per-request denoiser inputs (computed once, not per step), the prompt line for PNGs, warnings.
 
         Inputs with a leading CFG branch axis get [negative; positive] when cfg, else [positive] alone."""
         m = self.manifest
         if m.conditioning == "class":
             if prompt is not None or negative_prompt is not None:
-                raise InputError(f"model {m.model!r} is class-conditional: give a class label, not a prompt "
-                                 f"({'prompt' if prompt is not None else 'negative_prompt'} was given)")
+                raise InputError(
+                    f"model {m.model!r} is class-conditional: give a class label, not a prompt "
+                    f"({'prompt' if prompt is not None else 'negative_prompt'} was given)"
+                )
             label_ = self._class_index(class_label)
             pos = {"class_labels": np.full((batch,), label_, dtype=np.int64)}
-            neg = {"class_labels": np.full((batch,), m.null_class if m.null_class is not None else -1, np.int64)}
+            neg = {
+                "class_labels": np.full((batch,), m.null_class if m.null_class is not None else -1, np.int64)
+            }
             description, warnings = f"class {label_} ({m.class_names[label_]})", []
         else:
             if class_label is not None:
@@ -219,9 +275,13 @@ class Pipeline:
             if prompt is None:
                 raise InputError(f"model {m.model!r} needs a prompt (a string)")
             prompt = check_text("prompt", prompt)
-            negative_prompt = "" if negative_prompt is None else check_text("negative_prompt", negative_prompt)
-            (pos, warnings), (neg, _) = (self._encode_text(prompt, lengths),
-                                         self._encode_text(negative_prompt, lengths, negative=True))
+            negative_prompt = (
+                "" if negative_prompt is None else check_text("negative_prompt", negative_prompt)
+            )
+            (pos, warnings), (neg, _) = (
+                self._encode_text(prompt, lengths),
+                self._encode_text(negative_prompt, lengths, negative=True),
+            )
             pos = {k: np.repeat(v, batch, axis=0) for k, v in pos.items()}
             neg = {k: np.repeat(v, batch, axis=0) for k, v in neg.items()}
             description = prompt + (f"\nNegative prompt: {negative_prompt}" if negative_prompt else "")
@@ -241,18 +301,23 @@ class Pipeline:
             return [t.max_length for t in specs]
         if not ranged:
             fixed = ", ".join(str(t.max_length) for t in specs) or "none (no text encoder)"
-            raise InputError(f"max_sequence_length {_show(max_sequence_length)} cannot be chosen for this engine "
-                             f"folder; its text lengths are fixed ({fixed})")
+            raise InputError(
+                f"max_sequence_length {_show(max_sequence_length)} cannot be chosen for this engine "
+                f"folder; its text lengths are fixed ({fixed})"
+            )
         lo, hi = ranged[0].length_range
         max_sequence_length = _int("max_sequence_length", max_sequence_length, lo, hi)
         return [max_sequence_length if t.length_range else t.max_length for t in specs]
 
-    def _encode_text(self, text: str, lengths: list[int],
-                     negative: bool = False) -> tuple[dict[str, np.ndarray], list[str]]:
+    def _encode_text(
+        self, text: str, lengths: list[int], negative: bool = False
+    ) -> tuple[dict[str, np.ndarray], list[str]]:
         feeds, warnings, keep = {}, [], None
         for spec, tokenizer, length in zip(self.manifest.text, self.tokenizers, lengths):
             text = text.lower().strip() if spec.lowercase else text
-            if spec.prefix and not negative:  # Sana: instruction + prompt, then BOS + the last max_length−1 tokens
+            if (
+                spec.prefix and not negative
+            ):  # Sana: instruction + prompt, then BOS + the last max_length−1 tokens
                 tokens = tokenizer(spec.prefix + text, max_length=spec.prefixed_max_length)
                 keep = [0, *range(spec.prefixed_max_length - spec.max_length + 1, spec.prefixed_max_length)]
             else:
@@ -265,14 +330,27 @@ class Pipeline:
         out = self.engines["text_encoder"].run(feeds)
         return ({k: v[:, keep] for k, v in out.items()} if keep else out), warnings
 
-    def _denoise(self, x: np.ndarray, cond: dict[str, np.ndarray], guidance: float, plan: dict[str, np.ndarray],
-                 on_step: Callable[[int, int], None] | None, timings: dict) -> np.ndarray:
+    def _denoise(
+        self,
+        x: np.ndarray,
+        cond: dict[str, np.ndarray],
+        guidance: float,
+        plan: dict[str, np.ndarray],
+        on_step: Callable[[int, int], None] | None,
+        timings: dict,
+    ) -> np.ndarray:
         """The sampler loop: one step-engine call per step, the state carried on the host (see schedules.py)."""
         steps = len(plan["t"])
         x = x * plan["init"]  # 1, or EulerDiscreteScheduler's initial scale (see schedules._euler)
         per_step = [{k: np.asarray(plan[k][i], dtype=np.float32) for k in STEP_SCALARS} for i in range(steps)]
         zeros = np.zeros_like(x)
-        feeds = {"x": x, "x0_prev": zeros, "x0_prev2": zeros, "guidance": np.asarray(guidance, np.float32), **cond}
+        feeds = {
+            "x": x,
+            "x0_prev": zeros,
+            "x0_prev2": zeros,
+            "guidance": np.asarray(guidance, np.float32),
+            **cond,
+        }
         engine, engine_s = self.engines["denoiser"], 0.0
         for i, scalars in enumerate(per_step):
             feeds.update(scalars)
@@ -311,8 +389,10 @@ class Pipeline:
             if tuple(bins[ratio]) == (h, w):
                 return width, height
         also = f" (and sizes whose resolution bin is {w}x{h})" if bins else ""
-        raise InputError(f"size {width}x{height} is not available: this engine folder generates {w}x{h} images{also}; "
-                         "export another with dit-export --width/--height")
+        raise InputError(
+            f"size {width}x{height} is not available: this engine folder generates {w}x{h} images{also}; "
+            "export another with dit-export --width/--height"
+        )
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -333,16 +413,27 @@ class Pipeline:
         integer = isinstance(class_label, (int, np.integer)) and not isinstance(class_label, (bool, np.bool_))
         if integer and 0 <= class_label < len(names):
             return int(class_label)
-        what = "is out of range" if integer or isinstance(class_label, str) else "is not an integer or a class name"
-        also = "" if names == [str(i) for i in range(len(names))] else f" (or a class name such as {names[0]!r})"
-        raise InputError(f"class label {_show(class_label)} {what}; model {self.manifest.model!r} "
-                         f"has classes 0..{len(names) - 1}{also}")
+        what = (
+            "is out of range"
+            if integer or isinstance(class_label, str)
+            else "is not an integer or a class name"
+        )
+        also = (
+            "" if names == [str(i) for i in range(len(names))] else f" (or a class name such as {names[0]!r})"
+        )
+        raise InputError(
+            f"class label {_show(class_label)} {what}; model {self.manifest.model!r} "
+            f"has classes 0..{len(names) - 1}{also}"
+        )
 
-    def _parameters(self, description: str, steps: int, guidance: float, seed: int, size: tuple[int, int],
-                    config: dict) -> str:
-        return (f"{description}\n"
-                f"Steps: {steps}, Sampler: {label(config)}, "
-                f"CFG scale: {guidance:g}, Seed: {seed}, Size: {size[0]}x{size[1]}, Model: {self.manifest.model}")
+    def _parameters(
+        self, description: str, steps: int, guidance: float, seed: int, size: tuple[int, int], config: dict
+    ) -> str:
+        return (
+            f"{description}\n"
+            f"Steps: {steps}, Sampler: {label(config)}, "
+            f"CFG scale: {guidance:g}, Seed: {seed}, Size: {size[0]}x{size[1]}, Model: {self.manifest.model}"
+        )
 
 
 def _check_latents(latents: np.ndarray | None, batch: int, shape: tuple[int, ...]) -> None:
@@ -350,10 +441,15 @@ def _check_latents(latents: np.ndarray | None, batch: int, shape: tuple[int, ...
     if latents is None:
         return
     if not isinstance(latents, np.ndarray) or latents.dtype != np.float32 or latents.shape != (batch, *shape):
-        got = f"shape {latents.shape} and dtype {latents.dtype}" if isinstance(latents, np.ndarray) else \
-            type(latents).__name__
-        raise InputError(f"latents of {got} are not allowed; give a float32 array of shape "
-                         f"({batch}, {', '.join(map(str, shape))})")
+        got = (
+            f"shape {latents.shape} and dtype {latents.dtype}"
+            if isinstance(latents, np.ndarray)
+            else type(latents).__name__
+        )
+        raise InputError(
+            f"latents of {got} are not allowed; give a float32 array of shape "
+            f"({batch}, {', '.join(map(str, shape))})"
+        )
     if not np.isfinite(latents).all():
         raise InputError("latents hold non-finite values (NaN or inf); give finite initial noise")
 
@@ -361,8 +457,9 @@ def _check_latents(latents: np.ndarray | None, batch: int, shape: tuple[int, ...
 def _check_finite(x: np.ndarray | None, stage: str, why: str, latents_given: bool) -> None:
     if x is not None and not np.isfinite(x).all():
         also = " (or give initial latents of ordinary magnitude)" if latents_given else ""
-        raise InputError(f"{stage} produced non-finite values ({why}); lower the guidance or change the sampler"
-                         f"{also}")
+        raise InputError(
+            f"{stage} produced non-finite values ({why}); lower the guidance or change the sampler{also}"
+        )
 
 
 def _show(value) -> str:
@@ -372,7 +469,11 @@ def _show(value) -> str:
 
 def _int(name: str, value, lo: int, hi: int) -> int:
     """An integer parameter (Python or numpy; a bool is not one) within lo..hi, as a Python int."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
+    if (
+        isinstance(value, (bool, np.bool_))
+        or not isinstance(value, (int, np.integer))
+        or not lo <= value <= hi
+    ):
         raise InputError(f"{name} {_show(value)} is not allowed; use an integer in {lo}..{hi}")
     return int(value)
 
@@ -380,22 +481,26 @@ def _int(name: str, value, lo: int, hi: int) -> int:
 def _real(name: str, value, lo: float, hi: float) -> float:
     """A number (Python or numpy; not a bool) within lo..hi, as a Python float. The range check refuses NaN and
     infinities too, and compares huge ints exactly (float() of one would raise OverflowError)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) \
-            or not lo <= value <= hi:
+    if (
+        isinstance(value, (bool, np.bool_))
+        or not isinstance(value, (int, float, np.integer, np.floating))
+        or not lo <= value <= hi
+    ):
         raise InputError(f"{name} {_show(value)} is not allowed; use a finite number in {lo:g}..{hi:g}")
     return float(value)
 
 
 def _seed(seed, batch: int) -> int:
     """The first image's seed: as given, or a random one for None or a negative seed."""
-    seed = None if seed is None else _int("seed", seed, -2**63, 2**63 - 1 - batch)
+    seed = None if seed is None else _int("seed", seed, -(2**63), 2**63 - 1 - batch)
     return secrets.randbelow(2**31) if seed is None or seed < 0 else seed
 
 
 def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> np.ndarray:
     """Standard normal noise, one PCG64 stream per image, so image i depends only on seeds[i]."""
-    return np.stack([np.random.Generator(np.random.PCG64(s)).standard_normal(shape, dtype=np.float32)
-                     for s in seeds])
+    return np.stack(
+        [np.random.Generator(np.random.PCG64(s)).standard_normal(shape, dtype=np.float32) for s in seeds]
+    )
 
 
 def pack(x: np.ndarray, p: int) -> np.ndarray:
@@ -403,7 +508,11 @@ def pack(x: np.ndarray, p: int) -> np.ndarray:
     if p == 1:
         return x
     B, C, H, W = x.shape
-    return x.reshape(B, C, H // p, p, W // p, p).transpose(0, 2, 4, 1, 3, 5).reshape(B, (H // p) * (W // p), C * p * p)
+    return (
+        x.reshape(B, C, H // p, p, W // p, p)
+        .transpose(0, 2, 4, 1, 3, 5)
+        .reshape(B, (H // p) * (W // p), C * p * p)
+    )
 
 
 def unpack(x: np.ndarray, p: int, H: int, W: int) -> np.ndarray:
@@ -439,4 +548,4 @@ def resize_and_crop(x: np.ndarray, width: int, height: int) -> np.ndarray:
     rh, rw = int(h * ratio), int(w * ratio)
     y = _bilinear_matrix(h, rh) @ x.astype(np.float64) @ _bilinear_matrix(w, rw).T  # (B, C, rh, rw)
     top, left = (rh - height) // 2, (rw - width) // 2
-    return y[:, :, top:top + height, left:left + width].astype(x.dtype)
+    return y[:, :, top : top + height, left : left + width].astype(x.dtype)

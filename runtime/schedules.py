@@ -19,10 +19,15 @@ from .errors import ConfigError
 
 STEP_SCALARS = ("t", "p", "q", "a", "b", "c", "e", "d", "clip")
 
-_WHY = {"thresholding": "dynamic thresholding needs a per-sample quantile", "stochastic_sampling": "it draws noise "
-        "every step", "algorithm_type": "SDE and ε-space variants are not implemented", "use_beta_sigmas": "it needs "
-        "scipy", "use_lu_lambdas": "not implemented", "invert_sigmas": "only Mochi uses it",
-        "variance_type": "diffusers slices 3 channels, which fails for these models"}
+_WHY = {
+    "thresholding": "dynamic thresholding needs a per-sample quantile",
+    "stochastic_sampling": "it draws noise every step",
+    "algorithm_type": "SDE and ε-space variants are not implemented",
+    "use_beta_sigmas": "it needs scipy",
+    "use_lu_lambdas": "not implemented",
+    "invert_sigmas": "only Mochi uses it",
+    "variance_type": "diffusers slices 3 channels, which fails for these models",
+}
 
 
 def prediction_of(config: dict) -> str:
@@ -44,8 +49,12 @@ def full_config(config: dict) -> dict:
     if not isinstance(defaulted, list):
         raise ConfigError(f"scheduler config _use_default_values must be a list, got {defaulted!r}")
     given = {k: v for k, v in config.items() if k in defaults and k not in defaulted}
-    out = {"_class_name": cls, **defaults, **given,
-           "_use_default_values": sorted(k for k in defaults if k not in given)}
+    out = {
+        "_class_name": cls,
+        **defaults,
+        **given,
+        "_use_default_values": sorted(k for k in defaults if k not in given),
+    }
     for key, default in defaults.items():
         _check_type(cls, key, out[key], default)
     return out
@@ -57,12 +66,20 @@ def given_options(config: dict) -> dict:
     return {k: v for k, v in config.items() if not k.startswith("_") and k not in defaulted}
 
 
-_POSITIVE = ("shift", "flow_shift", "clip_sample_range", "num_train_timesteps", "solver_order", "base_image_seq_len",
-             "max_image_seq_len")
+_POSITIVE = (
+    "shift",
+    "flow_shift",
+    "clip_sample_range",
+    "num_train_timesteps",
+    "solver_order",
+    "base_image_seq_len",
+    "max_image_seq_len",
+)
 
 
 def _check_type(cls: str, key: str, value, default) -> None:
     """An option's value has its default's type (numbers finite; shifts, lengths, ranges positive)."""
+
     def real(v):
         return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -81,10 +98,17 @@ def _check_type(cls: str, key: str, value, default) -> None:
     if ok and key in _POSITIVE:
         ok = value > 0
     if not ok:
-        expected = ("true or false" if isinstance(default, bool) else
-                    f"an integer {'> 0' if key in _POSITIVE else '>= 0'}" if isinstance(default, int) else
-                    f"a {'positive' if key in _POSITIVE else 'finite'} number" if isinstance(default, float) else
-                    "a list of betas in [0, 1), or null" if key == "trained_betas" else "a number > 0, or null")
+        expected = (
+            "true or false"
+            if isinstance(default, bool)
+            else f"an integer {'> 0' if key in _POSITIVE else '>= 0'}"
+            if isinstance(default, int)
+            else f"a {'positive' if key in _POSITIVE else 'finite'} number"
+            if isinstance(default, float)
+            else "a list of betas in [0, 1), or null"
+            if key == "trained_betas"
+            else "a number > 0, or null"
+        )
         raise ConfigError(f"{cls} option {key}={value!r} is not allowed; expected {expected}")
 
 
@@ -98,48 +122,84 @@ def check_config(config: dict, call: dict | None = None) -> dict:
     for key, allowed in kind.allowed.items():
         if config[key] not in allowed:
             why = f" ({_WHY[key]})" if key in _WHY else ""
-            raise ConfigError(f"{cls} option {key}={config[key]!r} is not supported{why}; supported: "
-                              f"{', '.join(map(repr, allowed))}")
-    if sum(bool(config.get(k)) for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")) > 1:
-        raise ConfigError(f"{cls}: only one of use_karras_sigmas / use_exponential_sigmas / use_beta_sigmas may be set")
-    if config.get("trained_betas") is not None and len(config["trained_betas"]) != config["num_train_timesteps"]:
-        raise ConfigError(f"{cls}: trained_betas has {len(config['trained_betas'])} values, num_train_timesteps "
-                          f"is {config['num_train_timesteps']}")
+            raise ConfigError(
+                f"{cls} option {key}={config[key]!r} is not supported{why}; supported: "
+                f"{', '.join(map(repr, allowed))}"
+            )
+    if (
+        sum(bool(config.get(k)) for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"))
+        > 1
+    ):
+        raise ConfigError(
+            f"{cls}: only one of use_karras_sigmas / use_exponential_sigmas / use_beta_sigmas may be set"
+        )
+    if (
+        config.get("trained_betas") is not None
+        and len(config["trained_betas"]) != config["num_train_timesteps"]
+    ):
+        raise ConfigError(
+            f"{cls}: trained_betas has {len(config['trained_betas'])} values, num_train_timesteps "
+            f"is {config['num_train_timesteps']}"
+        )
     if not isinstance(config["num_train_timesteps"], int) or config["num_train_timesteps"] < 1:
-        raise ConfigError(f"{cls}: num_train_timesteps {config['num_train_timesteps']!r} must be a positive integer")
+        raise ConfigError(
+            f"{cls}: num_train_timesteps {config['num_train_timesteps']!r} must be a positive integer"
+        )
     if call is None:
         return config
     call = _checked_call(call)
     if kind is FLOW and config["use_dynamic_shifting"] and call.get("mu") not in ("always", "dynamic"):
-        raise ConfigError("FlowMatchEulerDiscreteScheduler option use_dynamic_shifting=True needs the resolution "
-                          "shift (mu), which this pipeline does not pass to set_timesteps (diffusers raises too); "
-                          "use a static shift")
-    if kind is DPM and config["use_flow_sigmas"] and (config["use_karras_sigmas"]
-                                                      or config["use_exponential_sigmas"]):
-        raise ConfigError("DPMSolverMultistepScheduler: use_karras_sigmas / use_exponential_sigmas with "
-                          "use_flow_sigmas give NaN in diffusers (VP sigmas with flow alphas); use one of them")
+        raise ConfigError(
+            "FlowMatchEulerDiscreteScheduler option use_dynamic_shifting=True needs the resolution "
+            "shift (mu), which this pipeline does not pass to set_timesteps (diffusers raises too); "
+            "use a static shift"
+        )
+    if (
+        kind is DPM
+        and config["use_flow_sigmas"]
+        and (config["use_karras_sigmas"] or config["use_exponential_sigmas"])
+    ):
+        raise ConfigError(
+            "DPMSolverMultistepScheduler: use_karras_sigmas / use_exponential_sigmas with "
+            "use_flow_sigmas give NaN in diffusers (VP sigmas with flow alphas); use one of them"
+        )
     if kind in (DDIM, EULER) and (call.get("custom_sigmas") or call.get("mu") == "always"):
-        raise ConfigError(f"this pipeline passes its own sigmas and a resolution shift (mu) to set_timesteps, which "
-                          f"{cls} does not accept (diffusers raises too); use FlowMatchEulerDiscreteScheduler")
+        raise ConfigError(
+            f"this pipeline passes its own sigmas and a resolution shift (mu) to set_timesteps, which "
+            f"{cls} does not accept (diffusers raises too); use FlowMatchEulerDiscreteScheduler"
+        )
     if kind is EULER and call.get("steps_scaled_input"):
-        raise ConfigError("EulerDiscreteScheduler does not work in this pipeline: DiTPipeline passes the "
-                          "scale_model_input result back to scheduler.step, which breaks σ-space schedulers; use "
-                          "DDIMScheduler or DPMSolverMultistepScheduler")
+        raise ConfigError(
+            "EulerDiscreteScheduler does not work in this pipeline: DiTPipeline passes the "
+            "scale_model_input result back to scheduler.step, which breaks σ-space schedulers; use "
+            "DDIMScheduler or DPMSolverMultistepScheduler"
+        )
     if kind is DPM and call.get("custom_sigmas") and not config["use_flow_sigmas"]:
-        raise ConfigError("this pipeline passes its own sigmas to set_timesteps, which DPMSolverMultistepScheduler "
-                          "does not accept (diffusers raises too); use FlowMatchEulerDiscreteScheduler")
+        raise ConfigError(
+            "this pipeline passes its own sigmas to set_timesteps, which DPMSolverMultistepScheduler "
+            "does not accept (diffusers raises too); use FlowMatchEulerDiscreteScheduler"
+        )
     if kind is DPM and call.get("mu") == "always" and not config["use_dynamic_shifting"]:
-        raise ConfigError("this pipeline passes a resolution shift (mu) to set_timesteps; DPMSolverMultistepScheduler "
-                          "accepts it only with use_dynamic_shifting=True (diffusers asserts)")
+        raise ConfigError(
+            "this pipeline passes a resolution shift (mu) to set_timesteps; DPMSolverMultistepScheduler "
+            "accepts it only with use_dynamic_shifting=True (diffusers asserts)"
+        )
     return config
 
 
-_CALL = {"custom_sigmas": lambda v: v in (None, "linspace"), "mu": lambda v: v in (None, "always", "dynamic"),
-         "image_seq_len": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
-         "mu_defaults": lambda v: isinstance(v, list) and len(v) == 4 and all(
-             isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v),
-         "scales_initial_noise": lambda v: isinstance(v, bool), "one_step_x0": lambda v: isinstance(v, bool),
-         "steps_scaled_input": lambda v: isinstance(v, bool)}
+_CALL = {
+    "custom_sigmas": lambda v: v in (None, "linspace"),
+    "mu": lambda v: v in (None, "always", "dynamic"),
+    "image_seq_len": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+    "mu_defaults": lambda v: (
+        isinstance(v, list)
+        and len(v) == 4
+        and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+    ),
+    "scales_initial_noise": lambda v: isinstance(v, bool),
+    "one_step_x0": lambda v: isinstance(v, bool),
+    "steps_scaled_input": lambda v: isinstance(v, bool),
+}
 
 
 def _checked_call(call) -> dict:
@@ -150,7 +210,9 @@ def _checked_call(call) -> dict:
         raise ConfigError(f"the scheduler's pipeline call must be a JSON object, got {call!r}")
     for key, value in call.items():
         if key not in _CALL or not _CALL[key](value):
-            raise ConfigError(f"scheduler call option {key}={value!r} is not allowed; known: {', '.join(_CALL)}")
+            raise ConfigError(
+                f"scheduler call option {key}={value!r} is not allowed; known: {', '.join(_CALL)}"
+            )
     if call.get("mu") and "image_seq_len" not in call:
         raise ConfigError("scheduler call passes mu but names no image_seq_len")
     return call
@@ -168,21 +230,29 @@ def switch(config: dict, name: str, prediction: str, shift: float | None = None)
     old = SCHEDULERS[config["_class_name"]]
     if prediction == "flow":
         if kind.flow_options is None:
-            raise ConfigError(f"sampler {name!r} ({cls}) needs an epsilon/v-prediction model; this model "
-                              f"predicts flow; choose euler or a dpm++ sampler")
+            raise ConfigError(
+                f"sampler {name!r} ({cls}) needs an epsilon/v-prediction model; this model "
+                f"predicts flow; choose euler or a dpm++ sampler"
+            )
         if kind.flow_options or kind is not old:  # FlowMatch to FlowMatch carries its shift itself
             options = {**kind.flow_options, kind.shift_key: config.get(old.shift_key), **options}
     else:
         if "prediction_type" not in kind.defaults:
-            raise ConfigError(f"sampler {name!r} ({cls}) needs a flow model; this model "
-                              f"predicts {prediction}; choose ddim or a dpm++ sampler")
+            raise ConfigError(
+                f"sampler {name!r} ({cls}) needs a flow model; this model "
+                f"predicts {prediction}; choose ddim or a dpm++ sampler"
+            )
         options = {"prediction_type": prediction, **options}
     new = full_config({**given_options(config), "_class_name": cls, **options})
     if shift is not None:
         key = kind.shift_key if kind is FLOW or new.get("use_flow_sigmas") else None
         if key is None or new.get("use_dynamic_shifting"):
-            raise ConfigError(f"--shift {shift} does not apply to this sampler ({cls} without a static flow shift)")
-        if isinstance(shift, bool) or not (isinstance(shift, (int, float)) and math.isfinite(shift) and shift > 0):
+            raise ConfigError(
+                f"--shift {shift} does not apply to this sampler ({cls} without a static flow shift)"
+            )
+        if isinstance(shift, bool) or not (
+            isinstance(shift, (int, float)) and math.isfinite(shift) and shift > 0
+        ):
             raise ConfigError(f"shift {shift!r} is not allowed; use a finite number > 0")
         new = full_config({**given_options(new), "_class_name": cls, key: float(shift)})
     return new
@@ -190,13 +260,19 @@ def switch(config: dict, name: str, prediction: str, shift: float | None = None)
 
 def label(config: dict) -> str:
     """The sampler's name as A1111-style PNG metadata shows it."""
-    sigmas = (" Karras" if config.get("use_karras_sigmas") else
-              " Exponential" if config.get("use_exponential_sigmas") else "")
+    sigmas = (
+        " Karras"
+        if config.get("use_karras_sigmas")
+        else " Exponential"
+        if config.get("use_exponential_sigmas")
+        else ""
+    )
     order = {1: "1S", 2: "2M", 3: "3M"}.get(config.get("solver_order"))
     return SCHEDULERS[config["_class_name"]].label.format(order=order, sigmas=sigmas)
 
 
 # ---------------------------------------------------------------------------------------------- β schedules
+
 
 def alphas_cumprod(c: dict) -> np.ndarray:
     """ᾱ_t in float32, as diffusers' DDPM-family schedulers compute it (linear, scaled_linear, cosine, trained)."""
@@ -208,8 +284,10 @@ def alphas_cumprod(c: dict) -> np.ndarray:
     elif c["beta_schedule"] == "scaled_linear":
         betas = _linspace32(c["beta_start"] ** 0.5, c["beta_end"] ** 0.5, n) ** 2
     else:  # squaredcos_cap_v2: betas_for_alpha_bar, cosine
+
         def bar(t):
             return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
         betas = np.array([min(1 - bar((i + 1) / n) / bar(i / n), 0.999) for i in range(n)], dtype=np.float32)
     if c["rescale_betas_zero_snr"]:
         betas = _rescale_zero_terminal_snr(betas)
@@ -221,7 +299,9 @@ def _linspace32(start: float, end: float, n: int) -> np.ndarray:
     a, b = np.float32(start), np.float32(end)
     step = np.float64(np.float32((b - a) / np.float32(max(n - 1, 1))))
     i = np.arange(n)
-    return np.where(i < n // 2, step * i + np.float64(a), np.float64(b) - step * (n - 1 - i)).astype(np.float32)
+    return np.where(i < n // 2, step * i + np.float64(a), np.float64(b) - step * (n - 1 - i)).astype(
+        np.float32
+    )
 
 
 def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
@@ -246,8 +326,14 @@ def _exponential(sigma_max: float, sigma_min: float, n: int) -> np.ndarray:
 
 # --------------------------------------------------------------------------------------------- flow matching
 
-def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
-                    base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+
+def calculate_shift(
+    image_seq_len: int,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
     """The pipelines' resolution-dependent μ: linear in the number of image tokens (diffusers calculate_shift)."""
     m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
     return image_seq_len * m + base_shift - m * base_seq_len
@@ -265,7 +351,9 @@ def flow_sigmas(c: dict, steps: int, sigmas=None, mu: float | None = None) -> tu
         sigmas = np.asarray(sigmas).astype(np.float32)
     if c["use_dynamic_shifting"]:
         if mu is None:
-            raise ConfigError("use_dynamic_shifting needs mu (the pipeline's resolution shift); none was given")
+            raise ConfigError(
+                "use_dynamic_shifting needs mu (the pipeline's resolution shift); none was given"
+            )
         if c["time_shift_type"] == "exponential":
             sigmas = math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1))
         else:
@@ -292,6 +380,7 @@ def _flow_euler(c: dict, steps: int, sigmas=None, mu=None, **_) -> dict:
 
 # ------------------------------------------------------------------------------------------------------ DDIM
 
+
 def ddim_timesteps(c: dict, steps: int) -> np.ndarray:
     n = c["num_train_timesteps"]
     if c["timestep_spacing"] == "linspace":
@@ -306,13 +395,17 @@ def _ddim(c: dict, steps: int, **_) -> dict:
     ac = alphas_cumprod(c).astype(np.float64)
     final = 1.0 if c["set_alpha_to_one"] else float(ac[0])
     if steps > c["num_train_timesteps"]:
-        raise ConfigError(f"DDIMScheduler cannot take {steps} steps: more than num_train_timesteps="
-                          f"{c['num_train_timesteps']} (diffusers refuses too)")
+        raise ConfigError(
+            f"DDIMScheduler cannot take {steps} steps: more than num_train_timesteps="
+            f"{c['num_train_timesteps']} (diffusers refuses too)"
+        )
     t = ddim_timesteps(c, steps)
     if t.max() >= c["num_train_timesteps"] or t.min() < 0:
-        raise ConfigError(f"DDIMScheduler with steps_offset={c['steps_offset']} at {steps} steps reaches timestep "
-                          f"{t.max()}, outside 0..{c['num_train_timesteps'] - 1} (diffusers fails too); use fewer "
-                          "steps or a smaller steps_offset")
+        raise ConfigError(
+            f"DDIMScheduler with steps_offset={c['steps_offset']} at {steps} steps reaches timestep "
+            f"{t.max()}, outside 0..{c['num_train_timesteps'] - 1} (diffusers fails too); use fewer "
+            "steps or a smaller steps_offset"
+        )
     prev = t - c["num_train_timesteps"] // steps  # diffusers steps back by n // steps whatever the spacing
     a_t, a_prev = ac[t], np.where(prev >= 0, ac[np.maximum(prev, 0)], final)
     al, be, dir_ = np.sqrt(a_t), np.sqrt(1 - a_t), np.sqrt(1 - a_prev)
@@ -329,6 +422,7 @@ def _ddim(c: dict, steps: int, **_) -> dict:
 
 # ----------------------------------------------------------------------------------------- DPM-Solver++ (multistep)
 
+
 def dpm_sigmas(c: dict, steps: int, mu: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """DPMSolverMultistepScheduler.set_timesteps -> (sigmas incl. the final one, float32; int timesteps)."""
     n = c["num_train_timesteps"]
@@ -341,7 +435,9 @@ def dpm_sigmas(c: dict, steps: int, mu: float | None = None) -> tuple[np.ndarray
     if c["timestep_spacing"] == "linspace":
         t = np.linspace(0, last - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
     elif c["timestep_spacing"] == "leading":
-        t = (np.arange(steps + 1) * (last // (steps + 1))).round()[::-1][:-1].astype(np.int64) + c["steps_offset"]
+        t = (np.arange(steps + 1) * (last // (steps + 1))).round()[::-1][:-1].astype(np.int64) + c[
+            "steps_offset"
+        ]
     else:
         t = np.arange(last, 0, -n / steps).round().astype(np.int64) - 1
     sigmas = np.sqrt((1 - ac) / ac)
@@ -390,11 +486,16 @@ def _dpm(c: dict, steps: int, mu=None, **_) -> dict:
     for i in range(n):
         a_s, s_s, a_t, s_t = alpha[i], sigma[i], alpha[i + 1], sigma[i + 1]
         # x0 from the model output at σ_i
-        out["p"][i], out["q"][i] = {"epsilon": (1 / a_s, -s_s / a_s), "v_prediction": (a_s, -s_s),
-                                    "flow_prediction": (1.0, -sig[i]), "sample": (0.0, 1.0)}[pred]
+        out["p"][i], out["q"][i] = {
+            "epsilon": (1 / a_s, -s_s / a_s),
+            "v_prediction": (a_s, -s_s),
+            "flow_prediction": (1.0, -sig[i]),
+            "sample": (0.0, 1.0),
+        }[pred]
         last = i == n - 1
-        lower_final = last and (c["euler_at_final"] or (c["lower_order_final"] and n < 15)
-                                or c["final_sigmas_type"] == "zero")
+        lower_final = last and (
+            c["euler_at_final"] or (c["lower_order_final"] and n < 15) or c["final_sigmas_type"] == "zero"
+        )
         lower_second = i == n - 2 and c["lower_order_final"] and n < 15
         k = 1 if (order == 1 or i < 1 or lower_final) else 2 if (order == 2 or i < 2 or lower_second) else 3
         h = lam[i + 1] - lam[i]
@@ -421,6 +522,7 @@ def _dpm(c: dict, steps: int, mu=None, **_) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ Euler (σ-space, ε/v)
+
 
 def euler_sigmas(c: dict, steps: int) -> tuple[np.ndarray, np.ndarray]:
     """EulerDiscreteScheduler.set_timesteps -> (σ incl. the final one, float32; float timesteps)."""
@@ -458,18 +560,28 @@ def _euler(c: dict, steps: int, scales_initial_noise: bool = False, **_) -> dict
     c_in = 1 / np.sqrt(s**2 + 1)
     pred = c["prediction_type"]
     p, q = {"epsilon": (1 / c_in[:-1], -s[:-1]), "v_prediction": (c_in[:-1], -s[:-1] * c_in[:-1])}.get(
-        pred, (np.zeros(steps), np.ones(steps)))  # sample / original_sample: x0 = g
+        pred, (np.zeros(steps), np.ones(steps))
+    )  # sample / original_sample: x0 = g
     ratio = s[1:] / s[:-1]
     init_sigma = s.max() if c["timestep_spacing"] in ("linspace", "trailing") else math.sqrt(s.max() ** 2 + 1)
-    return {"t": t, "p": p, "q": q, "a": c_in[1:] * ratio / c_in[:-1], "b": c_in[1:] * (1 - ratio),
-            "init": (init_sigma if scales_initial_noise else 1.0) * c_in[0], "final": 1 / c_in[-1]}
+    return {
+        "t": t,
+        "p": p,
+        "q": q,
+        "a": c_in[1:] * ratio / c_in[:-1],
+        "b": c_in[1:] * (1 - ratio),
+        "init": (init_sigma if scales_initial_noise else 1.0) * c_in[0],
+        "final": 1 / c_in[-1],
+    }
 
 
 # ----------------------------------------------------------------------------------------------- the registry
 
+
 @dataclass(frozen=True, eq=False)  # one value per class: compared and hashed by identity
 class SchedulerKind:
     """One supported diffusers scheduler class: what this module knows about it."""
+
     cls: str  # the diffusers class name, a config's "_class_name"
     defaults: dict  # constructor defaults (diffusers 0.3x), so a partial config means what it means there
     allowed: dict  # option -> the values reproduced, others refused (_WHY); unlisted options: any value
@@ -480,52 +592,144 @@ class SchedulerKind:
     gives_x0: bool = False  # its step returns pred_original_sample (PixArt-α's one-step result)
 
 
-_BETAS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
-          "trained_betas": None, "rescale_betas_zero_snr": False}
+_BETAS = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "trained_betas": None,
+    "rescale_betas_zero_snr": False,
+}
 _BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 _SPACINGS = ("leading", "trailing", "linspace")
 FLOW = SchedulerKind(
-    "FlowMatchEulerDiscreteScheduler", plan=_flow_euler, label="Euler", flow_options={}, shift_key="shift",
-    defaults={"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False, "base_shift": 0.5,
-              "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096, "invert_sigmas": False,
-              "shift_terminal": None, "use_karras_sigmas": False, "use_exponential_sigmas": False,
-              "use_beta_sigmas": False, "time_shift_type": "exponential", "stochastic_sampling": False},
-    allowed={"invert_sigmas": (False,), "use_beta_sigmas": (False,), "stochastic_sampling": (False,),
-             "time_shift_type": ("exponential", "linear")})
+    "FlowMatchEulerDiscreteScheduler",
+    plan=_flow_euler,
+    label="Euler",
+    flow_options={},
+    shift_key="shift",
+    defaults={
+        "num_train_timesteps": 1000,
+        "shift": 1.0,
+        "use_dynamic_shifting": False,
+        "base_shift": 0.5,
+        "max_shift": 1.15,
+        "base_image_seq_len": 256,
+        "max_image_seq_len": 4096,
+        "invert_sigmas": False,
+        "shift_terminal": None,
+        "use_karras_sigmas": False,
+        "use_exponential_sigmas": False,
+        "use_beta_sigmas": False,
+        "time_shift_type": "exponential",
+        "stochastic_sampling": False,
+    },
+    allowed={
+        "invert_sigmas": (False,),
+        "use_beta_sigmas": (False,),
+        "stochastic_sampling": (False,),
+        "time_shift_type": ("exponential", "linear"),
+    },
+)
 DDIM = SchedulerKind(
-    "DDIMScheduler", plan=_ddim, label="DDIM", gives_x0=True,
-    defaults={**_BETAS, "clip_sample": True, "set_alpha_to_one": True, "steps_offset": 0,
-              "prediction_type": "epsilon", "thresholding": False, "dynamic_thresholding_ratio": 0.995,
-              "clip_sample_range": 1.0, "sample_max_value": 1.0, "timestep_spacing": "leading"},
-    allowed={"thresholding": (False,), "prediction_type": ("epsilon", "v_prediction", "sample"),
-             "timestep_spacing": _SPACINGS, "beta_schedule": _BETA_SCHEDULES})
+    "DDIMScheduler",
+    plan=_ddim,
+    label="DDIM",
+    gives_x0=True,
+    defaults={
+        **_BETAS,
+        "clip_sample": True,
+        "set_alpha_to_one": True,
+        "steps_offset": 0,
+        "prediction_type": "epsilon",
+        "thresholding": False,
+        "dynamic_thresholding_ratio": 0.995,
+        "clip_sample_range": 1.0,
+        "sample_max_value": 1.0,
+        "timestep_spacing": "leading",
+    },
+    allowed={
+        "thresholding": (False,),
+        "prediction_type": ("epsilon", "v_prediction", "sample"),
+        "timestep_spacing": _SPACINGS,
+        "beta_schedule": _BETA_SCHEDULES,
+    },
+)
 DPM = SchedulerKind(
-    "DPMSolverMultistepScheduler", plan=_dpm, label="DPM++ {order}{sigmas}", shift_key="flow_shift",
+    "DPMSolverMultistepScheduler",
+    plan=_dpm,
+    label="DPM++ {order}{sigmas}",
+    shift_key="flow_shift",
     flow_options={"prediction_type": "flow_prediction", "use_flow_sigmas": True},
-    defaults={**_BETAS, "solver_order": 2, "prediction_type": "epsilon", "thresholding": False,
-              "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0, "algorithm_type": "dpmsolver++",
-              "solver_type": "midpoint", "lower_order_final": True, "euler_at_final": False,
-              "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
-              "use_lu_lambdas": False, "use_flow_sigmas": False, "flow_shift": 1.0,
-              "final_sigmas_type": "zero", "lambda_min_clipped": -math.inf, "variance_type": None,
-              "timestep_spacing": "linspace", "steps_offset": 0, "use_dynamic_shifting": False,
-              "time_shift_type": "exponential"},
-    allowed={"thresholding": (False,), "algorithm_type": ("dpmsolver++",),
-             "solver_type": ("midpoint", "heun"), "solver_order": (1, 2, 3), "use_beta_sigmas": (False,),
-             "use_lu_lambdas": (False,), "variance_type": (None,), "final_sigmas_type": ("zero", "sigma_min"),
-             "prediction_type": ("epsilon", "v_prediction", "sample", "flow_prediction"),
-             "timestep_spacing": _SPACINGS, "time_shift_type": ("exponential",),
-             "beta_schedule": _BETA_SCHEDULES})
+    defaults={
+        **_BETAS,
+        "solver_order": 2,
+        "prediction_type": "epsilon",
+        "thresholding": False,
+        "dynamic_thresholding_ratio": 0.995,
+        "sample_max_value": 1.0,
+        "algorithm_type": "dpmsolver++",
+        "solver_type": "midpoint",
+        "lower_order_final": True,
+        "euler_at_final": False,
+        "use_karras_sigmas": False,
+        "use_exponential_sigmas": False,
+        "use_beta_sigmas": False,
+        "use_lu_lambdas": False,
+        "use_flow_sigmas": False,
+        "flow_shift": 1.0,
+        "final_sigmas_type": "zero",
+        "lambda_min_clipped": -math.inf,
+        "variance_type": None,
+        "timestep_spacing": "linspace",
+        "steps_offset": 0,
+        "use_dynamic_shifting": False,
+        "time_shift_type": "exponential",
+    },
+    allowed={
+        "thresholding": (False,),
+        "algorithm_type": ("dpmsolver++",),
+        "solver_type": ("midpoint", "heun"),
+        "solver_order": (1, 2, 3),
+        "use_beta_sigmas": (False,),
+        "use_lu_lambdas": (False,),
+        "variance_type": (None,),
+        "final_sigmas_type": ("zero", "sigma_min"),
+        "prediction_type": ("epsilon", "v_prediction", "sample", "flow_prediction"),
+        "timestep_spacing": _SPACINGS,
+        "time_shift_type": ("exponential",),
+        "beta_schedule": _BETA_SCHEDULES,
+    },
+)
 EULER = SchedulerKind(
-    "EulerDiscreteScheduler", plan=_euler, label="Euler{sigmas}", gives_x0=True,
-    defaults={**_BETAS, "prediction_type": "epsilon", "interpolation_type": "linear",
-              "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
-              "sigma_min": None, "sigma_max": None, "timestep_spacing": "linspace",
-              "timestep_type": "discrete", "steps_offset": 0, "final_sigmas_type": "zero"},
-    allowed={"prediction_type": ("epsilon", "v_prediction", "sample", "original_sample"),
-             "interpolation_type": ("linear",), "use_beta_sigmas": (False,), "timestep_type": ("discrete",),
-             "timestep_spacing": _SPACINGS, "final_sigmas_type": ("zero", "sigma_min"),
-             "beta_schedule": _BETA_SCHEDULES})
+    "EulerDiscreteScheduler",
+    plan=_euler,
+    label="Euler{sigmas}",
+    gives_x0=True,
+    defaults={
+        **_BETAS,
+        "prediction_type": "epsilon",
+        "interpolation_type": "linear",
+        "use_karras_sigmas": False,
+        "use_exponential_sigmas": False,
+        "use_beta_sigmas": False,
+        "sigma_min": None,
+        "sigma_max": None,
+        "timestep_spacing": "linspace",
+        "timestep_type": "discrete",
+        "steps_offset": 0,
+        "final_sigmas_type": "zero",
+    },
+    allowed={
+        "prediction_type": ("epsilon", "v_prediction", "sample", "original_sample"),
+        "interpolation_type": ("linear",),
+        "use_beta_sigmas": (False,),
+        "timestep_type": ("discrete",),
+        "timestep_spacing": _SPACINGS,
+        "final_sigmas_type": ("zero", "sigma_min"),
+        "beta_schedule": _BETA_SCHEDULES,
+    },
+)
 SCHEDULERS = {kind.cls: kind for kind in (FLOW, DDIM, DPM, EULER)}
 
 # --sampler names: (class, options), applied as diffusers' `X.from_config(current_config, **options)`.
@@ -544,6 +748,7 @@ SAMPLERS = {
 
 # --------------------------------------------------------------------------------------------------- the plan
 
+
 def timestep_args(config: dict, call: dict, steps: int) -> dict:
     """What the diffusers pipeline passes to set_timesteps besides the step count: custom sigmas and/or μ.
 
@@ -557,9 +762,13 @@ def timestep_args(config: dict, call: dict, steps: int) -> dict:
         kw["sigmas"] = np.linspace(1.0, 1 / steps, steps)
     if call.get("mu") == "always" or (call.get("mu") == "dynamic" and config.get("use_dynamic_shifting")):
         base_len, max_len, base, top = call.get("mu_defaults", (256, 4096, 0.5, 1.15))
-        kw["mu"] = calculate_shift(call["image_seq_len"], config.get("base_image_seq_len", base_len),
-                                   config.get("max_image_seq_len", max_len), config.get("base_shift", base),
-                                   config.get("max_shift", top))
+        kw["mu"] = calculate_shift(
+            call["image_seq_len"],
+            config.get("base_image_seq_len", base_len),
+            config.get("max_image_seq_len", max_len),
+            config.get("base_shift", base),
+            config.get("max_shift", top),
+        )
     return kw
 
 
@@ -573,19 +782,29 @@ def make_plan(config: dict, steps: int, call: dict | None = None) -> dict[str, n
         with np.errstate(all="ignore"):
             raw = kind.plan(config, steps, **timestep_args(config, call or {}, steps))
     except (ArithmeticError, IndexError) as e:  # e.g. base_image_seq_len == max_image_seq_len, exp overflow
-        raise ConfigError(f"{config['_class_name']} gives an undefined schedule at {steps} step(s) "
-                          f"({type(e).__name__}: {e}); check the scheduler's options") from None
+        raise ConfigError(
+            f"{config['_class_name']} gives an undefined schedule at {steps} step(s) "
+            f"({type(e).__name__}: {e}); check the scheduler's options"
+        ) from None
     n = len(raw["t"])
     plan = {k: np.asarray(raw.get(k, np.zeros(n)), dtype=np.float64) for k in STEP_SCALARS if k != "clip"}
     plan["clip"] = np.asarray(raw.get("clip", np.full(n, math.inf)), dtype=np.float64)
     if not all(np.isfinite(v).all() for k, v in plan.items() if k != "clip"):
-        raise ConfigError(f"{config['_class_name']} gives an undefined (non-finite) schedule at {steps} step(s), as in "
-                          "diffusers; check the step count and the scheduler's options (shift, sigmas)")
+        raise ConfigError(
+            f"{config['_class_name']} gives an undefined (non-finite) schedule at {steps} step(s), as in "
+            "diffusers; check the step count and the scheduler's options (shift, sigmas)"
+        )
     plan = {k: v.astype(np.float32) for k, v in plan.items()}
     # PixArtAlphaPipeline returns the step's pred_original_sample when it takes a single step
     from_x0 = bool((call or {}).get("one_step_x0")) and n == 1
     if from_x0 and not kind.gives_x0:
-        raise ConfigError(f"this pipeline cannot take 1 step with {config['_class_name']} (diffusers fails: the step "
-                          "returns no pred_original_sample); use 2 or more steps")
-    return {**plan, "init": np.float32(raw.get("init", 1.0)), "final": np.float32(raw.get("final", 1.0)),
-            "final_from_x0": from_x0}
+        raise ConfigError(
+            f"this pipeline cannot take 1 step with {config['_class_name']} (diffusers fails: the step "
+            "returns no pred_original_sample); use 2 or more steps"
+        )
+    return {
+        **plan,
+        "init": np.float32(raw.get("init", 1.0)),
+        "final": np.float32(raw.get("final", 1.0)),
+        "final_from_x0": from_x0,
+    }

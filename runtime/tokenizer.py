@@ -22,6 +22,7 @@ SIDES = ("right", "left")
 @dataclass(frozen=True)
 class TokenizerConfig:
     """One text encoder's tokenization, carried by the manifest."""
+
     max_length: int  # tokens per prompt, special tokens included (CLIP 77; T5 120/256/300/512; Gemma 300)
     pad_id: int  # CLIP-L <|endoftext|>, CLIP-G "!", T5 and Gemma <pad>
     padding_side: str = "right"  # Sana sets "right" on Gemma's tokenizer (whose own default is "left")
@@ -53,13 +54,16 @@ def check_text(name: str, text) -> str:
     bytes that are not UTF-8) would make the tokenizers library raise a bare TypeError."""
     if not isinstance(text, str):
         hint = "; decode bytes first" if isinstance(text, (bytes, bytearray)) else ""
-        raise InputError(f"{name} {text!r:.60} is not allowed: it must be a string (str), not "
-                         f"{type(text).__name__}{hint}")
+        raise InputError(
+            f"{name} {text!r:.60} is not allowed: it must be a string (str), not {type(text).__name__}{hint}"
+        )
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:  # the text is left out of the message: it may not be printable
-        raise InputError(f"{name} holds characters that are not valid Unicode (lone surrogate at index {e.start}, "
-                         "e.g. from bytes that are not UTF-8); give UTF-8 text") from None
+        raise InputError(
+            f"{name} holds characters that are not valid Unicode (lone surrogate at index {e.start}, "
+            "e.g. from bytes that are not UTF-8); give UTF-8 text"
+        ) from None
     return text
 
 
@@ -71,13 +75,16 @@ class TextTokenizer:
         try:
             tok = Tokenizer.from_file(str(path))
         except Exception as e:  # the Rust parser raises its own exception type
-            raise ManifestError(f"tokenizer file {str(path)!r} cannot be read ({e}); re-export the engine folder") \
-                from None
+            raise ManifestError(
+                f"tokenizer file {str(path)!r} cannot be read ({e}); re-export the engine folder"
+            ) from None
         tok.no_padding()  # a tokenizer.json may carry its own settings; ours come from config, per call
         tok.no_truncation()
         vocab = tok.get_vocab_size(with_added_tokens=True)
         if config.pad_id >= vocab:
-            raise ConfigError(f"tokenizer pad_id {config.pad_id} is outside {str(path)!r}'s vocabulary of {vocab}")
+            raise ConfigError(
+                f"tokenizer pad_id {config.pad_id} is outside {str(path)!r}'s vocabulary of {vocab}"
+            )
         self.config, self._tok = config, tok
         self._pad_token = tok.id_to_token(config.pad_id)
         self._specials = tok.num_special_tokens_to_add(is_pair=False)  # e.g. CLIP: BOS + EOS; T5: EOS
@@ -93,9 +100,12 @@ class TextTokenizer:
         limit = self.config.max_length if max_length is None else max_length
         self._check_length(limit)
         encoded = [self._encode(p, limit) for p in prompts]
-        return Tokens(np.array([e.ids for e, _ in encoded], dtype=np.int64),
-                      np.array([e.attention_mask for e, _ in encoded], dtype=np.int64),
-                      tuple(n for _, n in encoded), limit)
+        return Tokens(
+            np.array([e.ids for e, _ in encoded], dtype=np.int64),
+            np.array([e.attention_mask for e, _ in encoded], dtype=np.int64),
+            tuple(n for _, n in encoded),
+            limit,
+        )
 
     def _encode(self, prompt: str, limit: int) -> tuple[Encoding, int]:
         # What tokenizers does inside encode() when truncation and padding are enabled: truncate the text's
@@ -106,14 +116,21 @@ class TextTokenizer:
             if n > limit:
                 enc.truncate(limit - self._specials)
             enc = self._tok.post_process(enc, add_special_tokens=True)
-        except Exception as e:  # the Rust library raises its own exception type (e.g. a vocabulary without [UNK])
+        except (
+            Exception
+        ) as e:  # the Rust library raises its own exception type (e.g. a vocabulary without [UNK])
             message = " ".join(str(e).split())[:200]
-            raise ManifestError(f"the engine folder's tokenizer cannot encode the prompt ({message}); re-export the "
-                                "folder") from None
-        enc.pad(limit, direction=self.config.padding_side, pad_id=self.config.pad_id, pad_token=self._pad_token)
+            raise ManifestError(
+                f"the engine folder's tokenizer cannot encode the prompt ({message}); re-export the folder"
+            ) from None
+        enc.pad(
+            limit, direction=self.config.padding_side, pad_id=self.config.pad_id, pad_token=self._pad_token
+        )
         return enc, n
 
     def _check_length(self, limit: int) -> None:
         if not isinstance(limit, int) or limit <= self._specials:
-            raise ConfigError(f"tokenizer max_length {limit!r} leaves no room for text: it must be an integer "
-                              f"above {self._specials}, the special tokens this tokenizer adds; use a larger one")
+            raise ConfigError(
+                f"tokenizer max_length {limit!r} leaves no room for text: it must be an integer "
+                f"above {self._specials}, the special tokens this tokenizer adds; use a larger one"
+            )

@@ -52,8 +52,12 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_addoption(parser):
-    parser.addoption("--fuzz-seconds", type=float, default=30.0,
-                     help="Wall-clock budget of the fuzz tests in tests/test_fuzz.py, shared among them (CI: 30).")
+    parser.addoption(
+        "--fuzz-seconds",
+        type=float,
+        default=30.0,
+        help="Wall-clock budget of the fuzz tests in tests/test_fuzz.py, shared among them (CI: 30).",
+    )
 
 
 @pytest.fixture(scope="session")
@@ -84,8 +88,9 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run a console script the way a user does, in a subprocess."""
     scripts = Path(sys.executable).parent
     env = dict(os.environ, COLUMNS="120")
-    return subprocess.run([str(scripts / args[0]), *args[1:]], cwd=cwd, capture_output=True, text=True, env=env,
-                          timeout=600)
+    return subprocess.run(
+        [str(scripts / args[0]), *args[1:]], cwd=cwd, capture_output=True, text=True, env=env, timeout=600
+    )
 
 
 def run_cli_here(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -115,4 +120,3 @@ def one_line_error(r, *fragments):
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     for f in fragments:
         assert f in lines[0], lines[0]
-

@@ -20,7 +20,8 @@ import ditrt.runtime as rt
 from ditrt.runtime.cli import main
 r = rt.Pipeline.load({str(digits_engine)!r})(class_label=1, seed=0, steps=2)
 assert r.images[0].shape == (16, 16)
-bad = sorted(m for m, mod in sys.modules.items() if mod is not None and m.startswith(("ditrt.export", "torch", "safetensors", "transformers")))
+heavy = ("ditrt.export", "torch", "safetensors", "transformers")
+bad = sorted(m for m, mod in sys.modules.items() if mod is not None and m.startswith(heavy))
 assert not bad, bad
 print("ok")
 """
@@ -56,7 +57,9 @@ def test_runtime_sources_never_import_export():
                 assert "export" not in node.module.split("."), f"{path} imports {node.module}"
             if isinstance(node, ast.Import):
                 for alias in node.names:
-                    assert not alias.name.startswith(("torch", "ditrt.export")), f"{path} imports {alias.name}"
+                    assert not alias.name.startswith(("torch", "ditrt.export")), (
+                        f"{path} imports {alias.name}"
+                    )
 
 
 # Size budgets, counted in code tokens (names, operators, literals; a docstring is one token, comments and layout
@@ -64,14 +67,26 @@ def test_runtime_sources_never_import_export():
 # diff. A family file holds everything about its family (config, module, checkpoint, descriptor): ~2000 tokens
 # is about 200 plainly written lines.
 FAMILY_FILES = ("dit", "pixart", "sana", "mmdit", "flux", "vae_kl", "dc_ae")
-FILE_BUDGET = {**{f"export/models/{name}.py": 2300 for name in FAMILY_FILES}, "export/models/layers.py": 3600,
-               "export/models/blocks.py": 1000}
+FILE_BUDGET = {
+    **{f"export/models/{name}.py": 2300 for name in FAMILY_FILES},
+    "export/models/layers.py": 3600,
+    "export/models/blocks.py": 1000,
+}
 FORWARD_BUDGET = 500  # a forward reads top to bottom like the paper
 FUNCTION_BUDGET = 700
-RUNTIME_BUDGET = 20500  # the torch-free runtime: manifest contract, schedulers, tokenizer, backends, pipeline, CLI
+RUNTIME_BUDGET = (
+    20500  # the torch-free runtime: manifest contract, schedulers, tokenizer, backends, pipeline, CLI
+)
 CLI_ENTRY_POINTS = {("export/cli.py", "main"), ("runtime/cli.py", "main")}
-LAYOUT = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENCODING,
-          tokenize.ENDMARKER}
+LAYOUT = {
+    tokenize.COMMENT,
+    tokenize.NL,
+    tokenize.NEWLINE,
+    tokenize.INDENT,
+    tokenize.DEDENT,
+    tokenize.ENCODING,
+    tokenize.ENDMARKER,
+}
 
 
 def code_tokens(source: str) -> list[tokenize.TokenInfo]:
@@ -113,8 +128,9 @@ def test_function_budgets():
 
 
 def test_console_scripts_point_at_callables():
-    import tomllib
     from importlib import import_module
+
+    import tomllib
 
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert set(scripts) == {"dit-export", "dit-run"}

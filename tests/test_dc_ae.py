@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from tiny_components import dc_ae_config, randomize
 
 from ditrt.export.loaders.diffusers import load_component
 from ditrt.export.models import dc_ae
 from ditrt.runtime.errors import ConfigError
-from tiny_components import dc_ae_config, randomize
 
 # fp32 throughout, same op order as diffusers except RMSNorm's channel mean (reduced over dim 1 instead of a moved
 # last dim) and, on grids of <= attention_head_dim positions, the linear instead of diffusers' quadratic form of the
@@ -15,7 +15,9 @@ RTOL_OF_SCALE = 1e-4
 
 
 @pytest.mark.parametrize("upsample", ["interpolate", "pixel_shuffle"])
-@pytest.mark.parametrize("hw", [(6, 5), (2, 2)])  # 30 positions: diffusers' linear path; 4 (<= head dim): quadratic
+@pytest.mark.parametrize(
+    "hw", [(6, 5), (2, 2)]
+)  # 30 positions: diffusers' linear path; 4 (<= head dim): quadratic
 def test_dc_ae_decoder_matches_diffusers(tmp_path, upsample, hw):
     from diffusers import AutoencoderDC
 
@@ -33,14 +35,25 @@ def test_dc_ae_decoder_matches_diffusers(tmp_path, upsample, hw):
 
 def test_dc_ae_defaults_are_the_sana_release():
     cfg = dc_ae.DCAEConfig()
-    assert cfg.decoder_block_types[2:4] == ("ResBlock", "EfficientViTBlock") and cfg.upsample_block_type == "interpolate"
+    assert (
+        cfg.decoder_block_types[2:4] == ("ResBlock", "EfficientViTBlock")
+        and cfg.upsample_block_type == "interpolate"
+    )
     n_params = sum(p.numel() for p in dc_ae.DCAEDecoder(cfg).parameters())
     assert 150e6 < n_params < 170e6  # the released decoder holds about 159 M parameters
 
 
-@pytest.mark.parametrize("key,value", [("decoder_norm_types", "batch_norm"), ("decoder_act_fns", "relu6"),
-                                       ("upsample_block_type", "bicubic"), ("decoder_block_types", "ResnetBlock"),
-                                       ("decoder_layers_per_block", (0, 1, 1)), ("decoder_conv_act_fn", "tanh")])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("decoder_norm_types", "batch_norm"),
+        ("decoder_act_fns", "relu6"),
+        ("upsample_block_type", "bicubic"),
+        ("decoder_block_types", "ResnetBlock"),
+        ("decoder_layers_per_block", (0, 1, 1)),
+        ("decoder_conv_act_fn", "tanh"),
+    ],
+)
 def test_dc_ae_refuses_unsupported_config(key, value):
     d = dict(dc_ae_config("interpolate"), **{key: value})
     with pytest.raises(ConfigError, match=f"{key}.*{value if isinstance(value, str) else 0}"):

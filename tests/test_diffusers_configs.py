@@ -11,10 +11,10 @@ hence a bound relative to the output's magnitude. Each case also checks that the
 """
 
 import pytest
-import torch
-
 import tiny_components as tc
+import torch
 from tiny_components import randomize
+
 from ditrt.export.loaders.diffusers import load_component
 from ditrt.runtime.errors import LoaderError
 
@@ -65,7 +65,9 @@ def rand(*shape, g):
 DIT_CASES = {  # name: (config, latent side, class count for labels incl. the null class)
     "model-test": tc.DIT_MODEL,  # tests/models/transformers/test_models_dit_transformer2d.py
     "pipeline-dummy": tc.DIT_PIPE,  # tests/pipelines/dit/test_dit.py (2 layers, embedders tied below)
-    "odd": dict(tc.DIT_MODEL, num_attention_heads=3, in_channels=3, out_channels=6, sample_size=10, num_layers=2),
+    "odd": dict(
+        tc.DIT_MODEL, num_attention_heads=3, in_channels=3, out_channels=6, sample_size=10, num_layers=2
+    ),
 }  # odd: 3 heads, 3 channels, a 5×5 token grid (diffusers' DiT unpatchify is square-only)
 
 
@@ -94,8 +96,11 @@ def test_dit_distinct_block_embedders_are_refused(tmp_path):
 
     torch.manual_seed(0)
     DiTTransformer2DModel(**tc.DIT_PIPE).save_pretrained(tmp_path)
-    with pytest.raises(LoaderError, match=r"transformer_blocks\.1\.norm1\.emb.* differs from .*transformer_blocks\.0"
-                                          r"\.norm1\.emb.*must be identical"):
+    with pytest.raises(
+        LoaderError,
+        match=r"transformer_blocks\.1\.norm1\.emb.* differs from .*transformer_blocks\.0"
+        r"\.norm1\.emb.*must be identical",
+    ):
         load_component(tmp_path)
 
 
@@ -105,12 +110,43 @@ PIXART_CASES = {  # name: (config, latent (H, W), text length, with a padding ma
     # (caption_channels=None: no projection, the cross-attention reads the text states as they are)
     "model-test": (tc.PIXART_MODEL, (8, 8), 8, False),
     "model-test-same-width": (dict(tc.PIXART_MODEL, cross_attention_dim=4), (8, 8), 8, True),
-    "pipeline-dummy": (tc.PIXART_PIPE, (8, 8), 8, True),  # tests/pipelines/pixart_{alpha,sigma}/test_pixart.py
-    "pipeline-dummy-non-square": (tc.PIXART_PIPE, (32, 48), 8, True),  # their test_inference_non_square_images
-    "odd": (dict(tc.PIXART_PIPE, num_attention_heads=3, attention_head_dim=4, cross_attention_dim=12,
-                 caption_channels=10), (6, 10), 7, True),  # 3 heads, 3×5 grid, 7 text tokens
-    "odd-micro-conditions": (dict(tc.PIXART_PIPE, num_attention_heads=3, attention_head_dim=4, cross_attention_dim=12,
-                                  caption_channels=10, use_additional_conditions=True), (6, 10), 7, True),
+    "pipeline-dummy": (
+        tc.PIXART_PIPE,
+        (8, 8),
+        8,
+        True,
+    ),  # tests/pipelines/pixart_{alpha,sigma}/test_pixart.py
+    "pipeline-dummy-non-square": (
+        tc.PIXART_PIPE,
+        (32, 48),
+        8,
+        True,
+    ),  # their test_inference_non_square_images
+    "odd": (
+        dict(
+            tc.PIXART_PIPE,
+            num_attention_heads=3,
+            attention_head_dim=4,
+            cross_attention_dim=12,
+            caption_channels=10,
+        ),
+        (6, 10),
+        7,
+        True,
+    ),  # 3 heads, 3×5 grid, 7 text tokens
+    "odd-micro-conditions": (
+        dict(
+            tc.PIXART_PIPE,
+            num_attention_heads=3,
+            attention_head_dim=4,
+            cross_attention_dim=12,
+            caption_channels=10,
+            use_additional_conditions=True,
+        ),
+        (6, 10),
+        7,
+        True,
+    ),
 }
 
 
@@ -126,28 +162,75 @@ def test_pixart(tmp_path, case, weights):
     y = rand(4, T, cfg["caption_channels"] or cfg["cross_attention_dim"], g=g)
     mask = torch.ones(4, T, dtype=torch.long)
     if masked:
-        mask[0, T // 2:] = 0
+        mask[0, T // 2 :] = 0
         mask[1, 1:] = 0
-    micro = {"resolution": torch.tensor([[H * 8.0, W * 8.0]] * 4), "aspect_ratio": torch.tensor([[H / W]] * 4)} \
-        if cfg.get("use_additional_conditions") else {"resolution": None, "aspect_ratio": None}
+    micro = (
+        {"resolution": torch.tensor([[H * 8.0, W * 8.0]] * 4), "aspect_ratio": torch.tensor([[H / W]] * 4)}
+        if cfg.get("use_additional_conditions")
+        else {"resolution": None, "aspect_ratio": None}
+    )
     with torch.no_grad():
-        want = ref(x, encoder_hidden_states=y, timestep=t, encoder_attention_mask=mask if masked else None,
-                   added_cond_kwargs=micro).sample
-        got = ours(x, t.float(), y, mask if masked else None, **{k: v for k, v in micro.items() if v is not None})
+        want = ref(
+            x,
+            encoder_hidden_states=y,
+            timestep=t,
+            encoder_attention_mask=mask if masked else None,
+            added_cond_kwargs=micro,
+        ).sample
+        got = ours(
+            x, t.float(), y, mask if masked else None, **{k: v for k, v in micro.items() if v is not None}
+        )
         bound = check(got, want, f"PixArt {H}x{W}")
-        moves(ours(x, t.float(), y.flip(0), mask if masked else None,
-                   **{k: v for k, v in micro.items() if v is not None}), got, bound, "the text", weights)
+        moves(
+            ours(
+                x,
+                t.float(),
+                y.flip(0),
+                mask if masked else None,
+                **{k: v for k, v in micro.items() if v is not None},
+            ),
+            got,
+            bound,
+            "the text",
+            weights,
+        )
 
 
 # ---------------------------------------------------------------- Sana
 SANA_CASES = {  # name: (config, latent (H, W), text length, masked)
-    "model-test": (tc.SANA_MODEL, (32, 32), 8, False),  # test_models_transformer_sana.py (= the pipeline dummy's)
+    "model-test": (
+        tc.SANA_MODEL,
+        (32, 32),
+        8,
+        False,
+    ),  # test_models_transformer_sana.py (= the pipeline dummy's)
     "model-test-masked": (tc.SANA_MODEL, (32, 32), 8, True),
-    "odd": (dict(tc.SANA_MODEL, num_attention_heads=3, num_cross_attention_heads=3, cross_attention_dim=12,
-                 caption_channels=10), (5, 9), 7, True),  # 3 heads, 5×9 grid, 7 text tokens
-    "odd-patch-2-sincos": (dict(tc.SANA_MODEL, num_attention_heads=3, num_cross_attention_heads=3,
-                                cross_attention_dim=12, caption_channels=10, patch_size=2, interpolation_scale=1.0),
-                           (6, 10), 7, True),  # 3×5 grid with the optional sin-cos position table
+    "odd": (
+        dict(
+            tc.SANA_MODEL,
+            num_attention_heads=3,
+            num_cross_attention_heads=3,
+            cross_attention_dim=12,
+            caption_channels=10,
+        ),
+        (5, 9),
+        7,
+        True,
+    ),  # 3 heads, 5×9 grid, 7 text tokens
+    "odd-patch-2-sincos": (
+        dict(
+            tc.SANA_MODEL,
+            num_attention_heads=3,
+            num_cross_attention_heads=3,
+            cross_attention_dim=12,
+            caption_channels=10,
+            patch_size=2,
+            interpolation_scale=1.0,
+        ),
+        (6, 10),
+        7,
+        True,
+    ),  # 3×5 grid with the optional sin-cos position table
 }
 
 
@@ -162,7 +245,7 @@ def test_sana(tmp_path, case, weights):
     t = torch.tensor([999, 136])  # SanaPipeline feeds the flow timestep σ·1000
     y = rand(2, T, cfg["caption_channels"], g=g)
     mask = torch.ones(2, T, dtype=torch.long)
-    mask[0, T // 2:] = 0
+    mask[0, T // 2 :] = 0
     mask = mask if masked else None
     with torch.no_grad():
         want = ref(x, encoder_hidden_states=y, timestep=t, encoder_attention_mask=mask).sample
@@ -174,10 +257,22 @@ def test_sana(tmp_path, case, weights):
 # ---------------------------------------------------------------- SD3 / SD3.5
 ODD_MMDIT = dict(num_attention_heads=3, caption_projection_dim=24, num_layers=2)
 SD3_CASES = {  # name: (config, latent (H, W), text length)
-    "sd3-model-test": (tc.SD3_MODEL, (32, 32), 154),  # test_models_transformer_sd3.py SD3TransformerTesterConfig
-    "sd35-model-test": (tc.SD35_MODEL, (32, 32), 154),  # SD35TransformerTesterConfig: dual attention, RMS qk norm
+    "sd3-model-test": (
+        tc.SD3_MODEL,
+        (32, 32),
+        154,
+    ),  # test_models_transformer_sd3.py SD3TransformerTesterConfig
+    "sd35-model-test": (
+        tc.SD35_MODEL,
+        (32, 32),
+        154,
+    ),  # SD35TransformerTesterConfig: dual attention, RMS qk norm
     "sd3-pipeline-dummy": (tc.SD3_PIPE, (32, 32), 154),  # test_pipeline_stable_diffusion_3.py
-    "sd3-odd": (dict(tc.SD3_MODEL, **ODD_MMDIT), (5, 9), 7),  # 3 heads, a 5×9 crop of the 96×96 table, 7 tokens
+    "sd3-odd": (
+        dict(tc.SD3_MODEL, **ODD_MMDIT),
+        (5, 9),
+        7,
+    ),  # 3 heads, a 5×9 crop of the 96×96 table, 7 tokens
     "sd35-odd": (dict(tc.SD35_MODEL, **ODD_MMDIT), (5, 9), 7),
     "sd35-odd-patch-2": (dict(tc.SD35_MODEL, **ODD_MMDIT, patch_size=2), (6, 10), 7),  # a 3×5 token grid
 }
@@ -203,10 +298,18 @@ def test_sd3(tmp_path, case, weights):
 
 # ---------------------------------------------------------------- Flux
 FLUX_CASES = {  # name: (config, packed latent grid (h, w) or None for diffusers' random ids, text length)
-    "model-test": (tc.FLUX_MODEL, None, 48),  # test_models_transformer_flux.py (= the pipeline dummy's): random ids
+    "model-test": (
+        tc.FLUX_MODEL,
+        None,
+        48,
+    ),  # test_models_transformer_flux.py (= the pipeline dummy's): random ids
     "model-test-guidance": (dict(tc.FLUX_MODEL, guidance_embeds=True), None, 48),
     "odd": (dict(tc.FLUX_MODEL, num_attention_heads=3), (3, 5), 7),  # 3 heads, 3×5 packed grid, 7 text tokens
-    "odd-guidance": (dict(tc.FLUX_MODEL, num_attention_heads=3, guidance_embeds=True, num_single_layers=2), (3, 5), 7),
+    "odd-guidance": (
+        dict(tc.FLUX_MODEL, num_attention_heads=3, guidance_embeds=True, num_single_layers=2),
+        (3, 5),
+        7,
+    ),
 }
 
 
@@ -222,18 +325,40 @@ def test_flux(tmp_path, case, weights):
     n = 16 if grid is None else grid[0] * grid[1]
     img_ids = rand(n, 3, g=g) if grid is None else latent_image_ids(2 * grid[0], 2 * grid[1])
     txt_ids = rand(T, 3, g=g) if grid is None else torch.zeros(T, 3)
-    feeds = dict(hidden_states=rand(2, n, cfg["in_channels"], g=g), timestep=torch.tensor([1.0, 0.3125]),
-                 encoder_hidden_states=rand(2, T, cfg["joint_attention_dim"], g=g),
-                 pooled_projections=rand(2, cfg["pooled_projection_dim"], g=g), img_ids=img_ids, txt_ids=txt_ids,
-                 guidance=torch.tensor([3.5, 1.0]) if cfg.get("guidance_embeds") else None)
-    order = ("hidden_states", "timestep", "encoder_hidden_states", "pooled_projections", "img_ids", "txt_ids",
-             "guidance")
+    feeds = dict(
+        hidden_states=rand(2, n, cfg["in_channels"], g=g),
+        timestep=torch.tensor([1.0, 0.3125]),
+        encoder_hidden_states=rand(2, T, cfg["joint_attention_dim"], g=g),
+        pooled_projections=rand(2, cfg["pooled_projection_dim"], g=g),
+        img_ids=img_ids,
+        txt_ids=txt_ids,
+        guidance=torch.tensor([3.5, 1.0]) if cfg.get("guidance_embeds") else None,
+    )
+    order = (
+        "hidden_states",
+        "timestep",
+        "encoder_hidden_states",
+        "pooled_projections",
+        "img_ids",
+        "txt_ids",
+        "guidance",
+    )
     with torch.no_grad():
         want = ref(**feeds).sample
         got = ours(*[feeds[k] for k in order])
         bound = check(got, want, f"Flux {case}")
-        moves(ours(*[feeds[k].flip(0) if k == "encoder_hidden_states" else feeds[k] for k in order]), got, bound,
-              "the text", weights)
+        moves(
+            ours(*[feeds[k].flip(0) if k == "encoder_hidden_states" else feeds[k] for k in order]),
+            got,
+            bound,
+            "the text",
+            weights,
+        )
         if cfg.get("guidance_embeds"):
-            moves(ours(*[feeds[k].flip(0) if k == "guidance" else feeds[k] for k in order]), got, bound,
-                  "the guidance", weights)
+            moves(
+                ours(*[feeds[k].flip(0) if k == "guidance" else feeds[k] for k in order]),
+                got,
+                bound,
+                "the guidance",
+                weights,
+            )

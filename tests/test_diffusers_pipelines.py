@@ -20,9 +20,9 @@ passes None and 16). Flux runs at the dummy test's T5 max_sequence_length of 48.
 
 import numpy as np
 import pytest
+import tiny_components as tc
 import torch
 
-import tiny_components as tc
 from ditrt.export import export_model
 from ditrt.runtime import Pipeline
 
@@ -56,7 +56,9 @@ def compare(got: np.ndarray, want: np.ndarray, label: str):
 def matters(a: np.ndarray, b: np.ndarray, what: str):
     diff = float(np.abs(a - b).max())
     print(f"  {what} moves the image by {diff:.2e}")
-    assert diff > 10 * ATOL, f"{what} moves the image by only {diff:.1e}: the {ATOL} bound could not see it lost"
+    assert diff > 10 * ATOL, (
+        f"{what} moves the image by only {diff:.1e}: the {ATOL} bound could not see it lost"
+    )
 
 
 # ---------------------------------------------------------------- text pipelines, one generic runner
@@ -73,11 +75,28 @@ def run_text(fam, steps, guidance, negative, prompt=PROMPT, t5_len=None, **call)
 
         call = dict(call, latents=FluxPipeline._pack_latents(x, *shape), max_sequence_length=t5_len or 512)
     else:
-        call = dict(call, latents=x.clone(), negative_prompt=negative or "")  # PixArt's default is "", not None
-    want = ref(prompt, num_inference_steps=steps, guidance_scale=guidance, height=h, width=w,
-               num_images_per_prompt=B, output_type="np", **call).images
-    got = pipe(prompt=prompt, negative_prompt=negative, steps=steps, guidance=guidance, latents=x.numpy(),
-               batch_size=B, max_sequence_length=t5_len).pixels
+        call = dict(
+            call, latents=x.clone(), negative_prompt=negative or ""
+        )  # PixArt's default is "", not None
+    want = ref(
+        prompt,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        height=h,
+        width=w,
+        num_images_per_prompt=B,
+        output_type="np",
+        **call,
+    ).images
+    got = pipe(
+        prompt=prompt,
+        negative_prompt=negative,
+        steps=steps,
+        guidance=guidance,
+        latents=x.numpy(),
+        batch_size=B,
+        max_sequence_length=t5_len,
+    ).pixels
     return got, want
 
 
@@ -102,12 +121,16 @@ def test_pixart_sigma(pixart_sigma, steps, guidance, negative):
 
 @pytest.fixture(scope="module")
 def sana(tmp_path_factory):
-    return exported(tc.sana_pipeline(), tmp_path_factory, "sana", height=32, width=32)  # the dummy test's size
+    return exported(
+        tc.sana_pipeline(), tmp_path_factory, "sana", height=32, width=32
+    )  # the dummy test's size
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("steps,guidance,negative,prompt", [(2, 6.0, "", ""), (2, 6.0, "", PROMPT),
-                                                            (6, 4.5, "blurry", PROMPT), (6, 0.0, None, PROMPT)])
+@pytest.mark.parametrize(
+    "steps,guidance,negative,prompt",
+    [(2, 6.0, "", ""), (2, 6.0, "", PROMPT), (6, 4.5, "blurry", PROMPT), (6, 0.0, None, PROMPT)],
+)
 def test_sana(sana, steps, guidance, negative, prompt):
     """tests/pipelines/sana/test_sana.py: FlowMatchEulerDiscreteScheduler(shift=7.0), 2-block DC-AE, Gemma-2;
     its call encodes the empty prompt at guidance 6."""
@@ -171,8 +194,13 @@ def dit(tmp_path_factory):
 def run_dit(fam, steps, guidance, label=1):
     """DiTPipeline has no latents argument: it draws (B, C, s, s) from the generator, so the runtime gets the same."""
     ref, pipe, m = fam
-    want = ref(class_labels=[label] * B, guidance_scale=guidance, num_inference_steps=steps,
-               generator=torch.Generator().manual_seed(0), output_type="np").images
+    want = ref(
+        class_labels=[label] * B,
+        guidance_scale=guidance,
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
     x = noise(B, m.latent.channels, m.latent.height, m.latent.width).numpy()
     return pipe(class_label=label, steps=steps, guidance=guidance, latents=x, batch_size=B).pixels, want
 
@@ -206,8 +234,13 @@ def test_dit_odd(dit_odd, steps, guidance):
 def pixart_alpha_odd(tmp_path_factory):
     """tests/pipelines/pixart_alpha/test_pixart.py's components (the Σ test's, in a PixArtAlphaPipeline) with 5
     heads, at 8×24 pixels (PixArt checks height/width % 8): a non-square 4×12 token grid."""
-    return exported(tc.pixart_pipeline(sigma=False, num_attention_heads=5, cross_attention_dim=40),
-                    tmp_path_factory, "pixart-alpha-odd", height=8, width=24)
+    return exported(
+        tc.pixart_pipeline(sigma=False, num_attention_heads=5, cross_attention_dim=40),
+        tmp_path_factory,
+        "pixart-alpha-odd",
+        height=8,
+        width=24,
+    )
 
 
 @pytest.mark.slow
@@ -227,16 +260,27 @@ def test_pixart_alpha_long_prompt_is_cut_where_diffusers_cuts_it(pixart_alpha_od
 
 ODD_TEXT = {  # name: (builder, export size)
     # Sana checks % 32: 32×64 pixels = a non-square 16×32 latent; 3 self- and 3 cross-attention heads
-    "sana-3-heads-32x64": (lambda: tc.sana_pipeline(num_attention_heads=3, num_cross_attention_heads=3,
-                                                    cross_attention_dim=12), dict(height=32, width=64)),
+    "sana-3-heads-32x64": (
+        lambda: tc.sana_pipeline(num_attention_heads=3, num_cross_attention_heads=3, cross_attention_dim=12),
+        dict(height=32, width=64),
+    ),
     # SD3.5 (dual attention in block 0, RMS qk norm: the SD35 model test's switches) on the SD3 dummy, 3 heads;
     # a factor-1 VAE and patch 1 take any size: a 5×9 latent cropped from the 96×96 position table
-    "sd35-3-heads-5x9": (lambda: tc.sd3_pipeline(num_attention_heads=3, caption_projection_dim=24, num_layers=2,
-                                                 qk_norm="rms_norm", dual_attention_layers=(0,)),
-                         dict(height=5, width=9)),
+    "sd35-3-heads-5x9": (
+        lambda: tc.sd3_pipeline(
+            num_attention_heads=3,
+            caption_projection_dim=24,
+            num_layers=2,
+            qk_norm="rms_norm",
+            dual_attention_layers=(0,),
+        ),
+        dict(height=5, width=9),
+    ),
     # Flux-dev (guidance embedding) on the Flux dummy, 3 heads: 6×10 pixels = a 3×5 packed grid
-    "flux-dev-3-heads-6x10": (lambda: tc.flux_pipeline(num_attention_heads=3, guidance_embeds=True),
-                              dict(height=6, width=10)),
+    "flux-dev-3-heads-6x10": (
+        lambda: tc.flux_pipeline(num_attention_heads=3, guidance_embeds=True),
+        dict(height=6, width=10),
+    ),
 }
 
 

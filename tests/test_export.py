@@ -5,18 +5,20 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from tiny_components import randomize
 
-from ditrt.export import folder as folder_mod
 from ditrt.export import export_model
-from ditrt.export.graphs import StepGraph, step_io, sample_inputs
+from ditrt.export import folder as folder_mod
+from ditrt.export.graphs import StepGraph, sample_inputs, step_io
 from ditrt.export.models.dit import DiT, DiTConfig
 from ditrt.export.onnx_export import export_onnx
 from ditrt.export.presets import build_preset, get_preset
 from ditrt.runtime.errors import ConfigError, InputError
 from ditrt.runtime.manifest import load_manifest
-from tiny_components import randomize
 
-TINY = DiTConfig(sample_size=8, in_channels=4, patch_size=2, hidden_size=32, depth=2, num_heads=4, num_classes=5)
+TINY = DiTConfig(
+    sample_size=8, in_channels=4, patch_size=2, hidden_size=32, depth=2, num_heads=4, num_classes=5
+)
 # fp32 end to end; ORT fuses and reorders reductions (LayerNorm, Gemm), so a few ulps of O(1) outputs differ
 ATOL = 1e-5
 
@@ -27,8 +29,10 @@ def assert_engine_matches_torch(model: DiT, path, batches=(1, 3)):
     session = ort.InferenceSession(str(path))
     for B in batches:
         args = sample_inputs(inputs, {"B": B, "n": 2}, seed=B)
-        args = tuple(torch.randint(0, model.cfg.num_classes, a.shape) if s.name == "class_labels" else a
-                     for s, a in zip(inputs, args))
+        args = tuple(
+            torch.randint(0, model.cfg.num_classes, a.shape) if s.name == "class_labels" else a
+            for s, a in zip(inputs, args)
+        )
         with torch.no_grad():
             ref = graph(*args)
         out = session.run(None, {s.name: a.numpy() for s, a in zip(inputs, args)})
@@ -41,8 +45,11 @@ def assert_engine_matches_torch(model: DiT, path, batches=(1, 3)):
 QUIRKS = replace(TINY, learn_sigma=False, freq_shift=1, mlp_norm_eps=1e-5, prediction="flow")
 
 
-@pytest.mark.parametrize("cfg", [pytest.param(TINY, marks=pytest.mark.slow), QUIRKS,
-                                 replace(TINY, patch_size=4, in_channels=1)], ids=["learn-sigma", "diffusers-quirks", "p4"])
+@pytest.mark.parametrize(
+    "cfg",
+    [pytest.param(TINY, marks=pytest.mark.slow), QUIRKS, replace(TINY, patch_size=4, in_channels=1)],
+    ids=["learn-sigma", "diffusers-quirks", "p4"],
+)
 def test_step_engine_matches_torch(cfg, tmp_path):
     model = randomize(DiT(cfg), seed=1)  # no zero-init layers: every weight must matter
     graph = StepGraph(model)
@@ -70,14 +77,16 @@ def test_step_graph_guidance_and_update_algebra():
     guided = uncond[:, :4] + g * (cond[:, :4] - uncond[:, :4])
     torch.testing.assert_close(x0, (p * x + q * guided).clamp(-0.3, 0.3), atol=1e-5, rtol=1e-5)
     assert (p * x + q * guided).abs().max() > 0.3  # the clamp was exercised
-    torch.testing.assert_close(x_next, a * x + b * x0 + c * x0_prev + e * x0_prev2 + d * guided, atol=1e-5,
-                               rtol=1e-5)
+    torch.testing.assert_close(
+        x_next, a * x + b * x0 + c * x0_prev + e * x0_prev2 + d * guided, atol=1e-5, rtol=1e-5
+    )
 
 
 def test_export_folder_contents(digits_engine):
     m = load_manifest(digits_engine)
-    assert sorted(p.relative_to(digits_engine).as_posix() for p in digits_engine.rglob("*") if p.is_file()) == \
-        ["denoiser/model.onnx", "manifest.json"]
+    assert sorted(
+        p.relative_to(digits_engine).as_posix() for p in digits_engine.rglob("*") if p.is_file()
+    ) == ["denoiser/model.onnx", "manifest.json"]
     spec = {s.name: s.shape for s in m.components["denoiser"].inputs}
     assert spec["x"] == ["B", 1, 16, 16] and spec["class_labels"] == ["n", "B"] and spec["t"] == []
     assert m.null_class == 10  # the unconditional label of the CFG branch
@@ -103,7 +112,9 @@ def test_existing_folder_needs_force(digits_engine, tmp_path):
         export_model("digits", out)
     assert (out / "denoiser" / "model.onnx").read_bytes() == b"an older engine"
     export_model("digits", out, force=True)
-    assert (out / "denoiser" / "model.onnx").read_bytes() == (digits_engine / "denoiser" / "model.onnx").read_bytes()
+    assert (out / "denoiser" / "model.onnx").read_bytes() == (
+        digits_engine / "denoiser" / "model.onnx"
+    ).read_bytes()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp or old folders left
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from ditrt.export.cli import main as export_cli
 from ditrt.export import export_model
+from ditrt.export.cli import main as export_cli
 from ditrt.export.exporter import provenance
 from ditrt.runtime.errors import InputError
 from ditrt.runtime.manifest import SCHEMA_VERSION
@@ -40,7 +40,9 @@ def one_line(r, code: int, *fragments: str) -> str:
 
 
 def tree(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 def fake_engine(folder: Path, version=1) -> dict[str, bytes]:
@@ -48,7 +50,9 @@ def fake_engine(folder: Path, version=1) -> dict[str, bytes]:
     (folder / "denoiser").mkdir(parents=True)
     (folder / "denoiser" / "model.onnx").write_bytes(b"old engine")
     files = {"denoiser/model.onnx": {"sha256": "0" * 64, "bytes": 10}}
-    (folder / "manifest.json").write_text(json.dumps({"schema_version": version, "model": "old", "files": files}))
+    (folder / "manifest.json").write_text(
+        json.dumps({"schema_version": version, "model": "old", "files": files})
+    )
     return tree(folder)
 
 
@@ -89,19 +93,36 @@ def _link_to_engine(path: Path) -> None:
     path.symlink_to("real-engine")
 
 
-@pytest.mark.parametrize("make,fragment", [
-    (_user_folder, "is not an engine folder"), (_not_our_manifest, "is not an engine folder"),
-    (_broken_manifest, "is not an engine folder"), (_fifo_manifest, "is not an engine folder"),
-    (_engine_holding_user_files, "is not an engine folder"), (_file, "is a file"),
-    (_link_to_engine, "is a symbolic link"),
-], ids=["user-folder", "other-manifest", "broken-manifest", "fifo-manifest", "user-files", "file", "symlink"])
+@pytest.mark.parametrize(
+    "make,fragment",
+    [
+        (_user_folder, "is not an engine folder"),
+        (_not_our_manifest, "is not an engine folder"),
+        (_broken_manifest, "is not an engine folder"),
+        (_fifo_manifest, "is not an engine folder"),
+        (_engine_holding_user_files, "is not an engine folder"),
+        (_file, "is a file"),
+        (_link_to_engine, "is a symbolic link"),
+    ],
+    ids=[
+        "user-folder",
+        "other-manifest",
+        "broken-manifest",
+        "fifo-manifest",
+        "user-files",
+        "file",
+        "symlink",
+    ],
+)
 def test_force_refuses_what_is_not_an_engine_folder(tmp_path, monkeypatch, make, fragment):
     monkeypatch.chdir(tmp_path)
     make(tmp_path / "out")
     before = {p: (p.read_bytes() if p.is_file() else None) for p in tmp_path.rglob("*")}
     for force in (["--force"], []):
         one_line(invoke("digits", "-o", "out", *force), 2, "'out'", fragment)
-    assert {p: (p.read_bytes() if p.is_file() else None) for p in tmp_path.rglob("*")} == before  # no temp folder
+    assert {
+        p: (p.read_bytes() if p.is_file() else None) for p in tmp_path.rglob("*")
+    } == before  # no temp folder
 
 
 def test_force_replaces_an_engine_folder_of_any_schema_version(tmp_path):
@@ -124,8 +145,12 @@ def test_empty_folder_is_replaced_and_modes_follow_the_umask(tmp_path):
     finally:
         os.umask(previous)
     modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in [out, *out.rglob("*")]}
-    assert modes == {"eng": 0o750, "eng/denoiser": 0o750, "eng/denoiser/model.onnx": 0o640,
-                     "eng/manifest.json": 0o640}
+    assert modes == {
+        "eng": 0o750,
+        "eng/denoiser": 0o750,
+        "eng/denoiser/model.onnx": 0o640,
+        "eng/manifest.json": 0o640,
+    }
 
 
 @pytest.mark.parametrize("output", [".", "..", "/", "../w", "{cwd}", "sub/../.."])
@@ -135,8 +160,11 @@ def test_current_folder_and_its_parents_are_refused_up_front(tmp_path, monkeypat
     monkeypatch.chdir(work)
     output = output.format(cwd=work)
     for force in (["--force"], []):
-        one_line(invoke("digits", "-o", output, *force), 2, f"output {output!r} is the current folder or one of "
-                 "its parents")
+        one_line(
+            invoke("digits", "-o", output, *force),
+            2,
+            f"output {output!r} is the current folder or one of its parents",
+        )
     assert [p.name for p in tmp_path.rglob("*")] == ["w", "sub"]
 
 
@@ -157,10 +185,16 @@ def test_staging_folders_of_dead_exports_are_removed_and_live_ones_kept(tmp_path
     decoy = tmp_path / ".eng.tmp-mine"  # our naming, but no owner marker: not ours, kept
     decoy.mkdir()
     (decoy / "keep").write_text("x")
-    child = subprocess.Popen([sys.executable, "-c", STAGE_AND_WAIT, str(out)], stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", STAGE_AND_WAIT, str(out)], stdout=subprocess.PIPE, text=True
+    )
     try:
         staged = Path(child.stdout.readline().strip())
-        assert staged.parent == tmp_path and staged.name.startswith(".eng.tmp-") and (staged / "half.onnx").is_file()
+        assert (
+            staged.parent == tmp_path
+            and staged.name.startswith(".eng.tmp-")
+            and (staged / "half.onnx").is_file()
+        )
         export_model("digits", out)  # while that export lives, its staging folder is left alone
         assert (staged / "half.onnx").is_file()
     finally:
@@ -200,7 +234,9 @@ with folder.staging_folder(sys.argv[1], force=True) as tmp:
 def test_replace_killed_midway_is_recovered_by_the_next_export(tmp_path, when):
     out = tmp_path / "eng"
     old = fake_engine(out)
-    r = subprocess.run([sys.executable, "-c", CRASH_IN_REPLACE, str(out), when], capture_output=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-c", CRASH_IN_REPLACE, str(out), when], capture_output=True, timeout=60
+    )
     assert r.returncode == -signal.SIGKILL, r.stderr
     left = sorted(p.name.split("-")[0] for p in tmp_path.iterdir())
     assert left == ([".eng.old", ".eng.tmp"] if when == "between-renames" else [".eng.old", "eng"])
@@ -225,10 +261,19 @@ def test_interrupt_is_one_line_exit_130_and_leaves_nothing(tmp_path, monkeypatch
 
 
 def test_sigterm_during_export_cleans_up_like_ctrl_c(tmp_path):
-    child = subprocess.Popen([str(SCRIPTS / "dit-export"), "digits", "-o", "eng"], cwd=tmp_path,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [str(SCRIPTS / "dit-export"), "digits", "-o", "eng"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
-    while not list(tmp_path.glob(".eng.tmp-*/denoiser")) and child.poll() is None and time.monotonic() < deadline:
+    while (
+        not list(tmp_path.glob(".eng.tmp-*/denoiser"))
+        and child.poll() is None
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.01)  # until the export is writing its engines
     child.send_signal(signal.SIGTERM)
     out, err = child.communicate(timeout=60)
@@ -253,8 +298,13 @@ def test_leftovers_of_the_narrowest_kill_windows_are_cleaned_up(tmp_path):
 
 
 def test_interrupt_while_importing_is_one_line(tmp_path):
-    child = subprocess.Popen([str(SCRIPTS / "dit-export"), "digits", "-o", "eng"], cwd=tmp_path,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [str(SCRIPTS / "dit-export"), "digits", "-o", "eng"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(1.0)  # past the CLI start (0.2-0.5 s) but inside the imports of torch and onnx (seconds)
     child.send_signal(signal.SIGINT)
     out, err = child.communicate(timeout=60)
@@ -288,17 +338,33 @@ def test_output_made_by_the_user_during_the_final_rename_is_never_replaced(tmp_p
 
 # a real dit-export killed at several moments: each time the target is absent or a complete, valid engine folder,
 # and the next export to it leaves nothing else behind
-MOMENTS = {"staging": ".eng.tmp-*", "engines": ".eng.tmp-*/denoiser/model.onnx", "manifest": ".eng.tmp-*/manifest.json"}
+MOMENTS = {
+    "staging": ".eng.tmp-*",
+    "engines": ".eng.tmp-*/denoiser/model.onnx",
+    "manifest": ".eng.tmp-*/manifest.json",
+}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("moment,sig", [("staging", signal.SIGKILL), ("engines", signal.SIGKILL),
-                                        ("manifest", signal.SIGKILL), ("manifest", signal.SIGTERM)])
+@pytest.mark.parametrize(
+    "moment,sig",
+    [
+        ("staging", signal.SIGKILL),
+        ("engines", signal.SIGKILL),
+        ("manifest", signal.SIGKILL),
+        ("manifest", signal.SIGTERM),
+    ],
+)
 def test_killed_export_leaves_the_target_absent_or_valid(tmp_path, moment, sig):
     from ditrt.runtime.manifest import load_manifest
 
-    child = subprocess.Popen([str(SCRIPTS / "dit-export"), "digits", "-o", "eng"], cwd=tmp_path,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [str(SCRIPTS / "dit-export"), "digits", "-o", "eng"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob(MOMENTS[moment])) and child.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)
@@ -367,11 +433,15 @@ def test_help_and_list_import_no_torch(args):
 
 
 def test_export_without_the_export_extra_says_what_to_install(tmp_path):
-    code = RUN_CLI.format(block='sys.modules["torch"] = None  # as if torch were not installed', args=["digits"])
+    code = RUN_CLI.format(
+        block='sys.modules["torch"] = None  # as if torch were not installed', args=["digits"]
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert r.returncode == 2, r.stderr
-    assert r.stderr.splitlines()[0] == \
-        "error: dit-export needs the export extra: pip install 'ditrt[export]' (missing module: torch)"
+    assert (
+        r.stderr.splitlines()[0]
+        == "error: dit-export needs the export extra: pip install 'ditrt[export]' (missing module: torch)"
+    )
     assert "Traceback" not in r.stderr and list(tmp_path.iterdir()) == []
 
 
@@ -382,20 +452,35 @@ def test_builtin_names_without_torch_match_the_presets():
     assert MODELS == {name: p.description for name, p in PRESETS.items()}
 
 
-@pytest.mark.parametrize("args,line", [
-    (["digits", "--opset", "16"], "error: Invalid value for '--opset': 16 is not in the range 17<=x<=23."),
-    (["digits", "--seed", "abc"], "error: Invalid value for '--seed': 'abc' is not a valid integer range."),
-    (["digits", "--lowering", "fast"], "error: Invalid value for '--lowering': 'fast' is not one of 'portable', "
-     "'plugin'."),
-    (["--zzz"], "error: No such option '--zzz'."),
-    (["digits", "--seed"], "error: Option '--seed' requires an argument."),
-    ([], "error: missing MODEL; see `dit-export --list` for the built-in models"),
-    (["digits", "--seed", str(2**64)], f"error: Invalid value for '--seed': {2**64} is not in the range "
-     f"0<=x<={2**63 - 1}."),
-    (["digits", "-W", "0"], "error: Invalid value for '-W' / '--width': 0 is not in the range x>=1."),
-    (["digits", "-o", ""], "error: Invalid value for '--output': must not be empty; leave --output out for "
-     "engines/MODEL"),
-])
+@pytest.mark.parametrize(
+    "args,line",
+    [
+        (
+            ["digits", "--opset", "16"],
+            "error: Invalid value for '--opset': 16 is not in the range 17<=x<=23.",
+        ),
+        (
+            ["digits", "--seed", "abc"],
+            "error: Invalid value for '--seed': 'abc' is not a valid integer range.",
+        ),
+        (
+            ["digits", "--lowering", "fast"],
+            "error: Invalid value for '--lowering': 'fast' is not one of 'portable', 'plugin'.",
+        ),
+        (["--zzz"], "error: No such option '--zzz'."),
+        (["digits", "--seed"], "error: Option '--seed' requires an argument."),
+        ([], "error: missing MODEL; see `dit-export --list` for the built-in models"),
+        (
+            ["digits", "--seed", str(2**64)],
+            f"error: Invalid value for '--seed': {2**64} is not in the range 0<=x<={2**63 - 1}.",
+        ),
+        (["digits", "-W", "0"], "error: Invalid value for '-W' / '--width': 0 is not in the range x>=1."),
+        (
+            ["digits", "-o", ""],
+            "error: Invalid value for '--output': must not be empty; leave --output out for engines/MODEL",
+        ),
+    ],
+)
 def test_usage_errors_are_one_line(tmp_path, monkeypatch, args, line):
     monkeypatch.chdir(tmp_path)
     assert one_line(invoke(*args), 2) == line

@@ -29,22 +29,61 @@ from ditrt.runtime.errors import DitError
 from ditrt.runtime.manifest import MANIFEST_NAME
 from ditrt.runtime.pipeline import Pipeline
 
-pytestmark = pytest.mark.xdist_group("fuzz")  # with -n, one worker: the other need not wait for the same engines
+pytestmark = pytest.mark.xdist_group(
+    "fuzz"
+)  # with -n, one worker: the other need not wait for the same engines
 
 CORPUS = Path(__file__).with_name("fuzz_corpus.jsonl")
 LOOPS = 4  # the fuzz loops below share --fuzz-seconds: manifests of two models, requests to two models
 
 # values of every JSON type, weighted toward the ones that break parsers: huge and tiny numbers, NaN/inf,
 # NUL and lone surrogates, paths, names the runtime knows
-WORDS = ["", "x", "x0", "B", "n", "T", "bogus", "float16", "int64", "../x.onnx", "/etc/passwd", "a\0b", "\udcff",
-         "denoiser/model.onnx", "tokenizer/tokenizer.json", "manifest.json", "NaN", "1e999", "text", "class",
-         "image", "latents", "input_ids", "prompt_embeds", "FlowMatchEulerDiscreteScheduler", "DDIMScheduler"]
+WORDS = [
+    "",
+    "x",
+    "x0",
+    "B",
+    "n",
+    "T",
+    "bogus",
+    "float16",
+    "int64",
+    "../x.onnx",
+    "/etc/passwd",
+    "a\0b",
+    "\udcff",
+    "denoiser/model.onnx",
+    "tokenizer/tokenizer.json",
+    "manifest.json",
+    "NaN",
+    "1e999",
+    "text",
+    "class",
+    "image",
+    "latents",
+    "input_ids",
+    "prompt_embeds",
+    "FlowMatchEulerDiscreteScheduler",
+    "DDIMScheduler",
+]
 NUMBERS = [0, -1, 1, 2, 3, 9, 16, 255, 2**31, 2**63, 10**80, -(10**30), 0.5, 1e-300, 1e300, -0.0]
-scalars = (st.none() | st.booleans() | st.sampled_from(NUMBERS) | st.integers(-(2**70), 2**70)
-           | st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from(WORDS) | st.text(max_size=12))
-json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
-                           | st.dictionaries(st.sampled_from(WORDS) | st.text(max_size=6), inner, max_size=4),
-                           max_leaves=8)
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.sampled_from(NUMBERS)
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.sampled_from(WORDS)
+    | st.text(max_size=12)
+)
+json_values = st.recursive(
+    scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.sampled_from(WORDS) | st.text(max_size=6), inner, max_size=4)
+    ),
+    max_leaves=8,
+)
 
 
 def paths(tree, prefix=()):
@@ -134,8 +173,10 @@ class Outcomes:
             self.counts["crash"] += 1
 
     def check(self, name):
-        print(f"\n{name}: {self.iterations} iterations, outcomes {dict(self.counts)}, "
-              f"{len(self.crashes)} non-project signature(s)")
+        print(
+            f"\n{name}: {self.iterations} iterations, outcomes {dict(self.counts)}, "
+            f"{len(self.crashes)} non-project signature(s)"
+        )
         assert not self.crashes, "\n".join(f"{sig}\n    from {case!r}" for sig, case in self.crashes.items())
 
 
@@ -145,7 +186,8 @@ def fuzz_for(seconds: float, body, **strategies) -> None:
     while time.monotonic() < deadline:
         test = given(**strategies)(body)
         settings(max_examples=20, deadline=None, database=None, suppress_health_check=list(HealthCheck))(
-            seed(round_)(test))()
+            seed(round_)(test)
+        )()
         round_ += 1
 
 
@@ -175,23 +217,46 @@ def test_manifest_mutations_fail_only_with_project_errors(engine, request):
         (folder / MANIFEST_NAME).write_text(json.dumps(apply(base, edit_list)))
         outcomes.run(lambda: generate_once(folder, verify), edit_list)
 
-    fuzz_for(request.config.getoption("--fuzz-seconds") / LOOPS, one, edit_list=edits(base), verify=st.booleans())
+    fuzz_for(
+        request.config.getoption("--fuzz-seconds") / LOOPS, one, edit_list=edits(base), verify=st.booleans()
+    )
     outcomes.check(f"manifest fuzz ({base['model']})")
 
 
 # requests: each parameter from the values a caller could pass, of any type (None = left out)
-ints = st.integers(-3, 6) | st.sampled_from([0, 1001, 10**20, -(2**63)]) | st.builds(np.int64, st.integers(0, 5))
-numbers = (ints | st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from([1e6, 1e39, -0.0, 100.0])
-           | st.builds(np.float32, st.floats(0, 10)))
-anything = st.none() | st.booleans() | st.text(max_size=5) | st.binary(max_size=4) | st.lists(st.integers(), max_size=2)
-prompts = st.text(max_size=40) | st.sampled_from(["a 7", "\udcff", "\0", "x" * 3000, "seven" * 200]) | anything
-REQUEST = dict(prompt=prompts, negative_prompt=prompts,
-               class_label=ints | st.sampled_from(["7", "seven", "²"]) | anything,
-               steps=st.integers(1, 4) | ints | anything, guidance=numbers | anything, seed=ints | numbers | anything,
-               batch_size=st.integers(1, 2) | ints | anything, width=ints | st.sampled_from([16, 64]) | anything,
-               height=ints | st.sampled_from([16, 64]) | anything, shift=numbers | anything,
-               sampler=st.sampled_from(["euler", "ddim", "dpm++2m", "dpm++2m-karras", "bogus", ""]) | anything,
-               max_sequence_length=ints | st.sampled_from([64, 300, 512]) | anything)
+ints = (
+    st.integers(-3, 6) | st.sampled_from([0, 1001, 10**20, -(2**63)]) | st.builds(np.int64, st.integers(0, 5))
+)
+numbers = (
+    ints
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.sampled_from([1e6, 1e39, -0.0, 100.0])
+    | st.builds(np.float32, st.floats(0, 10))
+)
+anything = (
+    st.none()
+    | st.booleans()
+    | st.text(max_size=5)
+    | st.binary(max_size=4)
+    | st.lists(st.integers(), max_size=2)
+)
+prompts = (
+    st.text(max_size=40) | st.sampled_from(["a 7", "\udcff", "\0", "x" * 3000, "seven" * 200]) | anything
+)
+REQUEST = dict(
+    prompt=prompts,
+    negative_prompt=prompts,
+    class_label=ints | st.sampled_from(["7", "seven", "²"]) | anything,
+    steps=st.integers(1, 4) | ints | anything,
+    guidance=numbers | anything,
+    seed=ints | numbers | anything,
+    batch_size=st.integers(1, 2) | ints | anything,
+    width=ints | st.sampled_from([16, 64]) | anything,
+    height=ints | st.sampled_from([16, 64]) | anything,
+    shift=numbers | anything,
+    sampler=st.sampled_from(["euler", "ddim", "dpm++2m", "dpm++2m-karras", "bogus", ""]) | anything,
+    max_sequence_length=ints | st.sampled_from([64, 300, 512]) | anything,
+)
 
 
 @st.composite
@@ -209,8 +274,14 @@ def latents_for(kind: str, pipe: Pipeline, batch) -> object:
     lat = pipe.manifest.latent
     n = batch if isinstance(batch, int) and not isinstance(batch, bool) and 1 <= batch <= 4 else 1
     x = np.random.default_rng(0).standard_normal((n, lat.channels, lat.height, lat.width)).astype(np.float32)
-    return {"ok": x, "shape": x[:, :, :-1], "dtype": x.astype(np.float64), "nan": x * np.nan,
-            "huge": x * np.float32(1e30), "list": x.tolist()}[kind]
+    return {
+        "ok": x,
+        "shape": x[:, :, :-1],
+        "dtype": x.astype(np.float64),
+        "nan": x * np.nan,
+        "huge": x * np.float32(1e30),
+        "list": x.tolist(),
+    }[kind]
 
 
 @pytest.mark.slow
@@ -226,10 +297,14 @@ def test_requests_fail_only_with_project_errors(digits_engine, text_digits_engin
                 def call():
                     result = pipe(**kwargs)
                     assert np.isfinite(result.pixels).all() and len(result.images) == len(result.seeds)
+
                 outcomes.run(call, kwargs)
 
-            fuzz_for(request.config.getoption("--fuzz-seconds") / LOOPS, one,
-                     kwargs=requests(pipe.manifest.conditioning))
+            fuzz_for(
+                request.config.getoption("--fuzz-seconds") / LOOPS,
+                one,
+                kwargs=requests(pipe.manifest.conditioning),
+            )
     outcomes.check("request fuzz")
 
 
@@ -248,7 +323,9 @@ def test_corpus_of_past_crashes_is_refused_in_one_line(case, request, tmp_path):
     if "raw" in case:  # a manifest text no JSON value can express: deep nesting, huge integers
         text = case["raw"].replace("{NEST}", nest(100_000)).replace("{DIGITS}", "9" * 5000)
     else:
-        text = json.dumps(apply(json.loads(path.read_text()), [(tuple(p), *rest) for p, *rest in case["edits"]]))
+        text = json.dumps(
+            apply(json.loads(path.read_text()), [(tuple(p), *rest) for p, *rest in case["edits"]])
+        )
     path.unlink()
     path.write_text(text)
     with pytest.raises(DitError) as e:

@@ -13,8 +13,14 @@ import pytest
 import torch
 
 from ditrt.export.kernels import KernelUnavailable, build, emit_ptx, load, torch_ops
-from ditrt.export.ops import adaln_modulate, adaln_modulate_residual, linear_attention, lowering
-from ditrt.export.ops import adaln, adaln_residual
+from ditrt.export.ops import (
+    adaln,
+    adaln_modulate,
+    adaln_modulate_residual,
+    adaln_residual,
+    linear_attention,
+    lowering,
+)
 from ditrt.export.ops.linear_attention import reference as la_reference
 from ditrt.runtime.errors import InputError
 from ditrt.runtime.manifest import TensorSpec
@@ -22,10 +28,22 @@ from ditrt.runtime.manifest import TensorSpec
 build_mod = importlib.import_module("ditrt.export.kernels.build")  # the module, not its build() function
 pytestmark = pytest.mark.xdist_group("kernels")  # one worker compiles the module's kernel library (pytest -n)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-C_ABI = ["dit_adaln_modulate", "dit_adaln_modulate_residual", "dit_linear_attention",
-         "dit_linear_attention_workspace_size", "dit_runtime_check", "dit_error_string", "dit_kernels_version"]
-ENTRIES = ["adaln_modulate_kernel", "adaln_modulate_residual_kernel", "linear_attention_kernel",
-           "linear_attention_partial_kernel", "linear_attention_apply_kernel"]
+C_ABI = [
+    "dit_adaln_modulate",
+    "dit_adaln_modulate_residual",
+    "dit_linear_attention",
+    "dit_linear_attention_workspace_size",
+    "dit_runtime_check",
+    "dit_error_string",
+    "dit_kernels_version",
+]
+ENTRIES = [
+    "adaln_modulate_kernel",
+    "adaln_modulate_residual_kernel",
+    "linear_attention_kernel",
+    "linear_attention_partial_kernel",
+    "linear_attention_apply_kernel",
+]
 
 
 def modulation_inputs(shape, dtype, device="cpu", seed=0):
@@ -47,17 +65,23 @@ def adaln64(x, shift, scale, eps):
 
 def linear_attention64(q, k, v, eps=1e-15):
     qf, kf, vf = q.double().relu(), k.double().relu(), v.double()
-    return (qf @ (kf.transpose(-1, -2) @ vf)) / (qf @ kf.sum(2, keepdim=True).transpose(-1, -2)).clamp_min(eps)
+    return (qf @ (kf.transpose(-1, -2) @ vf)) / (qf @ kf.sum(2, keepdim=True).transpose(-1, -2)).clamp_min(
+        eps
+    )
 
 
 def ulp_tol(dtype):
     """Outputs are computed in fp32 and rounded once to the output type: within 2 ulps of that type relative,
     plus a small fp32 floor for values that cancel to ~0."""
-    return {torch.float32: dict(rtol=1e-5, atol=2e-5), torch.float16: dict(rtol=2 ** -9, atol=1e-4),
-            torch.bfloat16: dict(rtol=2 ** -6, atol=1e-4)}[dtype]
+    return {
+        torch.float32: dict(rtol=1e-5, atol=2e-5),
+        torch.float16: dict(rtol=2**-9, atol=1e-4),
+        torch.bfloat16: dict(rtol=2**-6, atol=1e-4),
+    }[dtype]
 
 
 # (a) everywhere: the fused residual op's reference, fake and lowerings.
+
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_residual_reference_matches_decomposition(dtype):
@@ -82,8 +106,9 @@ def test_residual_public_function_in_each_mode(mode):
 
 
 def test_fake_impls_give_shapes_and_residual_passes_opcheck():
-    torch.library.opcheck(torch.ops.dit.adaln_modulate_residual.default,
-                          (*modulation_inputs((2, 5, 8), torch.float32), 1e-6))
+    torch.library.opcheck(
+        torch.ops.dit.adaln_modulate_residual.default, (*modulation_inputs((2, 5, 8), torch.float32), 1e-6)
+    )
     with torch._subclasses.fake_tensor.FakeTensorMode():
         x, row = torch.empty(3, 4, 16, dtype=torch.float16), torch.empty(3, 16, dtype=torch.float16)
         h, out = torch.ops.dit.adaln_modulate_residual(x, x, row, row, row, 1e-6)
@@ -105,8 +130,9 @@ def test_residual_plugin_lowering_is_one_node_with_two_outputs(tmp_path):
     from ditrt.export.onnx_export import export_onnx
 
     x, row = ("B", 5, 8), ("B", 8)
-    inputs = [TensorSpec(n, "float32", x) for n in ("residual", "y")] + [TensorSpec(n, "float32", row)
-                                                                      for n in ("gate", "shift", "scale")]
+    inputs = [TensorSpec(n, "float32", x) for n in ("residual", "y")] + [
+        TensorSpec(n, "float32", row) for n in ("gate", "shift", "scale")
+    ]
     outputs = [TensorSpec("h2", "float32", x), TensorSpec("out", "float32", x)]
     for name in ("plugin", "portable"):
         export_onnx(_Residual(), inputs, outputs, tmp_path / f"{name}.onnx", name)
@@ -114,7 +140,10 @@ def test_residual_plugin_lowering_is_one_node_with_two_outputs(tmp_path):
     plugin = [n for n in nodes if n.op_type == adaln_residual.PLUGIN_NAME]
     assert len(plugin) == 1 and len(plugin[0].output) == 2 and plugin[0].domain == "dit"
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in plugin[0].attribute}
-    assert attrs["plugin_version"] == adaln_residual.PLUGIN_VERSION.encode() and attrs["plugin_namespace"] == b"dit"
+    assert (
+        attrs["plugin_version"] == adaln_residual.PLUGIN_VERSION.encode()
+        and attrs["plugin_namespace"] == b"dit"
+    )
     assert {n.domain for n in onnx.load(str(tmp_path / "portable.onnx")).graph.node} <= {"", "ai.onnx"}
 
 
@@ -156,6 +185,7 @@ def test_register_without_a_gpu_says_so(monkeypatch):
 
 # (b) the nvcc build: errors, cached library, architectures, symbols, PTX.
 
+
 def test_missing_nvcc_is_one_line_naming_cuda_home_and_path(monkeypatch, tmp_path):
     monkeypatch.delenv("CUDA_HOME", raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))
@@ -171,8 +201,13 @@ def test_missing_nvcc_is_one_line_naming_cuda_home_and_path(monkeypatch, tmp_pat
 def test_cli_reports_missing_nvcc_in_one_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "CUDA_HOME"}
     env["PATH"] = str(tmp_path)
-    r = subprocess.run([sys.executable, "-m", "ditrt.export.kernels", "build"], capture_output=True, text=True,
-                       env=env, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "ditrt.export.kernels", "build"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.startswith("error: nvcc not found") and r.stderr.count("\n") == 1
 
@@ -183,8 +218,10 @@ def test_missing_sources_are_named(monkeypatch):
         build_mod.csrc_dir()
 
 
-needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"),
-                                reason="nvcc not found (no CUDA toolkit on PATH or CUDA_HOME)")
+needs_nvcc = pytest.mark.skipif(
+    shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"),
+    reason="nvcc not found (no CUDA toolkit on PATH or CUDA_HOME)",
+)
 
 
 @pytest.fixture(scope="module")
@@ -207,8 +244,9 @@ def test_build_is_cached_and_the_cli_prints_its_path(library):
     assert build() == library and library.stat().st_mtime_ns == mtime
     assert library.parent.parent == Path(os.environ["DITRT_KERNEL_CACHE"])
     assert not [p for p in library.parent.iterdir() if p != library]  # no temporary files left behind
-    r = subprocess.run([sys.executable, "-m", "ditrt.export.kernels", "build"], capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "ditrt.export.kernels", "build"], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0 and r.stdout.strip() == str(library), r.stderr
 
 
@@ -245,16 +283,18 @@ def test_library_holds_sm80_sm90_and_compute90_ptx(library, tmp_path):
     assert {("elf", 80), ("elf", 90), ("ptx", 90)} <= fatbin_entries(library, tmp_path)
     tool = cuobjdump()
     if tool:  # the toolkit's own view agrees
-        listing = subprocess.run([tool, "--list-elf", "--list-ptx", str(library)], capture_output=True, text=True,
-                                 check=True).stdout
+        listing = subprocess.run(
+            [tool, "--list-elf", "--list-ptx", str(library)], capture_output=True, text=True, check=True
+        ).stdout
         assert ".sm_80.cubin" in listing and ".sm_90.cubin" in listing and ".sm_90.ptx" in listing
 
 
 @needs_nvcc
 @pytest.mark.slow
 def test_library_exports_the_c_abi(library):
-    symbols = subprocess.run(["nm", "-D", "--defined-only", str(library)], capture_output=True, text=True,
-                             check=True).stdout.split()
+    symbols = subprocess.run(
+        ["nm", "-D", "--defined-only", str(library)], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert set(C_ABI) <= set(symbols)
 
 
@@ -290,6 +330,7 @@ def test_compile_error_is_one_line_with_nvccs_first_error(tmp_path):
 
 
 # (c) on a GPU: kernels against float64 maths and the references.
+
 
 @pytest.fixture(scope="module")
 def cuda_lib(kernel_cache):
@@ -337,8 +378,9 @@ def test_adaln_unaligned_noncontiguous_and_constant_rows(cuda_lib, dtype):
     strided = torch.empty(B, D, N, dtype=dtype, device="cuda").copy_(x.transpose(1, 2)).transpose(1, 2)
     exact = adaln64(x, shift, scale, 1e-6)
     for variant in (unaligned, strided):
-        torch.testing.assert_close(torch.ops.dit.adaln_modulate(variant, shift, scale, 1e-6).double(), exact,
-                                   **ulp_tol(dtype))
+        torch.testing.assert_close(
+            torch.ops.dit.adaln_modulate(variant, shift, scale, 1e-6).double(), exact, **ulp_tol(dtype)
+        )
     zeros = torch.zeros(B, N, D, dtype=dtype, device="cuda")  # variance 0: LN gives 0, out is shift, not NaN
     out = torch.ops.dit.adaln_modulate(zeros + 3, shift, scale, 1e-6)
     assert torch.equal(out, shift[:, None].expand_as(out))
@@ -347,8 +389,12 @@ def test_adaln_unaligned_noncontiguous_and_constant_rows(cuda_lib, dtype):
 @pytest.mark.gpu
 def test_adaln_beyond_the_kernel_limit_uses_the_reference(cuda_lib):
     x, _, _, shift, scale = modulation_inputs((1, 3, 8200), torch.float32, "cuda")
-    torch.testing.assert_close(torch.ops.dit.adaln_modulate(x, shift, scale, 1e-6),
-                               adaln.reference(x, shift, scale, 1e-6), rtol=0, atol=0)
+    torch.testing.assert_close(
+        torch.ops.dit.adaln_modulate(x, shift, scale, 1e-6),
+        adaln.reference(x, shift, scale, 1e-6),
+        rtol=0,
+        atol=0,
+    )
 
 
 def la_inputs(shape, dtype, seed=0):
@@ -379,9 +425,21 @@ def call_linear_attention(lib, q, k, v, workspace: torch.Tensor | None):
     out = torch.empty_like(q)
     B, H, N, d = q.shape
     size = 0 if workspace is None else workspace.numel()
-    code = lib.dit_linear_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, H, N, d, 1e-15,
-                                    torch_ops.DTYPES[q.dtype], None if workspace is None else workspace.data_ptr(),
-                                    size, torch.cuda.current_stream().cuda_stream)
+    code = lib.dit_linear_attention(
+        q.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        out.data_ptr(),
+        B,
+        H,
+        N,
+        d,
+        1e-15,
+        torch_ops.DTYPES[q.dtype],
+        None if workspace is None else workspace.data_ptr(),
+        size,
+        torch.cuda.current_stream().cuda_stream,
+    )
     assert code == 0, lib.dit_error_string(code)
     return out
 
@@ -406,8 +464,12 @@ def test_linear_attention_zero_and_noncontiguous(cuda_lib, dtype):
     neg = -q.abs() - 1  # relu gives 0 everywhere: 0 / eps = 0, never NaN
     assert torch.equal(torch.ops.dit.linear_attention(neg, k, v, 1e-15), torch.zeros_like(q))
     assert torch.equal(torch.ops.dit.linear_attention(q, neg, v, 1e-15), torch.zeros_like(q))
-    t = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v)]  # (B, N, H, d) memory, as from a view
-    assert torch.equal(torch.ops.dit.linear_attention(*t, 1e-15), torch.ops.dit.linear_attention(q, k, v, 1e-15))
+    t = [
+        x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v)
+    ]  # (B, N, H, d) memory, as from a view
+    assert torch.equal(
+        torch.ops.dit.linear_attention(*t, 1e-15), torch.ops.dit.linear_attention(q, k, v, 1e-15)
+    )
 
 
 @pytest.mark.gpu
@@ -415,8 +477,18 @@ def test_model_calls_dispatch_to_the_kernels(cuda_lib):
     assert torch_ops.library() is cuda_lib
     x, y, gate, shift, scale = modulation_inputs((2, 64, 1152), torch.float16, "cuda")
     direct = torch.empty_like(x)
-    code = cuda_lib.dit_adaln_modulate(x.data_ptr(), shift.data_ptr(), scale.data_ptr(), direct.data_ptr(), 2, 64,
-                                       1152, 1e-6, 1, torch.cuda.current_stream().cuda_stream)
+    code = cuda_lib.dit_adaln_modulate(
+        x.data_ptr(),
+        shift.data_ptr(),
+        scale.data_ptr(),
+        direct.data_ptr(),
+        2,
+        64,
+        1152,
+        1e-6,
+        1,
+        torch.cuda.current_stream().cuda_stream,
+    )
     assert code == 0
     assert torch.equal(adaln_modulate(x, shift, scale, 1e-6), direct)  # the public wrapper, "op" lowering
     q, k, v = la_inputs((2, 3, 100, 32), torch.bfloat16)
@@ -430,7 +502,9 @@ def test_cuda_kernels_pass_opcheck(cuda_lib):
     inputs = modulation_inputs((2, 5, 72), torch.float16, "cuda")
     torch.library.opcheck(torch.ops.dit.adaln_modulate.default, (inputs[0], *inputs[3:], 1e-6))
     torch.library.opcheck(torch.ops.dit.adaln_modulate_residual.default, (*inputs, 1e-6))
-    torch.library.opcheck(torch.ops.dit.linear_attention.default, (*la_inputs((1, 2, 9, 32), torch.bfloat16), 1e-15))
+    torch.library.opcheck(
+        torch.ops.dit.linear_attention.default, (*la_inputs((1, 2, 9, 32), torch.bfloat16), 1e-15)
+    )
 
 
 @needs_nvcc
@@ -444,9 +518,27 @@ def test_kernel_bodies_match_float64_in_a_cpu_simulation(tmp_path):
     sim, csrc = Path(__file__).parent / "kernel_sim", Path(__file__).parent.parent / "csrc"
     exe = tmp_path / "kernels_vs_fp64"
     # nvcc -x c++ compiles plain host C++ with the toolkit's headers (cuda_fp16.h, cuda_bf16.h) on the path
-    subprocess.run([find_nvcc(), "-x", "c++", "-std=c++20", "-O2", "-Xcompiler", "-pthread", f"-I{sim}", f"-I{csrc}",
-                    str(sim / "kernels_vs_fp64.cpp"), "-o", str(exe)], check=True, timeout=300)
+    subprocess.run(
+        [
+            find_nvcc(),
+            "-x",
+            "c++",
+            "-std=c++20",
+            "-O2",
+            "-Xcompiler",
+            "-pthread",
+            f"-I{sim}",
+            f"-I{csrc}",
+            str(sim / "kernels_vs_fp64.cpp"),
+            "-o",
+            str(exe),
+        ],
+        check=True,
+        timeout=300,
+    )
     r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)
     lines = r.stdout.splitlines()
-    assert r.returncode == 0 and lines[-1] == "fails=0", "\n".join(l for l in lines if not l.startswith("ok"))
-    assert sum(l.startswith("ok") for l in lines) >= 80  # every case ran
+    assert r.returncode == 0 and lines[-1] == "fails=0", "\n".join(
+        line for line in lines if not line.startswith("ok")
+    )
+    assert sum(line.startswith("ok") for line in lines) >= 80  # every case ran

@@ -4,22 +4,28 @@ import json
 
 import pytest
 import torch
+from tiny_components import randomize
 
 from ditrt.export.loaders.diffusers import load_component
 from ditrt.runtime.errors import LoaderError
-from tiny_components import randomize
 
 # fp32 on CPU, same weights, same maths in a different order: differences are float rounding
 ATOL = 1e-4
 
 
-
-
 def diffusers_dit(tmp_path, **overrides):
     from diffusers import DiTTransformer2DModel
 
-    cfg = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
-               sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+    cfg = dict(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=10,
+    )
     cfg.update(overrides)
     model = randomize(DiTTransformer2DModel(**cfg))
     with torch.no_grad():  # converted checkpoints hold identical per-block embedder copies
@@ -61,10 +67,15 @@ def test_dit_fp16_and_sharded_weights(tmp_path):
 def test_diverged_per_block_embedders_are_refused(tmp_path):
     from diffusers import DiTTransformer2DModel
 
-    model = randomize(DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, num_layers=2, sample_size=8,
-                                            num_embeds_ada_norm=10))
+    model = randomize(
+        DiTTransformer2DModel(
+            num_attention_heads=2, attention_head_dim=8, num_layers=2, sample_size=8, num_embeds_ada_norm=10
+        )
+    )
     model.save_pretrained(tmp_path)
-    with pytest.raises(LoaderError, match="transformer_blocks.1.norm1.emb.* differs from .*transformer_blocks.0"):
+    with pytest.raises(
+        LoaderError, match="transformer_blocks.1.norm1.emb.* differs from .*transformer_blocks.0"
+    ):
         load_component(tmp_path)
 
 

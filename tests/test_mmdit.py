@@ -5,19 +5,35 @@ from dataclasses import replace
 
 import pytest
 import torch
+from tiny_components import randomize
 
 from ditrt.export.loaders.diffusers import load_component
-from ditrt.export.models.mmdit import (SD3_MEDIUM, SD35_LARGE, SD35_MEDIUM, MMDiT, MMDiTConfig,
-                                        config_from_diffusers)
+from ditrt.export.models.mmdit import (
+    SD3_MEDIUM,
+    SD35_LARGE,
+    SD35_MEDIUM,
+    MMDiT,
+    MMDiTConfig,
+    config_from_diffusers,
+)
 from ditrt.runtime.errors import ConfigError, InputError
-from tiny_components import randomize
 
 # fp32 on CPU, same weights, same maths in a different order (token order inside the joint attention, fused
 # LayerNorm+modulate): the differences are float rounding, ~1e-6 at these sizes
 ATOL = 1e-4
-TINY = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
-            num_attention_heads=2, joint_attention_dim=12, caption_projection_dim=16, pooled_projection_dim=10,
-            pos_embed_max_size=8)
+TINY = dict(
+    sample_size=8,
+    patch_size=2,
+    in_channels=4,
+    out_channels=4,
+    num_layers=2,
+    attention_head_dim=8,
+    num_attention_heads=2,
+    joint_attention_dim=12,
+    caption_projection_dim=16,
+    pooled_projection_dim=10,
+    pos_embed_max_size=8,
+)
 CASES = {
     "sd3": {},
     "sd3.5-qk-norm": dict(qk_norm="rms_norm"),
@@ -35,8 +51,12 @@ def diffusers_sd3(folder, **overrides):
 
 def inputs(batch: int = 2, height: int = 8, width: int = 8, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(batch, 4, height, width, generator=g), torch.tensor([1000.0, 37.5][:batch]),
-            torch.randn(batch, 5, 12, generator=g), torch.randn(batch, 10, generator=g))
+    return (
+        torch.randn(batch, 4, height, width, generator=g),
+        torch.tensor([1000.0, 37.5][:batch]),
+        torch.randn(batch, 5, 12, generator=g),
+        torch.randn(batch, 10, generator=g),
+    )
 
 
 def run_both(ref, ours, x, t, ctx, pooled):
@@ -68,9 +88,15 @@ def test_mmdit_half_precision_weights_load(tmp_path, dtype):
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("cfg,params,buffer", [
-    (SD3_MEDIUM, 2028.3e6, 56.6e6), (SD35_MEDIUM, 2243.2e6, 226.5e6), (SD35_LARGE, 8056.6e6, 89.7e6),
-], ids=["sd3-medium", "sd3.5-medium", "sd3.5-large"])
+@pytest.mark.parametrize(
+    "cfg,params,buffer",
+    [
+        (SD3_MEDIUM, 2028.3e6, 56.6e6),
+        (SD35_MEDIUM, 2243.2e6, 226.5e6),
+        (SD35_LARGE, 8056.6e6, 89.7e6),
+    ],
+    ids=["sd3-medium", "sd3.5-medium", "sd3.5-large"],
+)
 def test_released_sizes(cfg, params, buffer):
     """Parameters and the position-table buffer (a buffer, as in diffusers) against architectures.md §8."""
     with torch.device("meta"):
@@ -80,19 +106,30 @@ def test_released_sizes(cfg, params, buffer):
 
 
 def test_config_from_diffusers_reads_released_shape():
-    d = dict(sample_size=128, num_layers=24, attention_head_dim=64, num_attention_heads=24,
-             caption_projection_dim=1536, pos_embed_max_size=384, qk_norm="rms_norm",
-             dual_attention_layers=list(range(13)), out_channels=None)
+    d = dict(
+        sample_size=128,
+        num_layers=24,
+        attention_head_dim=64,
+        num_attention_heads=24,
+        caption_projection_dim=1536,
+        pos_embed_max_size=384,
+        qk_norm="rms_norm",
+        dual_attention_layers=list(range(13)),
+        out_channels=None,
+    )
     assert config_from_diffusers(d) == SD35_MEDIUM
 
 
-@pytest.mark.parametrize("key,value,match", [
-    ("qk_norm", "layer_norm", "qk_norm='layer_norm' is not supported"),
-    ("caption_projection_dim", 32, "caption_projection_dim=32 differs"),
-    ("pos_embed_max_size", None, "pos_embed_max_size=None"),
-    ("pos_embed_max_size", 2, "pos_embed_max_size=2 is smaller"),
-    ("dual_attention_layers", [0, 5], r"dual_attention_layers holds \[5\]"),
-])
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("qk_norm", "layer_norm", "qk_norm='layer_norm' is not supported"),
+        ("caption_projection_dim", 32, "caption_projection_dim=32 differs"),
+        ("pos_embed_max_size", None, "pos_embed_max_size=None"),
+        ("pos_embed_max_size", 2, "pos_embed_max_size=2 is smaller"),
+        ("dual_attention_layers", [0, 5], r"dual_attention_layers holds \[5\]"),
+    ],
+)
 def test_unsupported_configs_are_refused(key, value, match):
     with pytest.raises(ConfigError, match=match):
         config_from_diffusers(dict(TINY, **{key: value}))

@@ -20,7 +20,10 @@ def decomposed(x, shift, scale, eps):
 def test_adaln_matches_decomposition_fp32(mode, shape):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g) * 3 + 1
-    shift, scale = torch.randn(shape[0], shape[-1], generator=g), torch.randn(shape[0], shape[-1], generator=g)
+    shift, scale = (
+        torch.randn(shape[0], shape[-1], generator=g),
+        torch.randn(shape[0], shape[-1], generator=g),
+    )
     with lowering(mode):
         y = adaln_modulate(x, shift, scale, 1e-6)
     # fp32 LayerNorm on O(1) data: error is a few ulps of the output magnitude
@@ -29,7 +32,9 @@ def test_adaln_matches_decomposition_fp32(mode, shape):
 
 def test_adaln_low_precision_keeps_dtype_and_uses_fp32_statistics():
     g = torch.Generator().manual_seed(1)
-    x = (torch.randn(2, 16, 256, generator=g) * 50 + 200).to(torch.bfloat16)  # large mean: bf16 stats would fail
+    x = (torch.randn(2, 16, 256, generator=g) * 50 + 200).to(
+        torch.bfloat16
+    )  # large mean: bf16 stats would fail
     shift, scale = torch.zeros(2, 256, dtype=torch.bfloat16), torch.zeros(2, 256, dtype=torch.bfloat16)
     y = adaln_modulate(x, shift, scale)
     assert y.dtype == torch.bfloat16
@@ -40,7 +45,9 @@ def test_adaln_opcheck_fake_and_schema():
     args = (torch.randn(2, 5, 8), torch.randn(2, 8), torch.randn(2, 8), 1e-6)
     torch.library.opcheck(torch.ops.dit.adaln_modulate.default, args)
     with torch._subclasses.fake_tensor.FakeTensorMode():
-        out = torch.ops.dit.adaln_modulate(torch.empty(3, 4, 16), torch.empty(3, 16), torch.empty(3, 16), 1e-6)
+        out = torch.ops.dit.adaln_modulate(
+            torch.empty(3, 4, 16), torch.empty(3, 16), torch.empty(3, 16), 1e-6
+        )
     assert out.shape == (3, 4, 16)
 
 
@@ -58,8 +65,11 @@ class _Modulated(torch.nn.Module):
 def _export(tmp_path, lowering_name):
     from ditrt.export.onnx_export import export_onnx
 
-    inputs = [TensorSpec("x", "float32", ("B", 5, 8)), TensorSpec("shift", "float32", ("B", 8)),
-              TensorSpec("scale", "float32", ("B", 8))]
+    inputs = [
+        TensorSpec("x", "float32", ("B", 5, 8)),
+        TensorSpec("shift", "float32", ("B", 8)),
+        TensorSpec("scale", "float32", ("B", 8)),
+    ]
     path = tmp_path / f"{lowering_name}.onnx"
     export_onnx(_Modulated(), inputs, [TensorSpec("y", "float32", ("B", 5, 8))], path, lowering_name)
     return onnx.load(str(path))
@@ -70,9 +80,17 @@ def test_plugin_lowering_emits_one_typed_plugin_node(tmp_path):
     nodes = [n for n in model.graph.node if n.op_type == PLUGIN_NAME]
     assert len(nodes) == 1 and nodes[0].domain == "dit"
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
-    assert attrs == {"eps": pytest.approx(1e-5), "plugin_namespace": b"dit", "plugin_version": PLUGIN_VERSION.encode()}
+    assert attrs == {
+        "eps": pytest.approx(1e-5),
+        "plugin_namespace": b"dit",
+        "plugin_version": PLUGIN_VERSION.encode(),
+    }
     assert ("dit", 1) in [(o.domain, o.version) for o in model.opset_import]
-    assert [d.dim_param or d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim] == ["B", 5, 8]
+    assert [d.dim_param or d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim] == [
+        "B",
+        5,
+        8,
+    ]
 
 
 def test_portable_lowering_uses_standard_ops_only(tmp_path):
@@ -124,8 +142,10 @@ def test_linear_attention_all_zero_keys_stay_finite():
 
 def test_linear_attention_opcheck():
     shape = (2, 2, 6, 4)
-    torch.library.opcheck(torch.ops.dit.linear_attention.default,
-                          (torch.randn(shape), torch.randn(shape), torch.randn(shape), 1e-15))
+    torch.library.opcheck(
+        torch.ops.dit.linear_attention.default,
+        (torch.randn(shape), torch.randn(shape), torch.randn(shape), 1e-15),
+    )
 
 
 class _LinearAttn(torch.nn.Module):

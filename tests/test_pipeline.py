@@ -80,34 +80,60 @@ def test_concurrent_calls_are_independent(pipe):
 def test_timings_and_defaults(pipe):
     r = pipe(class_label="7", seed=0)
     m = pipe.manifest.scheduler
-    assert f"Steps: {m.default_steps}," in r.parameters[0] and f"CFG scale: {m.default_guidance:g}," in r.parameters[0]
-    for k in ("load", "text_encode", "denoise_total", "denoise_per_step", "denoise_engine", "decode", "total"):
+    assert (
+        f"Steps: {m.default_steps}," in r.parameters[0]
+        and f"CFG scale: {m.default_guidance:g}," in r.parameters[0]
+    )
+    for k in (
+        "load",
+        "text_encode",
+        "denoise_total",
+        "denoise_per_step",
+        "denoise_engine",
+        "decode",
+        "total",
+    ):
         assert r.timings_ms[k] >= 0
     assert r.timings_ms["denoise_engine"] <= r.timings_ms["denoise_total"]
     assert r.images[0].dtype == np.uint8 and r.images[0].shape == (16, 16)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"class_label": 10}, "class label 10 is out of range.*0..9"),
-    ({"class_label": -1}, "class label -1 is out of range"),
-    ({"class_label": "seven"}, "class label 'seven' is out of range"),
-    ({}, "needs a class label"),
-    ({"class_label": 1, "steps": 0}, "steps 0 is not allowed"),
-    ({"class_label": 1, "steps": 2.5}, "steps 2.5 is not allowed"),
-    ({"class_label": 1, "guidance": -0.5}, "guidance -0.5 is not allowed"),
-    ({"class_label": 1, "guidance": float("nan")}, "guidance nan is not allowed"),
-    ({"class_label": 1, "batch_size": 0}, "batch_size 0 is not allowed"),
-    ({"class_label": 1, "batch_size": 1000}, "batch_size 1000 is not allowed"),
-    ({"class_label": 1, "guidance": 101}, "guidance 101 is not allowed; use a finite number in 0..100"),
-    ({"class_label": 1, "sampler": "heun"}, "unknown sampler 'heun'"),
-    ({"class_label": 1, "max_sequence_length": 64}, "max_sequence_length 64 cannot be chosen for this engine folder"),
-    ({"class_label": 1, "latents": np.zeros((1, 1, 8, 8), np.float32)}, "latents of shape .1, 1, 8, 8."),
-    ({"class_label": 1, "latents": [[0.0]]}, "latents of list are not allowed; give a float32 array of shape"),
-    ({"class_label": 1, "latents": np.zeros((1, 1, 16, 16))}, "latents of shape .* dtype float64"),
-    ({"class_label": 1, "latents": np.full((1, 1, 16, 16), 3e38, np.float32)}, "non-finite values .guidance 3"),
-    ({"class_label": 1, "latents": np.full((1, 1, 16, 16), np.nan, np.float32)}, "latents hold non-finite values"),
-    ({"class_label": 1, "sampler": ""}, "unknown sampler ''"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"class_label": 10}, "class label 10 is out of range.*0..9"),
+        ({"class_label": -1}, "class label -1 is out of range"),
+        ({"class_label": "seven"}, "class label 'seven' is out of range"),
+        ({}, "needs a class label"),
+        ({"class_label": 1, "steps": 0}, "steps 0 is not allowed"),
+        ({"class_label": 1, "steps": 2.5}, "steps 2.5 is not allowed"),
+        ({"class_label": 1, "guidance": -0.5}, "guidance -0.5 is not allowed"),
+        ({"class_label": 1, "guidance": float("nan")}, "guidance nan is not allowed"),
+        ({"class_label": 1, "batch_size": 0}, "batch_size 0 is not allowed"),
+        ({"class_label": 1, "batch_size": 1000}, "batch_size 1000 is not allowed"),
+        ({"class_label": 1, "guidance": 101}, "guidance 101 is not allowed; use a finite number in 0..100"),
+        ({"class_label": 1, "sampler": "heun"}, "unknown sampler 'heun'"),
+        (
+            {"class_label": 1, "max_sequence_length": 64},
+            "max_sequence_length 64 cannot be chosen for this engine folder",
+        ),
+        ({"class_label": 1, "latents": np.zeros((1, 1, 8, 8), np.float32)}, "latents of shape .1, 1, 8, 8."),
+        (
+            {"class_label": 1, "latents": [[0.0]]},
+            "latents of list are not allowed; give a float32 array of shape",
+        ),
+        ({"class_label": 1, "latents": np.zeros((1, 1, 16, 16))}, "latents of shape .* dtype float64"),
+        (
+            {"class_label": 1, "latents": np.full((1, 1, 16, 16), 3e38, np.float32)},
+            "non-finite values .guidance 3",
+        ),
+        (
+            {"class_label": 1, "latents": np.full((1, 1, 16, 16), np.nan, np.float32)},
+            "latents hold non-finite values",
+        ),
+        ({"class_label": 1, "sampler": ""}, "unknown sampler ''"),
+    ],
+)
 def test_bad_requests(pipe, kwargs, match):
     with pytest.raises(InputError, match=match):
         pipe(**kwargs)
@@ -118,7 +144,9 @@ def test_png_parameters_and_naming(pipe, tmp_path):
     paths = r.save(tmp_path / "two.png")
     assert [p.name for p in paths] == ["two-0000.png", "two-0001.png"]
     text = Image.open(paths[1]).text["parameters"]
-    assert text == "class 2 (2)\nSteps: 3, Sampler: Euler, CFG scale: 2.5, Seed: 10, Size: 16x16, Model: digits"
+    assert (
+        text == "class 2 (2)\nSteps: 3, Sampler: Euler, CFG scale: 2.5, Seed: 10, Size: 16x16, Model: digits"
+    )
     assert np.array_equal(np.asarray(Image.open(paths[0])), r.images[0])
     single = pipe(class_label=2, seed=9, steps=3).save(tmp_path / "one.png", metadata=False)
     assert single == [tmp_path / "one.png"] and "parameters" not in Image.open(single[0]).text
@@ -153,7 +181,9 @@ def test_sampler_switch_is_recorded_and_changes_the_image(pipe):
     dpm = pipe(class_label=3, seed=1, steps=8, sampler="dpm++2m")
     shifted = pipe(class_label=3, seed=1, steps=8, shift=3.0)
     assert "Sampler: Euler," in euler.parameters[0] and "Sampler: DPM++ 2M," in dpm.parameters[0]
-    assert np.abs(dpm.pixels - euler.pixels).max() > 1e-3 and np.abs(shifted.pixels - euler.pixels).max() > 1e-3
+    assert (
+        np.abs(dpm.pixels - euler.pixels).max() > 1e-3 and np.abs(shifted.pixels - euler.pixels).max() > 1e-3
+    )
 
 
 def test_result_holds_the_final_latents(digits_engine):
@@ -173,8 +203,10 @@ def test_output_types_return_the_same_generation_trimmed(request, engine, tmp_pa
     alone (text-digits: before the DC-AE decoder); one seed gives the same latents whatever is returned."""
     with Pipeline.load(request.getfixturevalue(engine)) as pipe:
         ask = {"prompt": "a 7"} if pipe.manifest.conditioning == "text" else {"class_label": 7}
-        full, flt, lat = (pipe(**ask, seed=3, steps=3, batch_size=2, output_type=kind)
-                          for kind in ("uint8", "float", "latent"))
+        full, flt, lat = (
+            pipe(**ask, seed=3, steps=3, batch_size=2, output_type=kind)
+            for kind in ("uint8", "float", "latent")
+        )
     assert len(full.images) == 2 and full.images[0].dtype == np.uint8 and full.pixels.dtype == np.float32
     assert flt.images is None and np.array_equal(flt.pixels, full.pixels)
     assert lat.images is None and lat.pixels is None and np.array_equal(lat.latents, full.latents)

@@ -9,15 +9,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 from onnx import TensorProto
+from tiny_components import PROMPT, build_flux
 
-from ditrt.export.cli import main as export_cli
 from ditrt.export import export_model
+from ditrt.export.cli import main as export_cli
 from ditrt.runtime import Pipeline
 from ditrt.runtime.cli import main as run_cli
 from ditrt.runtime.errors import BackendUnavailable, InputError
 from ditrt.runtime.manifest import load_manifest
 from ditrt.runtime.pipeline import initial_noise, unpack
-from tiny_components import PROMPT, build_flux
 
 F32, F16, BF16 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16
 ISLAND_OPS = ("LayerNormalization", "GroupNormalization", "Softmax")
@@ -32,7 +32,13 @@ def load(folder, component: str) -> onnx.ModelProto:
 def weight_types(model: onnx.ModelProto) -> set[int]:
     """Element types of the initializers that MatMul, Gemm and Conv read: the weights."""
     init = {i.name: i.data_type for i in model.graph.initializer}
-    return {init[x] for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "Conv") for x in n.input if x in init}
+    return {
+        init[x]
+        for n in model.graph.node
+        if n.op_type in ("MatMul", "Gemm", "Conv")
+        for x in n.input
+        if x in init
+    }
 
 
 def islands(model: onnx.ModelProto) -> dict[str, list[bool]]:
@@ -50,8 +56,13 @@ def islands(model: onnx.ModelProto) -> dict[str, list[bool]]:
 
 def step_feeds(x: np.ndarray, **cond) -> dict:
     scalars = dict(t=500.0, guidance=4.0, p=1.0, q=-0.5, a=0.5, b=0.5, c=0.1, e=0.0, d=0.0, clip=np.inf)
-    return dict(cond, x=x, x0_prev=np.ones_like(x), x0_prev2=np.zeros_like(x),
-                **{k: np.float32(v) for k, v in scalars.items()})
+    return dict(
+        cond,
+        x=x,
+        x0_prev=np.ones_like(x),
+        x0_prev2=np.zeros_like(x),
+        **{k: np.float32(v) for k, v in scalars.items()},
+    )
 
 
 def test_digits_fp16_engine_matches_fp32(digits_engine, tmp_path):
@@ -63,7 +74,9 @@ def test_digits_fp16_engine_matches_fp32(digits_engine, tmp_path):
     graph = load(tmp_path / "fp16", "denoiser")
     assert weight_types(graph) == {F16}
     found = islands(graph)
-    assert len(found["LayerNormalization"]) == 9 and len(found["Softmax"]) == 4  # 4 blocks × (2 AdaLN, 1 attention)
+    assert (
+        len(found["LayerNormalization"]) == 9 and len(found["Softmax"]) == 4
+    )  # 4 blocks × (2 AdaLN, 1 attention)
     assert all(all(v) for v in found.values())
 
     p32, p16 = Pipeline.load(digits_engine), Pipeline.load(tmp_path / "fp16")
@@ -75,8 +88,12 @@ def test_digits_fp16_engine_matches_fp32(digits_engine, tmp_path):
     # measured 8.1e-3 on x0, 4.0e-3 on x_next
     np.testing.assert_allclose(b["x0"], a["x0"], rtol=0, atol=3e-2)
     np.testing.assert_allclose(b["x_next"], a["x_next"], rtol=0, atol=3e-2)
-    img32, img16 = (np.concatenate([p(class_label=i, steps=20, guidance=3.0, latents=x[i:i + 1]).pixels
-                                    for i in range(10)]) for p in (p32, p16))
+    img32, img16 = (
+        np.concatenate(
+            [p(class_label=i, steps=20, guidance=3.0, latents=x[i : i + 1]).pixels for i in range(10)]
+        )
+        for p in (p32, p16)
+    )
     # 20 Euler steps, one image per class: measured 4.0e-4 on [0, 1] pixels (the samples are mostly saturated
     # strokes on black, so the clamp hides most of the drift); 5e-3 is about one uint8 level
     np.testing.assert_allclose(img16, img32, rtol=0, atol=5e-3)
@@ -91,22 +108,43 @@ def test_flux_fp16_engine_matches_fp32(tmp_path):
 
     ref = build_flux(tmp_path / "flux", guidance_embeds=True)
     m = export_model(str(tmp_path / "flux"), tmp_path / "fp16", precision="fp16", height=16, width=8)
-    assert {k: c.precision for k, c in m.components.items()} == \
-        {"denoiser": "fp16", "text_encoder": "fp16", "vae_decoder": "fp32"}
+    assert {k: c.precision for k, c in m.components.items()} == {
+        "denoiser": "fp16",
+        "text_encoder": "fp16",
+        "vae_decoder": "fp32",
+    }
     assert m.export["precision"] == {"requested": "fp16", "text_encoders": {"clip_l": "fp16", "t5": "fp32"}}
     assert all(s.dtype in ("float32", "int64") for c in m.components.values() for s in c.inputs + c.outputs)
     denoiser, text = load(tmp_path / "fp16", "denoiser"), load(tmp_path / "fp16", "text_encoder")
     assert weight_types(denoiser) == {F16} and weight_types(text) == {F16, F32}
     assert weight_types(load(tmp_path / "fp16", "vae_decoder")) == {F32}
     found = islands(denoiser)
-    assert len(found["LayerNormalization"]) == 6 and len(found["Softmax"]) == 2 and all(all(v) for v in found.values())
-    found = islands(text)  # CLIP's LayerNorms and softmax are islands; T5 is fp32 throughout, so it has no Casts
-    assert len(found["LayerNormalization"]) == 5 and all(found["LayerNormalization"]) and sum(found["Softmax"]) == 2
+    assert (
+        len(found["LayerNormalization"]) == 6
+        and len(found["Softmax"]) == 2
+        and all(all(v) for v in found.values())
+    )
+    found = islands(
+        text
+    )  # CLIP's LayerNorms and softmax are islands; T5 is fp32 throughout, so it has no Casts
+    assert (
+        len(found["LayerNormalization"]) == 5
+        and all(found["LayerNormalization"])
+        and sum(found["Softmax"]) == 2
+    )
 
     pipe = Pipeline.load(tmp_path / "fp16")
     noise = initial_noise([0], (16, 8, 4))
-    want = ref(PROMPT, num_inference_steps=10, guidance_scale=3.5, height=16, width=8, max_sequence_length=512,
-               latents=FluxPipeline._pack_latents(torch.from_numpy(noise), 1, 16, 8, 4), output_type="latent").images
+    want = ref(
+        PROMPT,
+        num_inference_steps=10,
+        guidance_scale=3.5,
+        height=16,
+        width=8,
+        max_sequence_length=512,
+        latents=FluxPipeline._pack_latents(torch.from_numpy(noise), 1, 16, 8, 4),
+        output_type="latent",
+    ).images
     got = pipe(prompt=PROMPT, steps=10, guidance=3.5, latents=noise).pixels
     # decoded by the same fp32 VAE engine: measured 6.7e-6 on [0, 1] pixels after 10 Euler steps at |x| ≤ 3.5
     # (latents 5.6e-4 apart; fp16's unit roundoff is 4.9e-4; the tiny random VAE compresses)
@@ -116,14 +154,19 @@ def test_flux_fp16_engine_matches_fp32(tmp_path):
 
 def test_bf16_engine_is_well_typed_and_refused_on_cpu(tmp_path):
     m = export_model("digits", tmp_path / "bf16", precision="bf16")
-    assert m.components["denoiser"].precision == "bf16" and m.export["versions"]["opset"] == 22  # bf16 Conv: 22+
+    assert (
+        m.components["denoiser"].precision == "bf16" and m.export["versions"]["opset"] == 22
+    )  # bf16 Conv: 22+
     graph = load(tmp_path / "bf16", "denoiser")
     assert weight_types(graph) == {BF16}
     found = islands(graph)
     assert found["LayerNormalization"] and found["Softmax"] and all(all(v) for v in found.values())
     # ONNX Runtime's CPU provider has no bf16 Conv/Gemm/MatMul: one line naming backend and precision
-    with pytest.raises(BackendUnavailable, match=r"onnxruntime backend \(CPUExecutionProvider\) cannot run the bf16 "
-                                                  r"engine 'denoiser/model.onnx': no bf16 kernel for \w+"):
+    with pytest.raises(
+        BackendUnavailable,
+        match=r"onnxruntime backend \(CPUExecutionProvider\) cannot run the bf16 "
+        r"engine 'denoiser/model.onnx': no bf16 kernel for \w+",
+    ):
         Pipeline.load(tmp_path / "bf16")
     r = CliRunner().invoke(run_cli, [str(tmp_path / "bf16"), "-c", "3", "-o", str(tmp_path / "x.png")])
     assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.output
@@ -141,7 +184,9 @@ def test_bf16_vae_decoder_keeps_groupnorm_and_softmax_in_fp32(tmp_path):
     vae = VAEDecoder(VAEConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4)).eval()
     cast(vae, POLICY["vae"]["bf16"])
     (tmp_path / "vae_decoder").mkdir()
-    export_onnx(DecoderGraph(vae), *decoder_io(vae, (4, 4)), tmp_path / "vae_decoder" / "model.onnx", opset=22)
+    export_onnx(
+        DecoderGraph(vae), *decoder_io(vae, (4, 4)), tmp_path / "vae_decoder" / "model.onnx", opset=22
+    )
     graph = load(tmp_path, "vae_decoder")
     assert weight_types(graph) == {BF16}
     found = islands(graph)

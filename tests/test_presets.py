@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import run_cli, run_cli_here
+
 from ditrt.export import export_model
 from ditrt.export.presets import PRESETS, build_preset, get_preset
 from ditrt.runtime import Pipeline
@@ -78,13 +78,26 @@ def test_forced_external_data(tmp_path):
 def diffusers_pixart_pipeline_folder(root):
     from diffusers import PixArtTransformer2DModel
 
-    model = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
-                                     num_layers=1, cross_attention_dim=16, caption_channels=12, sample_size=8,
-                                     norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
-                                     use_additional_conditions=False)
+    model = PixArtTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=1,
+        cross_attention_dim=16,
+        caption_channels=12,
+        sample_size=8,
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+        use_additional_conditions=False,
+    )
     model.save_pretrained(root / "transformer")
-    (root / "model_index.json").write_text(json.dumps({"_class_name": "PixArtSigmaPipeline",
-                                                      "transformer": ["diffusers", "PixArtTransformer2DModel"]}))
+    (root / "model_index.json").write_text(
+        json.dumps(
+            {"_class_name": "PixArtSigmaPipeline", "transformer": ["diffusers", "PixArtTransformer2DModel"]}
+        )
+    )
     return root
 
 
@@ -94,8 +107,11 @@ def test_export_diffusers_pipeline_folder_cli(tmp_path):
     assert r.returncode == 0, r.stderr
     m = load_manifest(tmp_path / "eng")
     assert (m.family, m.conditioning, m.random_weights) == ("pixart", "text", False)
-    assert (m.scheduler.config["_class_name"], m.scheduler.default_steps, m.scheduler.default_guidance) == \
-        ("DPMSolverMultistepScheduler", 20, 4.5)
+    assert (m.scheduler.config["_class_name"], m.scheduler.default_steps, m.scheduler.default_guidance) == (
+        "DPMSolverMultistepScheduler",
+        20,
+        4.5,
+    )
     names = [s.name for s in m.components["denoiser"].inputs]
     assert {"prompt_embeds", "prompt_attention_mask"} <= set(names)
     # the runtime says plainly what it cannot do yet, instead of failing later
@@ -106,8 +122,9 @@ def test_export_diffusers_pipeline_folder_cli(tmp_path):
 def test_class_conditional_latents_without_decoder_are_refused(tmp_path):
     from diffusers import DiTTransformer2DModel
 
-    DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, num_layers=1, sample_size=8,
-                          num_embeds_ada_norm=10).save_pretrained(tmp_path / "dit")
+    DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, num_layers=1, sample_size=8, num_embeds_ada_norm=10
+    ).save_pretrained(tmp_path / "dit")
     m = export_model(str(tmp_path / "dit"), tmp_path / "eng")
     assert m.family == "dit" and m.latent.channels == 4 and m.class_names == [str(i) for i in range(10)]
     with pytest.raises(ManifestError, match="4-channel latents and no decoder"):

@@ -10,7 +10,9 @@ CLASSES = range(10)
 
 
 def generate(pipe, label):
-    r = pipe(class_label=label, seed=10_000 + 100 * label, batch_size=PER_CLASS)  # the model's default steps/cfg
+    r = pipe(
+        class_label=label, seed=10_000 + 100 * label, batch_size=PER_CLASS
+    )  # the model's default steps/cfg
     return np.stack(r.images).astype(np.float32).reshape(PER_CLASS, -1) / 127.5 - 1
 
 

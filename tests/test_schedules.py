@@ -9,13 +9,27 @@ import pytest
 import torch
 
 from ditrt.runtime.errors import ConfigError
-from ditrt.runtime.schedules import (SAMPLERS, SCHEDULERS, STEP_SCALARS, calculate_shift, check_config,
-                                     full_config, make_plan, switch, timestep_args)
+from ditrt.runtime.schedules import (
+    SAMPLERS,
+    SCHEDULERS,
+    STEP_SCALARS,
+    calculate_shift,
+    check_config,
+    full_config,
+    make_plan,
+    switch,
+    timestep_args,
+)
 
 FLOW, DDIM, DPM = "FlowMatchEulerDiscreteScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler"
 EULER = "EulerDiscreteScheduler"
 PIXART_CALL = {"scales_initial_noise": True}  # PixArt multiplies its initial latents by init_noise_sigma
-FLUX_CALL = {"custom_sigmas": "linspace", "mu": "always", "image_seq_len": 1024, "mu_defaults": [256, 4096, 0.5, 1.15]}
+FLUX_CALL = {
+    "custom_sigmas": "linspace",
+    "mu": "always",
+    "image_seq_len": 1024,
+    "mu_defaults": [256, 4096, 0.5, 1.15],
+}
 SD3_CALL = {"mu": "dynamic", "image_seq_len": 4096, "mu_defaults": [256, 4096, 0.5, 1.16]}
 
 CASES = [  # (class, options, how the pipeline calls set_timesteps)
@@ -31,10 +45,27 @@ CASES = [  # (class, options, how the pipeline calls set_timesteps)
     (DDIM, {}, {}),  # DDIMScheduler() defaults: clip_sample=True, leading spacing
     (DDIM, {"clip_sample": False}, {}),  # facebook/DiT-XL-2-256
     (DDIM, {"clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}, {}),
-    (DDIM, {"clip_sample": False, "timestep_spacing": "linspace", "beta_schedule": "scaled_linear",
-            "beta_start": 0.00085, "beta_end": 0.012}, {}),
-    (DDIM, {"prediction_type": "v_prediction", "timestep_spacing": "trailing", "rescale_betas_zero_snr": True,
-            "clip_sample": False}, {}),
+    (
+        DDIM,
+        {
+            "clip_sample": False,
+            "timestep_spacing": "linspace",
+            "beta_schedule": "scaled_linear",
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+        },
+        {},
+    ),
+    (
+        DDIM,
+        {
+            "prediction_type": "v_prediction",
+            "timestep_spacing": "trailing",
+            "rescale_betas_zero_snr": True,
+            "clip_sample": False,
+        },
+        {},
+    ),
     (DDIM, {"prediction_type": "sample", "beta_schedule": "squaredcos_cap_v2", "clip_sample_range": 2.0}, {}),
     (DPM, {}, {}),  # PixArt-Σ
     (DPM, {"solver_order": 1}, {}),
@@ -48,17 +79,38 @@ CASES = [  # (class, options, how the pipeline calls set_timesteps)
     (DPM, {"timestep_spacing": "leading", "steps_offset": 1}, {}),
     (DPM, {"timestep_spacing": "trailing", "prediction_type": "v_prediction"}, {}),
     (DPM, {"lambda_min_clipped": -5.1, "beta_schedule": "squaredcos_cap_v2"}, {}),
-    (DPM, {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}, {}),
+    (
+        DPM,
+        {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"},
+        {},
+    ),
     (DPM, {"prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": 3.0}, {}),  # Sana
-    (DPM, {"prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": 7.0, "solver_order": 3}, {}),
+    (
+        DPM,
+        {"prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": 7.0, "solver_order": 3},
+        {},
+    ),
     (EULER, {}, {}),  # DiTPipeline: no init_noise_sigma
     (EULER, {}, PIXART_CALL),
     (EULER, {"prediction_type": "v_prediction", "timestep_spacing": "trailing"}, PIXART_CALL),
-    (EULER, {"timestep_spacing": "leading", "steps_offset": 1, "beta_schedule": "scaled_linear",
-             "beta_start": 0.00085, "beta_end": 0.012}, PIXART_CALL),
+    (
+        EULER,
+        {
+            "timestep_spacing": "leading",
+            "steps_offset": 1,
+            "beta_schedule": "scaled_linear",
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+        },
+        PIXART_CALL,
+    ),
     (EULER, {"use_karras_sigmas": True}, PIXART_CALL),
     (EULER, {"use_exponential_sigmas": True, "final_sigmas_type": "sigma_min"}, {}),
-    (EULER, {"use_karras_sigmas": True, "sigma_min": 0.1, "sigma_max": 10.0, "prediction_type": "sample"}, {}),
+    (
+        EULER,
+        {"use_karras_sigmas": True, "sigma_min": 0.1, "sigma_max": 10.0, "prediction_type": "sample"},
+        {},
+    ),
 ]
 
 
@@ -82,13 +134,20 @@ def run_diffusers(cls: str, options: dict, call: dict, steps: int, x: np.ndarray
 
 
 def run_plan(plan: dict, x: np.ndarray) -> np.ndarray:
-    """The step engine's update on the host: x0 = clamp(p·x + q·g); x_next = a·x + b·x0 + c·x0_prev + e·x0_prev2 + d·g."""
+    """The step engine's update on the host: x0 = clamp(p·x + q·g);
+    x_next = a·x + b·x0 + c·x0_prev + e·x0_prev2 + d·g."""
     x = x * plan["init"]
     x0_prev = x0_prev2 = np.zeros_like(x)
     for i, t in enumerate(plan["t"]):
         g = model_output(x, float(t), i)
         x0 = np.clip(plan["p"][i] * x + plan["q"][i] * g, -plan["clip"][i], plan["clip"][i])
-        x = plan["a"][i] * x + plan["b"][i] * x0 + plan["c"][i] * x0_prev + plan["e"][i] * x0_prev2 + plan["d"][i] * g
+        x = (
+            plan["a"][i] * x
+            + plan["b"][i] * x0
+            + plan["c"][i] * x0_prev
+            + plan["e"][i] * x0_prev2
+            + plan["d"][i] * g
+        )
         x0_prev, x0_prev2 = x0, x0_prev
     return x * plan["final"]
 
@@ -123,9 +182,15 @@ def test_defaults_are_diffusers_defaults(cls):
 
 
 @pytest.mark.parametrize("name", [n for n in SAMPLERS if n in SCHEDULERS])
-@pytest.mark.parametrize("start", [(DPM, {}), (DDIM, {"clip_sample": False, "steps_offset": 1}),
-                                   (DPM, {"timestep_spacing": "trailing", "solver_order": 3}),
-                                   (DDIM, {"clip_sample": False, "timestep_spacing": "leading", "beta_end": 0.012})])
+@pytest.mark.parametrize(
+    "start",
+    [
+        (DPM, {}),
+        (DDIM, {"clip_sample": False, "steps_offset": 1}),
+        (DPM, {"timestep_spacing": "trailing", "solver_order": 3}),
+        (DDIM, {"clip_sample": False, "timestep_spacing": "leading", "beta_end": 0.012}),
+    ],
+)
 def test_switching_is_from_config(start, name):
     """`--sampler X` on an ε-model: what diffusers' X.from_config(current config) registers."""
     if name == FLOW:
@@ -134,22 +199,31 @@ def test_switching_is_from_config(start, name):
         return
     folder = {"_class_name": start[0], **start[1]}  # a scheduler_config.json that leaves most options out
     ours = switch(full_config(folder), name, "epsilon")
-    theirs = getattr(diffusers, name).from_config(getattr(diffusers, start[0]).from_config(folder).config).config
+    theirs = (
+        getattr(diffusers, name).from_config(getattr(diffusers, start[0]).from_config(folder).config).config
+    )
     defaults = SCHEDULERS[name].defaults
     assert {k: ours[k] for k in defaults} == {k: theirs[k] for k in defaults}
 
 
 def test_switching_a_flow_model_keeps_flow_prediction_and_shift():
-    sana = full_config({"_class_name": DPM, "prediction_type": "flow_prediction", "use_flow_sigmas": True,
-                        "flow_shift": 3.0})
+    sana = full_config(
+        {"_class_name": DPM, "prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": 3.0}
+    )
     euler = switch(sana, "euler", "flow")
     assert euler["_class_name"] == FLOW and euler["shift"] == 3.0
     assert switch(full_config({"_class_name": FLOW}), "euler", "flow", shift=2.0)["shift"] == 2.0
-    assert make_plan(switch(full_config({"_class_name": FLOW}), "euler", "flow", shift=2.0), 4)["q"][1] != \
-        make_plan(full_config({"_class_name": FLOW}), 4)["q"][1]  # the shift reaches the plan
+    assert (
+        make_plan(switch(full_config({"_class_name": FLOW}), "euler", "flow", shift=2.0), 4)["q"][1]
+        != make_plan(full_config({"_class_name": FLOW}), 4)["q"][1]
+    )  # the shift reaches the plan
     back = switch(euler, "dpm++3m", "flow", shift=7.0)
-    assert (back["prediction_type"], back["use_flow_sigmas"], back["flow_shift"], back["solver_order"]) == \
-        ("flow_prediction", True, 7.0, 3)
+    assert (back["prediction_type"], back["use_flow_sigmas"], back["flow_shift"], back["solver_order"]) == (
+        "flow_prediction",
+        True,
+        7.0,
+        3,
+    )
     with pytest.raises(ConfigError, match="'ddim' .* needs an epsilon/v-prediction model"):
         switch(sana, "ddim", "flow")
     with pytest.raises(ConfigError, match="unknown sampler 'lms'; choose from euler, euler-karras, ddim"):
@@ -164,24 +238,43 @@ def test_shift_does_not_apply_to_dynamic_shifting():
         switch(flux, "euler", "flow", shift=2.0)
 
 
-@pytest.mark.parametrize("cls,options,fragment", [
-    ("EulerAncestralDiscreteScheduler", {}, "scheduler class 'EulerAncestralDiscreteScheduler' is not supported; "
-                                            "supported: FlowMatchEulerDiscreteScheduler, DDIMScheduler"),
-    (DDIM, {"thresholding": True}, "DDIMScheduler option thresholding=True is not supported (dynamic thresholding"),
-    (DPM, {"algorithm_type": "sde-dpmsolver++"}, "option algorithm_type='sde-dpmsolver++' is not supported"),
-    (DPM, {"use_lu_lambdas": True}, "option use_lu_lambdas=True is not supported"),
-    (DPM, {"variance_type": "learned_range"}, "variance_type='learned_range' is not supported"),
-    (FLOW, {"stochastic_sampling": True}, "stochastic_sampling=True is not supported (it draws noise"),
-    (FLOW, {"invert_sigmas": True}, "invert_sigmas=True is not supported"),
-    (FLOW, {"use_beta_sigmas": True}, "use_beta_sigmas=True is not supported"),
-    (FLOW, {"use_karras_sigmas": True, "use_exponential_sigmas": True}, "only one of use_karras_sigmas"),
-    (DDIM, {"trained_betas": [0.1, 0.2]}, "trained_betas has 2 values, num_train_timesteps is 1000"),
-    (FLOW, {"shift": "3"}, "option shift='3' is not allowed; expected a positive number"),
-    (FLOW, {"shift": -1.0}, "option shift=-1.0 is not allowed; expected a positive number"),
-    (DDIM, {"clip_sample": "yes"}, "option clip_sample='yes' is not allowed; expected true or false"),
-    (DPM, {"solver_order": 2.0}, "option solver_order=2.0 is not allowed; expected an integer > 0"),
-    ("EulerDiscreteScheduler", {"timestep_type": "continuous"}, "option timestep_type='continuous' is not supported"),
-])
+@pytest.mark.parametrize(
+    "cls,options,fragment",
+    [
+        (
+            "EulerAncestralDiscreteScheduler",
+            {},
+            "scheduler class 'EulerAncestralDiscreteScheduler' is not supported; "
+            "supported: FlowMatchEulerDiscreteScheduler, DDIMScheduler",
+        ),
+        (
+            DDIM,
+            {"thresholding": True},
+            "DDIMScheduler option thresholding=True is not supported (dynamic thresholding",
+        ),
+        (
+            DPM,
+            {"algorithm_type": "sde-dpmsolver++"},
+            "option algorithm_type='sde-dpmsolver++' is not supported",
+        ),
+        (DPM, {"use_lu_lambdas": True}, "option use_lu_lambdas=True is not supported"),
+        (DPM, {"variance_type": "learned_range"}, "variance_type='learned_range' is not supported"),
+        (FLOW, {"stochastic_sampling": True}, "stochastic_sampling=True is not supported (it draws noise"),
+        (FLOW, {"invert_sigmas": True}, "invert_sigmas=True is not supported"),
+        (FLOW, {"use_beta_sigmas": True}, "use_beta_sigmas=True is not supported"),
+        (FLOW, {"use_karras_sigmas": True, "use_exponential_sigmas": True}, "only one of use_karras_sigmas"),
+        (DDIM, {"trained_betas": [0.1, 0.2]}, "trained_betas has 2 values, num_train_timesteps is 1000"),
+        (FLOW, {"shift": "3"}, "option shift='3' is not allowed; expected a positive number"),
+        (FLOW, {"shift": -1.0}, "option shift=-1.0 is not allowed; expected a positive number"),
+        (DDIM, {"clip_sample": "yes"}, "option clip_sample='yes' is not allowed; expected true or false"),
+        (DPM, {"solver_order": 2.0}, "option solver_order=2.0 is not allowed; expected an integer > 0"),
+        (
+            "EulerDiscreteScheduler",
+            {"timestep_type": "continuous"},
+            "option timestep_type='continuous' is not supported",
+        ),
+    ],
+)
 def test_unsupported_options_are_refused_in_one_line(cls, options, fragment):
     with pytest.raises(ConfigError) as e:
         check_config({"_class_name": cls, **options})
@@ -199,8 +292,10 @@ def test_flux_mu_is_the_pipelines():
 
     for seq in (256, 1024, 4096):
         assert calculate_shift(seq) == pytest.approx(diffusers_shift(seq), abs=1e-12)
-    assert math.isclose(timestep_args(full_config({"_class_name": FLOW, "use_dynamic_shifting": True}), SD3_CALL,
-                                      28)["mu"], diffusers_shift(4096, 256, 4096, 0.5, 1.15))
+    assert math.isclose(
+        timestep_args(full_config({"_class_name": FLOW, "use_dynamic_shifting": True}), SD3_CALL, 28)["mu"],
+        diffusers_shift(4096, 256, 4096, 0.5, 1.15),
+    )
 
 
 def test_options_a_folder_leaves_out_are_not_carried_to_another_class():
@@ -213,18 +308,48 @@ def test_options_a_folder_leaves_out_are_not_carried_to_another_class():
     assert switch(explicit, "dpm++2m", "epsilon")["timestep_spacing"] == "leading"
 
 
-@pytest.mark.parametrize("cls,options,call,steps,fragment", [
-    (FLOW, {"use_dynamic_shifting": True}, {}, 4, "needs the resolution shift (mu), which this pipeline does not"),
-    (DPM, {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "use_karras_sigmas": True}, {}, 4,
-     "give NaN in diffusers"),
-    (DDIM, {"steps_offset": 1}, {}, 1000, "reaches timestep 1000, outside 0..999"),
-    (DDIM, {"num_train_timesteps": 100}, {}, 200, "cannot take 200 steps: more than num_train_timesteps=100"),
-    (FLOW, {"use_dynamic_shifting": True, "base_image_seq_len": 256, "max_image_seq_len": 256}, FLUX_CALL, 4,
-     "undefined schedule at 4 step(s) (ZeroDivisionError"),
-    (FLOW, {"use_dynamic_shifting": True, "base_shift": 1000.0, "max_shift": 1000.0}, FLUX_CALL, 4,
-     "undefined schedule at 4 step(s) (OverflowError"),
-    (DPM, {}, {"one_step_x0": True}, 1, "cannot take 1 step with DPMSolverMultistepScheduler"),
-])
+@pytest.mark.parametrize(
+    "cls,options,call,steps,fragment",
+    [
+        (
+            FLOW,
+            {"use_dynamic_shifting": True},
+            {},
+            4,
+            "needs the resolution shift (mu), which this pipeline does not",
+        ),
+        (
+            DPM,
+            {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "use_karras_sigmas": True},
+            {},
+            4,
+            "give NaN in diffusers",
+        ),
+        (DDIM, {"steps_offset": 1}, {}, 1000, "reaches timestep 1000, outside 0..999"),
+        (
+            DDIM,
+            {"num_train_timesteps": 100},
+            {},
+            200,
+            "cannot take 200 steps: more than num_train_timesteps=100",
+        ),
+        (
+            FLOW,
+            {"use_dynamic_shifting": True, "base_image_seq_len": 256, "max_image_seq_len": 256},
+            FLUX_CALL,
+            4,
+            "undefined schedule at 4 step(s) (ZeroDivisionError",
+        ),
+        (
+            FLOW,
+            {"use_dynamic_shifting": True, "base_shift": 1000.0, "max_shift": 1000.0},
+            FLUX_CALL,
+            4,
+            "undefined schedule at 4 step(s) (OverflowError",
+        ),
+        (DPM, {}, {"one_step_x0": True}, 1, "cannot take 1 step with DPMSolverMultistepScheduler"),
+    ],
+)
 def test_schedules_diffusers_cannot_run_are_refused(cls, options, call, steps, fragment):
     with pytest.raises(ConfigError) as e:
         make_plan(check_config({"_class_name": cls, **options}, call), steps, call)

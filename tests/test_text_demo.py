@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import run_cli
+
 from ditrt.export.demos import TEXT_DIGITS_FOLDER
 from ditrt.export.demos.train_text_digits import HELD_OUT, TEMPLATES, WORDS
 from ditrt.runtime import Pipeline
@@ -15,8 +15,16 @@ from ditrt.runtime import Pipeline
 SEEDS = 5  # images per (phrasing, digit), each from its own seed
 # Phrasings the model never saw: chosen before training, and no training caption shares a template with them
 # (train_text_digits checks that their content words appear in no caption). Listed here so the test says them.
-NEW_PHRASINGS = ("draw a {w}", "{w}, written by hand", "can you sketch the numeral {n}?", "my favourite number is {w}",
-                 "{n} on a sheet of paper", "a pencil doodle showing {w}", "give me {n} please", "the answer is {n}")
+NEW_PHRASINGS = (
+    "draw a {w}",
+    "{w}, written by hand",
+    "can you sketch the numeral {n}?",
+    "my favourite number is {w}",
+    "{n} on a sheet of paper",
+    "a pencil doodle showing {w}",
+    "give me {n} please",
+    "the answer is {n}",
+)
 TRAINED_PHRASINGS = ("a handwritten {w}", "the digit {n}", "the number {w}", "{n}")
 
 
@@ -49,7 +57,10 @@ def test_exports_every_component(text_digits):
     assert set(m.components) == {"text_encoder", "denoiser", "vae_decoder"}
     assert (m.latent.channels, m.latent.height, m.latent.width) == (8, 4, 4)
     # the folder's scheduler (flow_shift 1.0), not Sana's family default of 3.0
-    assert m.scheduler.config["_class_name"] == "DPMSolverMultistepScheduler" and m.scheduler.config["flow_shift"] == 1.0
+    assert (
+        m.scheduler.config["_class_name"] == "DPMSolverMultistepScheduler"
+        and m.scheduler.config["flow_shift"] == 1.0
+    )
     # the training budget is 20 minutes on 2 cores: its CPU time fits 2 × 20 core-minutes (the wall time it
     # records depends on what else the machine ran meanwhile)
     training = m.export["training"]
@@ -61,14 +72,28 @@ def test_matches_sana_pipeline_on_the_shipped_folder(text_digits):
 
     engine, _ = text_digits
     ref = SanaPipeline.from_pretrained(TEXT_DIGITS_FOLDER, torch_dtype=torch.float32)
-    ref.check_inputs = lambda *args, **kwargs: None  # it insists on multiples of 32 px (DC-AE f32); this VAE is f4
+    ref.check_inputs = lambda *args, **kwargs: (
+        None
+    )  # it insists on multiples of 32 px (DC-AE f32); this VAE is f4
     latents = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(0))
     prompt = "the digit 3"
-    want = ref(prompt, negative_prompt="", num_inference_steps=10, guidance_scale=4.5, height=16, width=16,
-               num_images_per_prompt=2, latents=latents.clone(), clean_caption=False,
-               use_resolution_binning=False, output_type="np").images
+    want = ref(
+        prompt,
+        negative_prompt="",
+        num_inference_steps=10,
+        guidance_scale=4.5,
+        height=16,
+        width=16,
+        num_images_per_prompt=2,
+        latents=latents.clone(),
+        clean_caption=False,
+        use_resolution_binning=False,
+        output_type="np",
+    ).images
     pipe = Pipeline.load(engine)
-    got = pipe(prompt=prompt, negative_prompt="", steps=10, guidance=4.5, batch_size=2, latents=latents.numpy()).pixels
+    got = pipe(
+        prompt=prompt, negative_prompt="", steps=10, guidance=4.5, batch_size=2, latents=latents.numpy()
+    ).pixels
     # fp32 end to end (weights stored in fp16, both sides load them into fp32): rounding only
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-3)
 
@@ -110,21 +135,38 @@ def test_samples_show_the_requested_digit(text_digits, digit_classifier):
     per_digit = new.mean((0, 2))
     real_x, real_y = digits_images()
     spread = {d: round(mean_pairwise_distance(np.concatenate(images[d])), 3) for d in range(10)}
-    real_spread = {d: round(mean_pairwise_distance(real_x[real_y == d].reshape(-1, 256)), 3) for d in range(10)}
-    print("new phrasings:", {p: round(float(hits[p].mean()), 2) for p in NEW_PHRASINGS},
-          "per digit:", dict(enumerate(per_digit.round(2))), "overall", round(float(new.mean()), 3),
-          "\ntraining phrasings:", {p: round(float(hits[p].mean()), 2) for p in TRAINED_PHRASINGS},
-          "\nmean pairwise distance per digit, generated:", spread, "real:", real_spread)
+    real_spread = {
+        d: round(mean_pairwise_distance(real_x[real_y == d].reshape(-1, 256)), 3) for d in range(10)
+    }
+    print(
+        "new phrasings:",
+        {p: round(float(hits[p].mean()), 2) for p in NEW_PHRASINGS},
+        "per digit:",
+        dict(enumerate(per_digit.round(2))),
+        "overall",
+        round(float(new.mean()), 3),
+        "\ntraining phrasings:",
+        {p: round(float(hits[p].mean()), 2) for p in TRAINED_PHRASINGS},
+        "\nmean pairwise distance per digit, generated:",
+        spread,
+        "real:",
+        real_spread,
+    )
     assert new.mean() >= 0.90 and per_digit.min() >= 0.70, (new.mean(), per_digit)
     assert trained.mean() >= 0.95 and trained.mean((1, 2)).min() >= 0.85, trained.mean((1, 2))
     # guidance 4.5 narrows each digit's variety: measured 0.58-0.82 of the real digits' mean pairwise distance
     # (real: about 180 images per digit from 13 writers; generated: 60 per digit, 12 phrasings × 5 seeds)
-    assert all(0.5 * real_spread[d] < spread[d] < 1.5 * real_spread[d] for d in range(10)), (spread, real_spread)
+    assert all(0.5 * real_spread[d] < spread[d] < 1.5 * real_spread[d] for d in range(10)), (
+        spread,
+        real_spread,
+    )
 
 
 def test_cli_generates_from_a_prompt(text_digits, tmp_path):
     engine, _ = text_digits
-    r = run_cli("dit-run", str(engine), "-p", "a handwritten seven", "-s", "3", "-o", str(tmp_path / "seven.png"))
+    r = run_cli(
+        "dit-run", str(engine), "-p", "a handwritten seven", "-s", "3", "-o", str(tmp_path / "seven.png")
+    )
     assert r.returncode == 0, r.stderr
     from PIL import Image
 

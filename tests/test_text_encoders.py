@@ -8,6 +8,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from tiny_components import clip_tokenizer, gemma_tokenizer, randomize, t5_model, t5_tokenizer
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, Gemma2Config, Gemma2Model
 
 from ditrt.export.onnx_export import export_onnx
@@ -15,10 +16,12 @@ from ditrt.export.text_encoders import ClipGraph, EncoderGraph, save_tokenizer
 from ditrt.runtime.errors import ConfigError, InputError, ManifestError
 from ditrt.runtime.tokenizer import TextTokenizer, TokenizerConfig
 
-from tiny_components import clip_tokenizer, gemma_tokenizer, randomize, t5_model, t5_tokenizer
-
-PROMPTS = ["a photo of a cat", "", "An astronaut riding a horse on the MOON, oil on canvas!! ü 😀 " * 2,
-           "a cat </s> <|endoftext|> <bos> <pad>"]  # short, empty, over the limit, special tokens as text
+PROMPTS = [
+    "a photo of a cat",
+    "",
+    "An astronaut riding a horse on the MOON, oil on canvas!! ü 😀 " * 2,
+    "a cat </s> <|endoftext|> <bos> <pad>",
+]  # short, empty, over the limit, special tokens as text
 T = 12  # tokens per prompt in these tests
 
 
@@ -32,7 +35,9 @@ TOKENIZERS = {  # name: (transformers tokenizer, padding side its pipeline uses)
 
 
 def runtime_tokenizer(hf, folder, max_length: int = T, padding_side: str = "right") -> TextTokenizer:
-    return TextTokenizer(save_tokenizer(hf, folder), TokenizerConfig(max_length, hf.pad_token_id, padding_side))
+    return TextTokenizer(
+        save_tokenizer(hf, folder), TokenizerConfig(max_length, hf.pad_token_id, padding_side)
+    )
 
 
 def pipeline_call(hf, prompts, max_length: int = T):
@@ -46,7 +51,10 @@ def test_tokenizer_matches_transformers(name, tmp_path):
     hf = build()
     hf.padding_side = side
     got, want = runtime_tokenizer(hf, tmp_path, padding_side=side)(PROMPTS), pipeline_call(hf, PROMPTS)
-    assert got.input_ids.dtype == got.attention_mask.dtype == np.int64 and got.input_ids.shape == (len(PROMPTS), T)
+    assert got.input_ids.dtype == got.attention_mask.dtype == np.int64 and got.input_ids.shape == (
+        len(PROMPTS),
+        T,
+    )
     assert got.input_ids.tolist() == want.input_ids
     assert got.attention_mask.tolist() == want.attention_mask
     # diffusers warns when the untruncated ids are longer than max_length
@@ -90,17 +98,29 @@ def test_saved_tokenizer_carries_no_padding_state(tmp_path):
 def test_slow_tokenizer_is_converted_or_refused(tmp_path):
     from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy
 
-    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "photo", "of", "cat"]))
-    slow = type("BertTokenizer", (BertTokenizerLegacy,), {})(str(tmp_path / "vocab.txt"))  # transformers 4.x's name
+    (tmp_path / "vocab.txt").write_text(
+        "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "photo", "of", "cat"])
+    )
+    slow = type("BertTokenizer", (BertTokenizerLegacy,), {})(
+        str(tmp_path / "vocab.txt")
+    )  # transformers 4.x's name
     ours = runtime_tokenizer(slow, tmp_path / "converted", max_length=6)
-    assert ours(["a photo of a cat", "cat"]).input_ids.tolist() == pipeline_call(slow, ["a photo of a cat", "cat"],
-                                                                                  6).input_ids
+    assert (
+        ours(["a photo of a cat", "cat"]).input_ids.tolist()
+        == pipeline_call(slow, ["a photo of a cat", "cat"], 6).input_ids
+    )
     with pytest.raises(ConfigError, match="cannot convert BertTokenizerLegacy.*sentencepiece"):
         save_tokenizer(BertTokenizerLegacy(str(tmp_path / "vocab.txt")), tmp_path / "refused")
 
 
-@pytest.mark.parametrize("kwargs,match", [(dict(max_length=0), "max_length 0"), (dict(pad_id=-1), "pad_id -1"),
-                                          (dict(padding_side="middle"), "padding_side 'middle'")])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(max_length=0), "max_length 0"),
+        (dict(pad_id=-1), "pad_id -1"),
+        (dict(padding_side="middle"), "padding_side 'middle'"),
+    ],
+)
 def test_tokenizer_config_errors(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         TokenizerConfig(**{"max_length": T, "pad_id": 0, **kwargs})
@@ -116,7 +136,9 @@ def test_tokenizer_errors(tmp_path):
         TextTokenizer(tmp_path / "bad.json", TokenizerConfig(T, 0))
     with pytest.raises(ConfigError, match="pad_id 100000 is outside"):
         TextTokenizer(path, TokenizerConfig(T, 100_000))
-    with pytest.raises(ConfigError, match="max_length 2 leaves no room.*above 2, the special"):  # CLIP: BOS + EOS
+    with pytest.raises(
+        ConfigError, match="max_length 2 leaves no room.*above 2, the special"
+    ):  # CLIP: BOS + EOS
         TextTokenizer(path, TokenizerConfig(2, 0))
     ours = TextTokenizer(path, TokenizerConfig(T, hf.pad_token_id))
     with pytest.raises(ConfigError, match="max_length 1 leaves no room"):
@@ -130,32 +152,73 @@ def test_tokenizer_errors(tmp_path):
 # transformers tokenizer (torch), so this is the whole text path of a pipeline. The reference calls the model as
 # the diffusers pipeline does.
 def clip_model(cls, tok, **kw):
-    return cls(CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                              num_attention_heads=2, projection_dim=16, max_position_embeddings=77,
-                              bos_token_id=tok.bos_token_id, **kw))
+    return cls(
+        CLIPTextConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            projection_dim=16,
+            max_position_embeddings=77,
+            bos_token_id=tok.bos_token_id,
+            **kw,
+        )
+    )
 
 
-def gemma_model(tok):  # sliding_window < T so both of Gemma-2's mask kinds are in the graph (Sana: 4096 > 300)
-    return Gemma2Model(Gemma2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                    num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=4,
-                                    pad_token_id=0, bos_token_id=2, eos_token_id=1))
+def gemma_model(
+    tok,
+):  # sliding_window < T so both of Gemma-2's mask kinds are in the graph (Sana: 4096 > 300)
+    return Gemma2Model(
+        Gemma2Config(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            sliding_window=4,
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=1,
+        )
+    )
 
 
 ENCODERS = {  # name: (tokenizer, model, graph, reference as the pipeline computes it)
     # eos_token_id=2: the released CLIP-L config's legacy value, pooling at argmax(input_ids) = the EOS
-    "sd3-clip": (lambda: clip_tokenizer(pad_token="!"),
-                 lambda tok: clip_model(CLIPTextModelWithProjection, tok, eos_token_id=2),
-                 lambda m: ClipGraph(m, T),
-                 lambda m, ids, mask: (m(ids, output_hidden_states=True).hidden_states[-2], m(ids)[0])),
-    "flux-clip": (clip_tokenizer, lambda tok: clip_model(CLIPTextModel, tok, eos_token_id=tok.eos_token_id),
-                  lambda m: ClipGraph(m, T),
-                  lambda m, ids, mask: (m(ids, output_hidden_states=True).hidden_states[-2], m(ids).pooler_output)),
-    "pixart-t5": (t5_tokenizer, t5_model, lambda m: EncoderGraph(m, T, attention_mask=True),
-                  lambda m, ids, mask: (m(ids, attention_mask=mask)[0],)),
-    "sd3-flux-t5": (t5_tokenizer, t5_model, lambda m: EncoderGraph(m, T, attention_mask=False),
-                    lambda m, ids, mask: (m(ids)[0],)),
-    "sana-gemma2": (gemma_tokenizer, gemma_model, lambda m: EncoderGraph(m, T, attention_mask=True),
-                    lambda m, ids, mask: (m(ids, attention_mask=mask)[0],)),
+    "sd3-clip": (
+        lambda: clip_tokenizer(pad_token="!"),
+        lambda tok: clip_model(CLIPTextModelWithProjection, tok, eos_token_id=2),
+        lambda m: ClipGraph(m, T),
+        lambda m, ids, mask: (m(ids, output_hidden_states=True).hidden_states[-2], m(ids)[0]),
+    ),
+    "flux-clip": (
+        clip_tokenizer,
+        lambda tok: clip_model(CLIPTextModel, tok, eos_token_id=tok.eos_token_id),
+        lambda m: ClipGraph(m, T),
+        lambda m, ids, mask: (m(ids, output_hidden_states=True).hidden_states[-2], m(ids).pooler_output),
+    ),
+    "pixart-t5": (
+        t5_tokenizer,
+        t5_model,
+        lambda m: EncoderGraph(m, T, attention_mask=True),
+        lambda m, ids, mask: (m(ids, attention_mask=mask)[0],),
+    ),
+    "sd3-flux-t5": (
+        t5_tokenizer,
+        t5_model,
+        lambda m: EncoderGraph(m, T, attention_mask=False),
+        lambda m, ids, mask: (m(ids)[0],),
+    ),
+    "sana-gemma2": (
+        gemma_tokenizer,
+        gemma_model,
+        lambda m: EncoderGraph(m, T, attention_mask=True),
+        lambda m, ids, mask: (m(ids, attention_mask=mask)[0],),
+    ),
 }
 # fp32 on both sides; ORT fuses LayerNorm/GELU/MatMul+Add and sums in another order: rounding only (~1e-6 here)
 ATOL = 1e-5
@@ -187,7 +250,9 @@ def test_encoder_engine_matches_transformers(name, tmp_path):
 
 def test_encoder_graph_errors():
     tok = clip_tokenizer()
-    with pytest.raises(ConfigError, match="got a CLIPTextModel; this graph wraps T5EncoderModel, Gemma2Model"):
+    with pytest.raises(
+        ConfigError, match="got a CLIPTextModel; this graph wraps T5EncoderModel, Gemma2Model"
+    ):
         EncoderGraph(clip_model(CLIPTextModel, tok), T, attention_mask=False)
     with pytest.raises(ConfigError, match="seq_len 78 exceeds.*max_position_embeddings 77"):
         ClipGraph(clip_model(CLIPTextModel, tok), 78)

@@ -11,6 +11,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import one_line_error, run_cli, run_cli_here
+from tiny_components import randomize
 
 from ditrt.export.graphs import StepGraph, sample_inputs, step_io
 from ditrt.export.models.dit import DiT, DiTConfig
@@ -21,18 +23,31 @@ from ditrt.export.trt.build import DEFAULT_DIMS, check_engine, profile_shapes
 from ditrt.runtime.errors import BackendUnavailable, InputError
 from ditrt.runtime.manifest import Component, TensorSpec
 
-from conftest import one_line_error, run_cli, run_cli_here
-from tiny_components import randomize
-
 pytestmark = pytest.mark.xdist_group("trt")  # one worker exports the module's plugin graphs (pytest -n)
 
 TINY = {  # name: (model, text tokens)
     "dit": (lambda: DiT(DiTConfig(sample_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=5)), 0),
-    "sana": (lambda: Sana(SanaConfig(sample_size=8, in_channels=8, out_channels=8, hidden_size=16, depth=2,
-                                     num_heads=2, cross_num_heads=2, caption_channels=12)), 5),
+    "sana": (
+        lambda: Sana(
+            SanaConfig(
+                sample_size=8,
+                in_channels=8,
+                out_channels=8,
+                hidden_size=16,
+                depth=2,
+                num_heads=2,
+                cross_num_heads=2,
+                caption_channels=12,
+            )
+        ),
+        5,
+    ),
 }
-PLUGINS = {"AdaLNModulate": ((3, 2, 2), 1), "AdaLNModulateResidual": ((3, 3, 2, 2, 2), 2),
-           "LinearAttention": ((4, 4, 4), 1)}  # op type: (ranks of its inputs, number of outputs)
+PLUGINS = {
+    "AdaLNModulate": ((3, 2, 2), 1),
+    "AdaLNModulateResidual": ((3, 3, 2, 2, 2), 2),
+    "LinearAttention": ((4, 4, 4), 1),
+}  # op type: (ranks of its inputs, number of outputs)
 DTYPES = tuple(plugins.SUFFIX)
 
 
@@ -65,9 +80,12 @@ def plugin_graphs(tmp_path_factory):
 
     rows, vecs = ("B", 6, 16), ("B", 16)
     graphs = {name: build(name)[1:] for name in TINY}
-    graphs["residual"] = (Residual(), [TensorSpec(n, "float32", rows) for n in ("x", "y")] +
-                          [TensorSpec(n, "float32", vecs) for n in ("gate", "shift", "scale")],
-                          [TensorSpec(n, "float32", rows) for n in ("h", "out")])
+    graphs["residual"] = (
+        Residual(),
+        [TensorSpec(n, "float32", rows) for n in ("x", "y")]
+        + [TensorSpec(n, "float32", vecs) for n in ("gate", "shift", "scale")],
+        [TensorSpec(n, "float32", rows) for n in ("h", "out")],
+    )
     out = {}
     for name, (graph, inputs, outputs) in graphs.items():
         path = tmp_path_factory.mktemp("plugin") / f"{name}.onnx"
@@ -80,9 +98,14 @@ def dims(value_info) -> list:
     return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
 
 
-@pytest.mark.parametrize("name,ops", [("dit", {"AdaLNModulate", "AdaLNModulateResidual"}),
-                                      ("sana", {"AdaLNModulate", "LinearAttention"}),
-                                      ("residual", {"AdaLNModulateResidual"})])
+@pytest.mark.parametrize(
+    "name,ops",
+    [
+        ("dit", {"AdaLNModulate", "AdaLNModulateResidual"}),
+        ("sana", {"AdaLNModulate", "LinearAttention"}),
+        ("residual", {"AdaLNModulateResidual"}),
+    ],
+)
 def test_plugin_graph_is_what_the_parser_maps(plugin_graphs, name, ops):
     model = onnx.load(str(plugin_graphs[name][0]))
     onnx.checker.check_model(model, full_check=True)
@@ -98,9 +121,15 @@ def test_plugin_graph_is_what_the_parser_maps(plugin_graphs, name, ops):
         assert set(attrs) == {"eps", "plugin_namespace", "plugin_version"}
         assert attrs["eps"].type == onnx.AttributeProto.FLOAT and attrs["eps"].f > 0
         assert attrs["plugin_namespace"].type == attrs["plugin_version"].type == onnx.AttributeProto.STRING
-        assert (attrs["plugin_namespace"].s, attrs["plugin_version"].s) == (b"dit", b"1")  # QDP creators are v1
+        assert (attrs["plugin_namespace"].s, attrs["plugin_version"].s) == (
+            b"dit",
+            b"1",
+        )  # QDP creators are v1
         ins, outs = [values[i] for i in node.input], [values[o] for o in node.output]
-        assert ([len(dims(v)) for v in ins], len(outs)) == (list(PLUGINS[node.op_type][0]), PLUGINS[node.op_type][1])
+        assert ([len(dims(v)) for v in ins], len(outs)) == (
+            list(PLUGINS[node.op_type][0]),
+            PLUGINS[node.op_type][1],
+        )
         assert {v.type.tensor_type.elem_type for v in [*ins, *outs]} == {onnx.TensorProto.FLOAT}
         for out in outs:  # what the plugin's register function declares: outputs like inputs[0]
             assert dims(out) == dims(ins[0])
@@ -141,10 +170,15 @@ def test_aot_entry_points_take_the_arguments_tensorrt_passes():
     residual = ["u64"] * 5 + ["u32"] * len(plugins.adaln_args(2, 3, 4, 1e-6)) + ["u64"] * 2
     la = ["u64"] * 3 + ["u32"] * len(plugins.linear_attention_args(3, 4, 1e-15)) + ["u64"]
     want = {plugins.kernel_name("adaln_modulate", dt): (adaln, plugins.ADALN_MAX_THREADS) for dt in DTYPES}
-    want |= {plugins.kernel_name("adaln_modulate_residual", dt): (residual, plugins.ADALN_MAX_THREADS)
-             for dt in DTYPES}
-    want |= {plugins.kernel_name("linear_attention", dt, dk): (la, plugins.LA_THREADS)
-             for dt in DTYPES for dk in plugins.LA_BUCKETS}
+    want |= {
+        plugins.kernel_name("adaln_modulate_residual", dt): (residual, plugins.ADALN_MAX_THREADS)
+        for dt in DTYPES
+    }
+    want |= {
+        plugins.kernel_name("linear_attention", dt, dk): (la, plugins.LA_THREADS)
+        for dt in DTYPES
+        for dk in plugins.LA_BUCKETS
+    }
     assert entries == want
     one = ptx_entries(plugins.kernel_ptx("linear_attention", "float16", 32))  # what one plugin layer embeds
     assert one == {"dit_linear_attention_f16_dk32": (la, plugins.LA_THREADS)}
@@ -174,19 +208,42 @@ def test_launch_shapes_follow_the_kernel_headers(tmp_path):
 
     nvcc = nvcc_or_skip()
     (tmp_path / "contract.cu").write_text(CONTRACT)
-    subprocess.run([nvcc, "-std=c++17", "-I", str(csrc_dir()), "-o", str(tmp_path / "contract"),
-                    str(tmp_path / "contract.cu")], check=True, capture_output=True)
-    lines = [ln.split() for ln in subprocess.run([str(tmp_path / "contract")], check=True, capture_output=True,
-                                                 text=True).stdout.splitlines()]
-    assert [int(v) for v in lines[0][1:]] == [plugins.ADALN_MAX_THREADS, plugins.ADALN_BYTES_PER_THREAD,
-                                              plugins.LA_THREADS, plugins.LA_MAX_HEAD_DIM,
-                                              plugins.adaln_max_dim("float32"), plugins.adaln_max_dim("float16")]
+    subprocess.run(
+        [
+            nvcc,
+            "-std=c++17",
+            "-I",
+            str(csrc_dir()),
+            "-o",
+            str(tmp_path / "contract"),
+            str(tmp_path / "contract.cu"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    lines = [
+        ln.split()
+        for ln in subprocess.run(
+            [str(tmp_path / "contract")], check=True, capture_output=True, text=True
+        ).stdout.splitlines()
+    ]
+    assert [int(v) for v in lines[0][1:]] == [
+        plugins.ADALN_MAX_THREADS,
+        plugins.ADALN_BYTES_PER_THREAD,
+        plugins.LA_THREADS,
+        plugins.LA_MAX_HEAD_DIM,
+        plugins.adaln_max_dim("float32"),
+        plugins.adaln_max_dim("float16"),
+    ]
     checked = 0
     for kind, *vals in lines[1:]:
         if kind == "A":
             eb, d, tx, ty = map(int, vals)
             launch = plugins.adaln_launch(5 * ty + 1, d, "float32" if eb == 4 else "float16")
-            assert launch.block == (tx, ty, 1) and launch.grid == (6, 1, 1) and launch.shared_mem == 0, (eb, d)
+            assert launch.block == (tx, ty, 1) and launch.grid == (6, 1, 1) and launch.shared_mem == 0, (
+                eb,
+                d,
+            )
             assert tx * ty <= plugins.ADALN_MAX_THREADS
             checked += 1
         else:
@@ -207,10 +264,16 @@ def test_eps_travels_as_its_float32_bits(eps):
 
 
 def test_profile_from_the_declared_inputs():
-    specs = [TensorSpec("x", "float32", ["B", 4, 8, 8]), TensorSpec("t", "float32", []),
-             TensorSpec("prompt_embeds", "float32", ["B", "T", 16]), TensorSpec("ids", "float32", [64, 3])]
-    assert profile_shapes(specs) == {"x": ((1, 4, 8, 8), (1, 4, 8, 8), (4, 4, 8, 8)),
-                                     "prompt_embeds": ((1, 1, 16), (1, 300, 16), (4, 1024, 16))}
+    specs = [
+        TensorSpec("x", "float32", ["B", 4, 8, 8]),
+        TensorSpec("t", "float32", []),
+        TensorSpec("prompt_embeds", "float32", ["B", "T", 16]),
+        TensorSpec("ids", "float32", [64, 3]),
+    ]
+    assert profile_shapes(specs) == {
+        "x": ((1, 4, 8, 8), (1, 4, 8, 8), (4, 4, 8, 8)),
+        "prompt_embeds": ((1, 1, 16), (1, 300, 16), (4, 1024, 16)),
+    }
     assert profile_shapes(specs[:1], {"B": (2, 2, 16)}) == {"x": ((2, 4, 8, 8), (2, 4, 8, 8), (16, 4, 8, 8))}
     assert DEFAULT_DIMS["B"][0] == 1
     with pytest.raises(InputError, match="no TensorRT profile range for axis 'H'"):
@@ -226,13 +289,14 @@ def test_tensorrt_engines_need_the_plugin_lowering():
         check_engine("tvm", "plugin")
 
 
-
 @pytest.mark.skipif(not tensorrt_missing(), reason="TensorRT is installed here")
 def test_without_tensorrt_export_says_so_and_writes_nothing(tmp_path):
     with pytest.raises(BackendUnavailable, match="TensorRT is not installed"):
         plugins.register_plugins()
-    one_line_error(run_cli_here("dit-export", "digits", "--engine", "tensorrt", cwd=tmp_path),
-                   "TensorRT is not installed")
+    one_line_error(
+        run_cli_here("dit-export", "digits", "--engine", "tensorrt", cwd=tmp_path),
+        "TensorRT is not installed",
+    )
     assert list(tmp_path.iterdir()) == []  # not even engines/
 
 
@@ -244,7 +308,9 @@ def tensorrt_folder(digits_engine, folder):
     shutil.copytree(digits_engine, folder)
     (folder / "denoiser" / "model.onnx").rename(folder / "denoiser" / "denoiser.plan")
     m = load_manifest(digits_engine)
-    denoiser = replace(m.components["denoiser"], file="denoiser/denoiser.plan", backend="tensorrt", lowering="plugin")
+    denoiser = replace(
+        m.components["denoiser"], file="denoiser/denoiser.plan", backend="tensorrt", lowering="plugin"
+    )
     write_manifest(folder, replace(m, components={"denoiser": denoiser}, files=file_entries(folder)))
     return folder
 
@@ -258,9 +324,14 @@ def test_without_tensorrt_run_says_so(digits_engine, tmp_path):
         Pipeline.load(folder, backend="tensorrt")
     work = tmp_path / "work"
     work.mkdir()
-    one_line_error(run_cli("dit-run", str(folder), "-c", "1", "--backend", "tensorrt", cwd=work),
-                   "TensorRT is not installed", "--backend onnxruntime")
-    one_line_error(run_cli("dit-run", str(folder), "-c", "1", cwd=work), "exported for the 'tensorrt' backend")
+    one_line_error(
+        run_cli("dit-run", str(folder), "-c", "1", "--backend", "tensorrt", cwd=work),
+        "TensorRT is not installed",
+        "--backend onnxruntime",
+    )
+    one_line_error(
+        run_cli("dit-run", str(folder), "-c", "1", cwd=work), "exported for the 'tensorrt' backend"
+    )
     assert list(work.iterdir()) == []
 
 
@@ -319,7 +390,9 @@ def test_engine_with_plugins_matches_onnxruntime(gpu, plugin_graphs, name, tmp_p
 
 @pytest.mark.gpu
 def test_export_and_run_tensorrt_end_to_end(gpu, request, tmp_path):
-    digits_engine = request.getfixturevalue("digits_engine")  # after the skip: a session fixture is set up first
+    digits_engine = request.getfixturevalue(
+        "digits_engine"
+    )  # after the skip: a session fixture is set up first
     r = run_cli("dit-export", "digits", "--engine", "tensorrt", "-o", str(tmp_path / "trt"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     manifest = json.loads((tmp_path / "trt" / "manifest.json").read_text())
@@ -331,7 +404,9 @@ def test_export_and_run_tensorrt_end_to_end(gpu, request, tmp_path):
     images = []
     for folder, backend in ((tmp_path / "trt", "tensorrt"), (digits_engine, "onnxruntime")):
         out = tmp_path / f"{backend}.png"
-        r = run_cli("dit-run", str(folder), "-c", "3", "-s", "7", "--backend", backend, "-o", str(out), cwd=tmp_path)
+        r = run_cli(
+            "dit-run", str(folder), "-c", "3", "-s", "7", "--backend", backend, "-o", str(out), cwd=tmp_path
+        )
         assert r.returncode == 0, r.stderr
         images.append(np.asarray(Image.open(out), dtype=np.int16))
     assert np.abs(images[0] - images[1]).max() <= 2  # same seed, same model: rounding only

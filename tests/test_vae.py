@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from tiny_components import dc_ae_config, randomize
 
 from ditrt.export.loaders.diffusers import load_component
-from tiny_components import dc_ae_config, randomize
 
 # fp32; GroupNorm/conv/attention in the same order as diffusers: rounding only, on outputs of size ~1-10
 ATOL = 1e-4
@@ -15,10 +15,20 @@ def test_vae_decoder_matches_diffusers(tmp_path, variant):
     from diffusers import AutoencoderKL
 
     sd3 = variant == "sd3-16ch"
-    cfg = dict(in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
-               latent_channels=16 if sd3 else 4, down_block_types=("DownEncoderBlock2D",) * 2,
-               up_block_types=("UpDecoderBlock2D",) * 2, scaling_factor=1.5305 if sd3 else 0.18215,
-               shift_factor=0.0609 if sd3 else None, use_quant_conv=not sd3, use_post_quant_conv=not sd3)
+    cfg = dict(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        latent_channels=16 if sd3 else 4,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        scaling_factor=1.5305 if sd3 else 0.18215,
+        shift_factor=0.0609 if sd3 else None,
+        use_quant_conv=not sd3,
+        use_post_quant_conv=not sd3,
+    )
     ref = randomize(AutoencoderKL(**cfg))
     ref.save_pretrained(tmp_path / "vae")
     ours = load_component(tmp_path / "vae")
@@ -41,8 +51,16 @@ def test_decoder_engine_matches_torch(tmp_path, kind):
     from ditrt.export.onnx_export import export_onnx
 
     if kind == "kl":
-        vae = vae_kl.VAEDecoder(vae_kl.VAEConfig(latent_channels=16, block_out_channels=(8, 16), layers_per_block=1,
-                                                 norm_num_groups=4, post_quant_conv=False, shift_factor=0.06))
+        vae = vae_kl.VAEDecoder(
+            vae_kl.VAEConfig(
+                latent_channels=16,
+                block_out_channels=(8, 16),
+                layers_per_block=1,
+                norm_num_groups=4,
+                post_quant_conv=False,
+                shift_factor=0.06,
+            )
+        )
     else:
         vae = dc_ae.DCAEDecoder(dc_ae.config_from_diffusers(dc_ae_config("interpolate")))
     randomize(vae)

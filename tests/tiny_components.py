@@ -34,9 +34,13 @@ import torch
 
 PROMPT = "A photo of a CAT sitting on a red sofa "
 # the tokenizers' training sentences
-CORPUS = ["a photo of a cat sitting on a red sofa", "a painting of a dog on the beach at sunset",
-          "an astronaut riding a horse on the moon", "a bowl of fruit, oil on canvas",
-          "two cats and a dog"] * 3
+CORPUS = [
+    "a photo of a cat sitting on a red sofa",
+    "a painting of a dog on the beach at sunset",
+    "an astronaut riding a horse on the moon",
+    "a bowl of fruit, oil on canvas",
+    "two cats and a dog",
+] * 3
 
 
 def randomize(model, seed: int = 0, buffers: bool | str = False):
@@ -62,12 +66,23 @@ def clip_tokenizer(**kw):
 
     bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
     bpe.normalizer = normalizers.Lowercase()
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""),
-                             "removed", invert=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(
+                Regex(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""),
+                "removed",
+                invert=True,
+            ),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, initial_alphabet=alphabet,
-                                                        end_of_word_suffix="</w>", show_progress=False))
+    bpe.train_from_iterator(
+        CORPUS,
+        trainers.BpeTrainer(
+            vocab_size=400, initial_alphabet=alphabet, end_of_word_suffix="</w>", show_progress=False
+        ),
+    )
     vocab = bpe.get_vocab()
     for c in alphabet:
         vocab.setdefault(c + "</w>", len(vocab))
@@ -83,8 +98,9 @@ def t5_tokenizer():
 
     uni = Tokenizer(models.Unigram())
     uni.pre_tokenizer = pre_tokenizers.Metaspace()
-    trainer = trainers.UnigramTrainer(vocab_size=100, special_tokens=["<pad>", "</s>", "<unk>"],
-                                      unk_token="<unk>", show_progress=False)
+    trainer = trainers.UnigramTrainer(
+        vocab_size=100, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False
+    )
     uni.train_from_iterator(CORPUS, trainer)
     return T5Tokenizer(vocab=[tuple(v) for v in json.loads(uni.to_str())["model"]["vocab"]])
 
@@ -97,8 +113,9 @@ def gemma_tokenizer():
     bpe = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
     bpe.normalizer = normalizers.Replace(" ", "▁")
     specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"] + [f"<0x{i:02X}>" for i in range(256)]
-    bpe.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
-                                                        show_progress=False))
+    bpe.train_from_iterator(
+        CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False)
+    )
     merges = [tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
     return GemmaTokenizer(vocab=bpe.get_vocab(), merges=merges, add_bos_token=True, add_eos_token=False)
 
@@ -107,21 +124,40 @@ def t5_model(tok):
     """A tiny T5 encoder (gated GELU, 2 layers) over `tok`'s vocabulary, at transformers' initialisation."""
     from transformers import T5Config, T5EncoderModel
 
-    config = T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                      feed_forward_proj="gated-gelu", relative_attention_num_buckets=8)
+    config = T5Config(
+        vocab_size=len(tok),
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        relative_attention_num_buckets=8,
+    )
     return T5EncoderModel(config)
 
 
 def dc_ae_config(upsample: str) -> dict:
     """A tiny AutoencoderDC: ResBlock and EfficientViT stages, factor 4, upsampling by `upsample`."""
-    return dict(in_channels=3, latent_channels=4, attention_head_dim=4, scaling_factor=0.41407,
-                encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
-                decoder_block_types=("ResBlock", "EfficientViTBlock", "EfficientViTBlock"),
-                encoder_block_out_channels=(8, 16, 32), decoder_block_out_channels=(8, 16, 32),
-                encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 2, 1),
-                encoder_qkv_multiscales=((), (), (5,)), decoder_qkv_multiscales=((), (3,), (3, 5)),
-                upsample_block_type=upsample, downsample_block_type="pixel_unshuffle",
-                decoder_norm_types="rms_norm", decoder_act_fns="silu", decoder_conv_act_fn="relu")
+    return dict(
+        in_channels=3,
+        latent_channels=4,
+        attention_head_dim=4,
+        scaling_factor=0.41407,
+        encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+        decoder_block_types=("ResBlock", "EfficientViTBlock", "EfficientViTBlock"),
+        encoder_block_out_channels=(8, 16, 32),
+        decoder_block_out_channels=(8, 16, 32),
+        encoder_layers_per_block=(1, 1, 1),
+        decoder_layers_per_block=(1, 2, 1),
+        encoder_qkv_multiscales=((), (), (5,)),
+        decoder_qkv_multiscales=((), (3,), (3, 5)),
+        upsample_block_type=upsample,
+        downsample_block_type="pixel_unshuffle",
+        decoder_norm_types="rms_norm",
+        decoder_act_fns="silu",
+        decoder_conv_act_fn="relu",
+    )
 
 
 def build_flux(root, guidance_embeds: bool, dynamic: bool | None = None):
@@ -130,85 +166,278 @@ def build_flux(root, guidance_embeds: bool, dynamic: bool | None = None):
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     tok_l, tok_t5 = clip_tokenizer(model_max_length=77), t5_tokenizer()
-    clip = randomize(CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tok_l), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=77, bos_token_id=tok_l.bos_token_id,
-        eos_token_id=tok_l.eos_token_id)), 1)
-    t5 = randomize(T5EncoderModel(T5Config(vocab_size=len(tok_t5), d_model=32, d_kv=8, d_ff=64, num_layers=2,
-                                           num_heads=4, relative_attention_num_buckets=8)), seed=2)
-    transformer = randomize(FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
-        guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6)), 3)
-    vae = randomize(AutoencoderKL(
-        latent_channels=16, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159), seed=4)
+    clip = randomize(
+        CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tok_l),
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                max_position_embeddings=77,
+                bos_token_id=tok_l.bos_token_id,
+                eos_token_id=tok_l.eos_token_id,
+            )
+        ),
+        1,
+    )
+    t5 = randomize(
+        T5EncoderModel(
+            T5Config(
+                vocab_size=len(tok_t5),
+                d_model=32,
+                d_kv=8,
+                d_ff=64,
+                num_layers=2,
+                num_heads=4,
+                relative_attention_num_buckets=8,
+            )
+        ),
+        seed=2,
+    )
+    transformer = randomize(
+        FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=64,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            pooled_projection_dim=16,
+            guidance_embeds=guidance_embeds,
+            axes_dims_rope=(4, 6, 6),
+        ),
+        3,
+    )
+    vae = randomize(
+        AutoencoderKL(
+            latent_channels=16,
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            norm_num_groups=4,
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            scaling_factor=0.3611,
+            shift_factor=0.1159,
+        ),
+        seed=4,
+    )
     dynamic = guidance_embeds if dynamic is None else dynamic  # FLUX.1-dev shifts by resolution, schnell not
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0 if guidance_embeds else 1.0,
-                                                use_dynamic_shifting=dynamic)
-    ref = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tok_l, text_encoder_2=t5,
-                       tokenizer_2=tok_t5, transformer=transformer)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0 if guidance_embeds else 1.0, use_dynamic_shifting=dynamic
+    )
+    ref = FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=clip,
+        tokenizer=tok_l,
+        text_encoder_2=t5,
+        tokenizer_2=tok_t5,
+        transformer=transformer,
+    )
     ref.save_pretrained(root)
     return ref
 
+
 # ---- denoiser configs from diffusers' model tests ----
 # tests/models/transformers/test_models_dit_transformer2d.py
-DIT_MODEL = dict(in_channels=4, out_channels=8, activation_fn="gelu-approximate", num_attention_heads=2,
-                 attention_head_dim=4, attention_bias=True, num_layers=1, norm_type="ada_norm_zero",
-                 num_embeds_ada_norm=8, patch_size=2, sample_size=8)
+DIT_MODEL = dict(
+    in_channels=4,
+    out_channels=8,
+    activation_fn="gelu-approximate",
+    num_attention_heads=2,
+    attention_head_dim=4,
+    attention_bias=True,
+    num_layers=1,
+    norm_type="ada_norm_zero",
+    num_embeds_ada_norm=8,
+    patch_size=2,
+    sample_size=8,
+)
 # tests/models/transformers/test_models_pixart_transformer2d.py
-PIXART_MODEL = dict(sample_size=8, num_layers=1, patch_size=2, attention_head_dim=2, num_attention_heads=2,
-                    in_channels=4, cross_attention_dim=8, out_channels=8, attention_bias=True,
-                    activation_fn="gelu-approximate", num_embeds_ada_norm=8, norm_type="ada_norm_single",
-                    norm_elementwise_affine=False, norm_eps=1e-6, use_additional_conditions=False,
-                    caption_channels=None)
+PIXART_MODEL = dict(
+    sample_size=8,
+    num_layers=1,
+    patch_size=2,
+    attention_head_dim=2,
+    num_attention_heads=2,
+    in_channels=4,
+    cross_attention_dim=8,
+    out_channels=8,
+    attention_bias=True,
+    activation_fn="gelu-approximate",
+    num_embeds_ada_norm=8,
+    norm_type="ada_norm_single",
+    norm_elementwise_affine=False,
+    norm_eps=1e-6,
+    use_additional_conditions=False,
+    caption_channels=None,
+)
 # tests/models/transformers/test_models_transformer_sana.py
-SANA_MODEL = dict(patch_size=1, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=4,
-                  num_attention_heads=2, num_cross_attention_heads=2, cross_attention_head_dim=4,
-                  cross_attention_dim=8, caption_channels=8, sample_size=32)
+SANA_MODEL = dict(
+    patch_size=1,
+    in_channels=4,
+    out_channels=4,
+    num_layers=1,
+    attention_head_dim=4,
+    num_attention_heads=2,
+    num_cross_attention_heads=2,
+    cross_attention_head_dim=4,
+    cross_attention_dim=8,
+    caption_channels=8,
+    sample_size=32,
+)
 # tests/models/transformers/test_models_transformer_sd3.py (SD3TransformerTesterConfig, SD35TransformerTesterConfig)
-SD3_MODEL = dict(sample_size=32, patch_size=1, in_channels=4, num_layers=4, attention_head_dim=8,
-                 num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64,
-                 out_channels=4, pos_embed_max_size=96, dual_attention_layers=(), qk_norm=None)
+SD3_MODEL = dict(
+    sample_size=32,
+    patch_size=1,
+    in_channels=4,
+    num_layers=4,
+    attention_head_dim=8,
+    num_attention_heads=4,
+    caption_projection_dim=32,
+    joint_attention_dim=32,
+    pooled_projection_dim=64,
+    out_channels=4,
+    pos_embed_max_size=96,
+    dual_attention_layers=(),
+    qk_norm=None,
+)
 SD35_MODEL = dict(SD3_MODEL, dual_attention_layers=(0,), qk_norm="rms_norm")
 # tests/models/transformers/test_models_transformer_flux.py
-FLUX_MODEL = dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
-                  num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
+FLUX_MODEL = dict(
+    patch_size=1,
+    in_channels=4,
+    num_layers=1,
+    num_single_layers=1,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    pooled_projection_dim=32,
+    axes_dims_rope=[4, 4, 8],
+)
 
 # ---- transformer configs of the pipelines' get_dummy_components ----
 # tests/pipelines/dit/test_dit.py (a Transformer2DModel, remapped by diffusers to DiTTransformer2DModel)
-DIT_PIPE = dict(sample_size=16, num_layers=2, patch_size=4, attention_head_dim=8, num_attention_heads=2,
-                in_channels=4, out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
-                num_embeds_ada_norm=1000, norm_type="ada_norm_zero", norm_elementwise_affine=False)
+DIT_PIPE = dict(
+    sample_size=16,
+    num_layers=2,
+    patch_size=4,
+    attention_head_dim=8,
+    num_attention_heads=2,
+    in_channels=4,
+    out_channels=8,
+    attention_bias=True,
+    activation_fn="gelu-approximate",
+    num_embeds_ada_norm=1000,
+    norm_type="ada_norm_zero",
+    norm_elementwise_affine=False,
+)
 # tests/pipelines/pixart_alpha/test_pixart.py and tests/pipelines/pixart_sigma/test_pixart.py (identical)
-PIXART_PIPE = dict(sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3,
-                   caption_channels=32, in_channels=4, cross_attention_dim=24, out_channels=8, attention_bias=True,
-                   activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
-                   norm_elementwise_affine=False, norm_eps=1e-6)
+PIXART_PIPE = dict(
+    sample_size=8,
+    num_layers=2,
+    patch_size=2,
+    attention_head_dim=8,
+    num_attention_heads=3,
+    caption_channels=32,
+    in_channels=4,
+    cross_attention_dim=24,
+    out_channels=8,
+    attention_bias=True,
+    activation_fn="gelu-approximate",
+    num_embeds_ada_norm=1000,
+    norm_type="ada_norm_single",
+    norm_elementwise_affine=False,
+    norm_eps=1e-6,
+)
 # tests/pipelines/sana/test_sana.py
-SANA_PIPE = dict(patch_size=1, in_channels=4, out_channels=4, num_layers=1, num_attention_heads=2, attention_head_dim=4,
-                 num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8,
-                 sample_size=32)
+SANA_PIPE = dict(
+    patch_size=1,
+    in_channels=4,
+    out_channels=4,
+    num_layers=1,
+    num_attention_heads=2,
+    attention_head_dim=4,
+    num_cross_attention_heads=2,
+    cross_attention_head_dim=4,
+    cross_attention_dim=8,
+    caption_channels=8,
+    sample_size=32,
+)
 # tests/pipelines/stable_diffusion_3/test_pipeline_stable_diffusion_3.py
-SD3_PIPE = dict(sample_size=32, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=4,
-                caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4)
+SD3_PIPE = dict(
+    sample_size=32,
+    patch_size=1,
+    in_channels=4,
+    num_layers=1,
+    attention_head_dim=8,
+    num_attention_heads=4,
+    caption_projection_dim=32,
+    joint_attention_dim=32,
+    pooled_projection_dim=64,
+    out_channels=4,
+)
 # tests/pipelines/flux/test_pipeline_flux.py
-FLUX_PIPE = dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
-                 num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
+FLUX_PIPE = dict(
+    patch_size=1,
+    in_channels=4,
+    num_layers=1,
+    num_single_layers=1,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    pooled_projection_dim=32,
+    axes_dims_rope=[4, 4, 8],
+)
 
 # ---- text encoders ----
 # the CLIPTextConfig written out in diffusers' SD3 and Flux pipeline tests
-CLIP = dict(bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37, layer_norm_eps=1e-05,
-            num_attention_heads=4, num_hidden_layers=5, pad_token_id=1, vocab_size=1000, hidden_act="gelu",
-            projection_dim=32)
-TINY_RANDOM_T5 = dict(vocab_size=32100, d_model=32, d_kv=8, d_ff=37, num_layers=5, num_decoder_layers=5, num_heads=4,
-                      relative_attention_num_buckets=8, feed_forward_proj="relu", dropout_rate=0.1,
-                      layer_norm_epsilon=1e-6, initializer_factor=1.0, pad_token_id=0, eos_token_id=1,
-                      decoder_start_token_id=0)
+CLIP = dict(
+    bos_token_id=0,
+    eos_token_id=2,
+    hidden_size=32,
+    intermediate_size=37,
+    layer_norm_eps=1e-05,
+    num_attention_heads=4,
+    num_hidden_layers=5,
+    pad_token_id=1,
+    vocab_size=1000,
+    hidden_act="gelu",
+    projection_dim=32,
+)
+TINY_RANDOM_T5 = dict(
+    vocab_size=32100,
+    d_model=32,
+    d_kv=8,
+    d_ff=37,
+    num_layers=5,
+    num_decoder_layers=5,
+    num_heads=4,
+    relative_attention_num_buckets=8,
+    feed_forward_proj="relu",
+    dropout_rate=0.1,
+    layer_norm_epsilon=1e-6,
+    initializer_factor=1.0,
+    pad_token_id=0,
+    eos_token_id=1,
+    decoder_start_token_id=0,
+)
 # tests/pipelines/sana/test_sana.py, except vocab_size (see the module docstring)
-GEMMA2 = dict(head_dim=16, hidden_size=8, initializer_range=0.02, intermediate_size=64, max_position_embeddings=8192,
-              num_attention_heads=2, num_hidden_layers=1, num_key_value_heads=2, attn_implementation="eager")
+GEMMA2 = dict(
+    head_dim=16,
+    hidden_size=8,
+    initializer_range=0.02,
+    intermediate_size=64,
+    max_position_embeddings=8192,
+    num_attention_heads=2,
+    num_hidden_layers=1,
+    num_key_value_heads=2,
+    attn_implementation="eager",
+)
 
 
 def tiny_t5():
@@ -250,8 +479,13 @@ def tie_dit_embedders(model):
 
 def pixart_pipeline(sigma: bool, **overrides):
     """PixArtSigmaPipeline / PixArtAlphaPipeline: DDIMScheduler(), AutoencoderKL(), tiny-random-t5."""
-    from diffusers import (AutoencoderKL, DDIMScheduler, PixArtAlphaPipeline, PixArtSigmaPipeline,
-                           PixArtTransformer2DModel)
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        PixArtAlphaPipeline,
+        PixArtSigmaPipeline,
+        PixArtTransformer2DModel,
+    )
 
     torch.manual_seed(0)
     transformer = PixArtTransformer2DModel(**dict(PIXART_PIPE, **overrides)).eval()
@@ -259,8 +493,13 @@ def pixart_pipeline(sigma: bool, **overrides):
     vae = AutoencoderKL().eval()
     text_encoder, tokenizer = tiny_t5()
     cls = PixArtSigmaPipeline if sigma else PixArtAlphaPipeline
-    return cls(transformer=transformer, vae=vae, scheduler=DDIMScheduler(), text_encoder=text_encoder,
-               tokenizer=tokenizer)
+    return cls(
+        transformer=transformer,
+        vae=vae,
+        scheduler=DDIMScheduler(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+    )
 
 
 def sana_pipeline(**overrides):
@@ -271,43 +510,77 @@ def sana_pipeline(**overrides):
     torch.manual_seed(0)
     transformer = SanaTransformer2DModel(**dict(SANA_PIPE, **overrides)).eval()
     torch.manual_seed(0)
-    vae = AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=2,
-                        encoder_block_types=("ResBlock", "EfficientViTBlock"),
-                        decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 8),
-                        decoder_block_out_channels=(8, 8), encoder_qkv_multiscales=((), (5,)),
-                        decoder_qkv_multiscales=((), (5,)), encoder_layers_per_block=(1, 1),
-                        decoder_layers_per_block=[1, 1], downsample_block_type="conv",
-                        upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
-                        scaling_factor=0.41407).eval()
+    vae = AutoencoderDC(
+        in_channels=3,
+        latent_channels=4,
+        attention_head_dim=2,
+        encoder_block_types=("ResBlock", "EfficientViTBlock"),
+        decoder_block_types=("ResBlock", "EfficientViTBlock"),
+        encoder_block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8),
+        encoder_qkv_multiscales=((), (5,)),
+        decoder_qkv_multiscales=((), (5,)),
+        encoder_layers_per_block=(1, 1),
+        decoder_layers_per_block=[1, 1],
+        downsample_block_type="conv",
+        upsample_block_type="interpolate",
+        decoder_norm_types="rms_norm",
+        decoder_act_fns="silu",
+        scaling_factor=0.41407,
+    ).eval()
     torch.manual_seed(0)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
     tokenizer = gemma_tokenizer()
     torch.manual_seed(0)
     text_encoder = Gemma2Model(Gemma2Config(vocab_size=len(tokenizer), **GEMMA2)).eval()
-    return SanaPipeline(transformer=transformer, vae=vae, scheduler=scheduler, text_encoder=text_encoder,
-                        tokenizer=tokenizer)
+    return SanaPipeline(
+        transformer=transformer, vae=vae, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer
+    )
 
 
 def sd3_pipeline(**overrides):
     """StableDiffusion3Pipeline: FlowMatchEulerDiscreteScheduler() (shift 1), a 1-block AutoencoderKL (factor 1),
     two CLIPs with projection (hidden 32 each: their 64 concatenated channels are cut to T5's 32 by the pipeline's
     pad) and tiny-random-t5."""
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
-                           StableDiffusion3Pipeline)
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
 
     torch.manual_seed(0)
     transformer = SD3Transformer2DModel(**dict(SD3_PIPE, **overrides)).eval()
-    text_encoder, text_encoder_2 = tiny_clip("CLIPTextModelWithProjection"), tiny_clip("CLIPTextModelWithProjection")
+    text_encoder, text_encoder_2 = (
+        tiny_clip("CLIPTextModelWithProjection"),
+        tiny_clip("CLIPTextModelWithProjection"),
+    )
     text_encoder_3, tokenizer_3 = tiny_t5()
     torch.manual_seed(0)
-    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
-                        shift_factor=0.0609, scaling_factor=1.5035).eval()
-    return StableDiffusion3Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder=text_encoder,
-                                    text_encoder_2=text_encoder_2, text_encoder_3=text_encoder_3,
-                                    tokenizer=clip_tokenizer(model_max_length=77),
-                                    tokenizer_2=clip_tokenizer(model_max_length=77), tokenizer_3=tokenizer_3,
-                                    transformer=transformer, vae=vae)
+    vae = AutoencoderKL(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(4,),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=1,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    ).eval()
+    return StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer=clip_tokenizer(model_max_length=77),
+        tokenizer_2=clip_tokenizer(model_max_length=77),
+        tokenizer_3=tokenizer_3,
+        transformer=transformer,
+        vae=vae,
+    )
 
 
 def flux_pipeline(**overrides):
@@ -320,9 +593,25 @@ def flux_pipeline(**overrides):
     text_encoder = tiny_clip("CLIPTextModel")
     text_encoder_2, tokenizer_2 = tiny_t5()
     torch.manual_seed(0)
-    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
-                        latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
-                        shift_factor=0.0609, scaling_factor=1.5035).eval()
-    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder=text_encoder,
-                        text_encoder_2=text_encoder_2, tokenizer=clip_tokenizer(model_max_length=77),
-                        tokenizer_2=tokenizer_2, transformer=transformer, vae=vae)
+    vae = AutoencoderKL(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(4,),
+        layers_per_block=1,
+        latent_channels=1,
+        norm_num_groups=1,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    ).eval()
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=clip_tokenizer(model_max_length=77),
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+        vae=vae,
+    )

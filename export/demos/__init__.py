@@ -9,8 +9,17 @@ from ..models.dit import DiTConfig
 HERE = Path(__file__).parent
 
 # 8×8 scikit-learn digits upsampled to 16×16, one channel in [-1, 1], modelled directly in pixel space.
-DIGITS_CONFIG = DiTConfig(sample_size=16, in_channels=1, patch_size=4, hidden_size=128, depth=4, num_heads=4,
-                          num_classes=10, learn_sigma=False, prediction="flow")
+DIGITS_CONFIG = DiTConfig(
+    sample_size=16,
+    in_channels=1,
+    patch_size=4,
+    hidden_size=128,
+    depth=4,
+    num_heads=4,
+    num_classes=10,
+    learn_sigma=False,
+    prediction="flow",
+)
 DIGITS_WEIGHTS = HERE / "digits.safetensors"
 # The text-to-image demo is a diffusers SanaPipeline folder (see train_text_digits.py).
 TEXT_DIGITS_FOLDER = HERE / "text_digits"

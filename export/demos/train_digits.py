@@ -51,10 +51,20 @@ def train(steps: int, batch_size: int, lr: float, seed: int, log_every: int = 50
                     pe.lerp_(pm, 1 - 0.999)
             losses.append(loss.item())
             if (step + 1) % log_every == 0:
-                print(f"step {step + 1}/{steps}  loss {np.mean(losses[-log_every:]):.4f}  "
-                      f"{time.perf_counter() - start:.0f}s", flush=True)
-    info = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "ema": 0.999,
-            "final_loss": float(np.mean(losses[-log_every:])), "seconds": round(time.perf_counter() - start)}
+                print(
+                    f"step {step + 1}/{steps}  loss {np.mean(losses[-log_every:]):.4f}  "
+                    f"{time.perf_counter() - start:.0f}s",
+                    flush=True,
+                )
+    info = {
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "ema": 0.999,
+        "final_loss": float(np.mean(losses[-log_every:])),
+        "seconds": round(time.perf_counter() - start),
+    }
     return ema, info
 
 

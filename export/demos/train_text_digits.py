@@ -30,42 +30,298 @@ from . import digits_images
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # {w}: the number word, {n}: the numeral. The phrasings of the first release, still trained on as they are.
-TEMPLATES = ("a handwritten {w}", "the digit {n}", "the number {w}", "a handwritten digit {n}", "{w}", "{n}",
-             "digit {w}", "the number {n}", "a drawing of the digit {w}", "an image of a handwritten {n}")
+TEMPLATES = (
+    "a handwritten {w}",
+    "the digit {n}",
+    "the number {w}",
+    "a handwritten digit {n}",
+    "{w}",
+    "{n}",
+    "digit {w}",
+    "the number {n}",
+    "a drawing of the digit {w}",
+    "an image of a handwritten {n}",
+)
 # Chosen before training and never generated: the test judges the demo on these. Their content words (all but
 # a, the, of, number, is) appear in no training caption, so no template is shared, not even a near-duplicate.
-HELD_OUT = ("draw a {w}", "{w}, written by hand", "can you sketch the numeral {n}?", "my favourite number is {w}",
-            "{n} on a sheet of paper", "a pencil doodle showing {w}", "give me {n} please", "the answer is {n}")
+HELD_OUT = (
+    "draw a {w}",
+    "{w}, written by hand",
+    "can you sketch the numeral {n}?",
+    "my favourite number is {w}",
+    "{n} on a sheet of paper",
+    "a pencil doodle showing {w}",
+    "give me {n} please",
+    "the answer is {n}",
+)
 SHARED = {"a", "the", "of", "number", "is"}  # the only held-out words that training captions may use
 
 # The caption grammar: [lead] [determiner] [adjectives] [noun] NUMBER [tail], in a few orders, with filler words,
 # word dropout and punctuation, so that the denoiser learns to find the number among whatever words surround it.
-LEADS = ("show", "generate", "create", "render", "produce", "display", "print", "paint", "make", "i need",
-         "i would like", "let us see", "here is", "this is", "look at", "an image of", "a photo of", "a drawing of",
-         "an illustration of", "a scan of", "a rendering of", "an example of", "a sample of", "a photograph of",
-         "a close up of", "image:", "prompt:", "output:", "wanted:", "we need", "lets get")
+LEADS = (
+    "show",
+    "generate",
+    "create",
+    "render",
+    "produce",
+    "display",
+    "print",
+    "paint",
+    "make",
+    "i need",
+    "i would like",
+    "let us see",
+    "here is",
+    "this is",
+    "look at",
+    "an image of",
+    "a photo of",
+    "a drawing of",
+    "an illustration of",
+    "a scan of",
+    "a rendering of",
+    "an example of",
+    "a sample of",
+    "a photograph of",
+    "a close up of",
+    "image:",
+    "prompt:",
+    "output:",
+    "wanted:",
+    "we need",
+    "lets get",
+)
 DETS = ("a", "an", "the", "some", "another", "a single", "just a", "only the", "this", "that")
-ADJS = ("handwritten", "small", "big", "large", "tiny", "bold", "thin", "thick", "neat", "messy", "black", "white",
-        "gray", "grey", "blurry", "clean", "simple", "crooked", "slanted", "careful", "scribbled", "pixelated",
-        "grayscale", "cursive", "printed", "digital", "old", "clear", "faint", "dark", "bright", "wobbly", "lovely",
-        "random", "centered", "plain", "rough", "tidy", "fancy", "sloppy", "nice", "cute", "ugly", "shaky")
+ADJS = (
+    "handwritten",
+    "small",
+    "big",
+    "large",
+    "tiny",
+    "bold",
+    "thin",
+    "thick",
+    "neat",
+    "messy",
+    "black",
+    "white",
+    "gray",
+    "grey",
+    "blurry",
+    "clean",
+    "simple",
+    "crooked",
+    "slanted",
+    "careful",
+    "scribbled",
+    "pixelated",
+    "grayscale",
+    "cursive",
+    "printed",
+    "digital",
+    "old",
+    "clear",
+    "faint",
+    "dark",
+    "bright",
+    "wobbly",
+    "lovely",
+    "random",
+    "centered",
+    "plain",
+    "rough",
+    "tidy",
+    "fancy",
+    "sloppy",
+    "nice",
+    "cute",
+    "ugly",
+    "shaky",
+)
 NOUNS = ("digit", "number", "figure", "symbol", "character", "glyph", "value", "label", "integer", "mark")
-TAILS = ("in ink", "in black and white", "at low resolution", "in the middle", "with a marker", "with chalk",
-         "in grayscale", "from a scanner", "for a dataset", "as an image", "again", "now", "today", "quickly",
-         "in a box", "at the center", "like a child would", "in blue", "very large", "very small", "for us",
-         "for the test", "to classify", "style", "art", "image", "picture", "photo", "scan", "sample")
-FILLERS = ("cat", "dog", "house", "tree", "blue", "red", "green", "water", "river", "stone", "apple", "bread",
-           "chair", "table", "window", "light", "night", "day", "sun", "moon", "star", "car", "road", "city",
-           "music", "song", "happy", "sad", "fast", "slow", "warm", "cold", "soft", "hard", "open", "close", "up",
-           "down", "left", "right", "over", "under", "very", "really", "quite", "maybe", "yes", "no", "ok", "hello",
-           "thanks", "cool", "good", "bad", "best", "all", "any", "each", "every", "with", "without", "from", "to",
-           "for", "at", "in", "and", "or", "but", "so", "if", "then", "there", "here", "it", "its", "that", "what",
-           "which", "who", "how", "why", "when", "where", "this", "those", "these", "kind", "sort", "type", "version",
-           "thing", "stuff", "shape", "form", "line", "curve", "dot", "circle", "square", "corner", "edge", "center",
-           "top", "bottom", "side", "middle", "image", "photo", "art", "style", "look", "view", "scene", "frame",
-           "quality", "detail", "high", "low", "resolution", "pixel", "pixels", "mnist", "dataset", "sklearn",
-           "example", "sample", "test", "train", "model", "ai", "generate", "output", "result", "final", "first",
-           "last", "next", "other", "same", "new", "nice", "cute", "neat", "bold", "thin", "glyph", "ink", "marker")
+TAILS = (
+    "in ink",
+    "in black and white",
+    "at low resolution",
+    "in the middle",
+    "with a marker",
+    "with chalk",
+    "in grayscale",
+    "from a scanner",
+    "for a dataset",
+    "as an image",
+    "again",
+    "now",
+    "today",
+    "quickly",
+    "in a box",
+    "at the center",
+    "like a child would",
+    "in blue",
+    "very large",
+    "very small",
+    "for us",
+    "for the test",
+    "to classify",
+    "style",
+    "art",
+    "image",
+    "picture",
+    "photo",
+    "scan",
+    "sample",
+)
+FILLERS = (
+    "cat",
+    "dog",
+    "house",
+    "tree",
+    "blue",
+    "red",
+    "green",
+    "water",
+    "river",
+    "stone",
+    "apple",
+    "bread",
+    "chair",
+    "table",
+    "window",
+    "light",
+    "night",
+    "day",
+    "sun",
+    "moon",
+    "star",
+    "car",
+    "road",
+    "city",
+    "music",
+    "song",
+    "happy",
+    "sad",
+    "fast",
+    "slow",
+    "warm",
+    "cold",
+    "soft",
+    "hard",
+    "open",
+    "close",
+    "up",
+    "down",
+    "left",
+    "right",
+    "over",
+    "under",
+    "very",
+    "really",
+    "quite",
+    "maybe",
+    "yes",
+    "no",
+    "ok",
+    "hello",
+    "thanks",
+    "cool",
+    "good",
+    "bad",
+    "best",
+    "all",
+    "any",
+    "each",
+    "every",
+    "with",
+    "without",
+    "from",
+    "to",
+    "for",
+    "at",
+    "in",
+    "and",
+    "or",
+    "but",
+    "so",
+    "if",
+    "then",
+    "there",
+    "here",
+    "it",
+    "its",
+    "that",
+    "what",
+    "which",
+    "who",
+    "how",
+    "why",
+    "when",
+    "where",
+    "this",
+    "those",
+    "these",
+    "kind",
+    "sort",
+    "type",
+    "version",
+    "thing",
+    "stuff",
+    "shape",
+    "form",
+    "line",
+    "curve",
+    "dot",
+    "circle",
+    "square",
+    "corner",
+    "edge",
+    "center",
+    "top",
+    "bottom",
+    "side",
+    "middle",
+    "image",
+    "photo",
+    "art",
+    "style",
+    "look",
+    "view",
+    "scene",
+    "frame",
+    "quality",
+    "detail",
+    "high",
+    "low",
+    "resolution",
+    "pixel",
+    "pixels",
+    "mnist",
+    "dataset",
+    "sklearn",
+    "example",
+    "sample",
+    "test",
+    "train",
+    "model",
+    "ai",
+    "generate",
+    "output",
+    "result",
+    "final",
+    "first",
+    "last",
+    "next",
+    "other",
+    "same",
+    "new",
+    "nice",
+    "cute",
+    "neat",
+    "bold",
+    "thin",
+    "glyph",
+    "ink",
+    "marker",
+)
 PUNCT = (".", "!", "?", ",", ":", ";", "...", "-")
 
 
@@ -108,8 +364,11 @@ def _compose(rng, digit: int) -> str:
         words = [num + ","] + lead + det + adjs + noun + tail
     words = [w for w in words if w == num or w == num + "," or rng.random() > 0.1]  # word dropout
     for _ in range(rng.choice((0, 0, 0, 1, 1, 2, 3))):  # filler: real words or made-up ones
-        filler = rng.choice(FILLERS) if rng.random() < 0.7 else "".join(
-            rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 8)))
+        filler = (
+            rng.choice(FILLERS)
+            if rng.random() < 0.7
+            else "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 8)))
+        )
         if _contains_number_word(filler) or filler in HELD_OUT_WORDS:
             continue
         words.insert(rng.randint(0, len(words)), filler)
@@ -138,7 +397,9 @@ def caption_bank(per_digit: int, seed: int) -> list[tuple[str, int]]:
     bank += [(compose(rng, d), d) for _ in range(per_digit) for d in range(10)]
     for text, digit in bank:
         numbers = [w for w in _words(text) if w.isdigit() or _contains_number_word(w)]
-        assert set(numbers) <= {str(digit), WORDS[digit]} and numbers, text  # exactly one number, the right one
+        assert set(numbers) <= {str(digit), WORDS[digit]} and numbers, (
+            text
+        )  # exactly one number, the right one
         assert not HELD_OUT_WORDS & set(_words(text)), (text, HELD_OUT_WORDS & set(_words(text)))
     return bank
 
@@ -150,12 +411,17 @@ def build_tokenizer(corpus: list[str], vocab_size: int):
     from transformers import GemmaTokenizer
 
     bpe = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace("▁", prepend_scheme="never"),
-                                                 pre_tokenizers.Punctuation("isolated"),
-                                                 pre_tokenizers.Digits(individual_digits=True)])
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Metaspace("▁", prepend_scheme="never"),
+            pre_tokenizers.Punctuation("isolated"),
+            pre_tokenizers.Digits(individual_digits=True),
+        ]
+    )
     specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"] + [f"<0x{i:02X}>" for i in range(256)]
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                                        show_progress=False))
+    bpe.train_from_iterator(
+        corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    )
     merges = [tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
     return GemmaTokenizer(vocab=bpe.get_vocab(), merges=merges, add_bos_token=True, add_eos_token=False)
 
@@ -165,10 +431,25 @@ def build_models(vocab_size: int, seed: int, embed_std: float = 1.0):
     from transformers import Gemma2Config, Gemma2Model
 
     torch.manual_seed(seed)
-    text_encoder = Gemma2Model(Gemma2Config(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=32, max_position_embeddings=1024, pad_token_id=0, bos_token_id=2,
-        eos_token_id=1)).eval().requires_grad_(False)
+    text_encoder = (
+        Gemma2Model(
+            Gemma2Config(
+                vocab_size=vocab_size,
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                head_dim=32,
+                max_position_embeddings=1024,
+                pad_token_id=0,
+                bos_token_id=2,
+                eos_token_id=1,
+            )
+        )
+        .eval()
+        .requires_grad_(False)
+    )
     # Token embeddings at std 1 instead of 0.02: Gemma-2 normalises each attention and MLP output to unit RMS
     # before adding it to the residual stream, so with the usual init a token's state is mostly a random mix of
     # the 300-token instruction before it and a new phrasing changes it. At std 1 (×√64 inside Gemma) the token
@@ -177,16 +458,39 @@ def build_models(vocab_size: int, seed: int, embed_std: float = 1.0):
         text_encoder.embed_tokens.weight.normal_(0.0, embed_std)
         text_encoder.embed_tokens.weight[0] = 0  # <pad>
     vae = AutoencoderDC(
-        in_channels=1, latent_channels=8, attention_head_dim=8, encoder_block_types=("ResBlock",) * 3,
-        decoder_block_types=("ResBlock",) * 3, encoder_block_out_channels=(16, 32, 64),
-        decoder_block_out_channels=(16, 32, 64), encoder_layers_per_block=(1, 1, 1),
-        decoder_layers_per_block=(1, 1, 1), encoder_qkv_multiscales=((), (), ()), decoder_qkv_multiscales=((), (), ()),
-        upsample_block_type="interpolate", downsample_block_type="Conv", decoder_norm_types="rms_norm",
-        decoder_act_fns="silu", scaling_factor=1.0)
+        in_channels=1,
+        latent_channels=8,
+        attention_head_dim=8,
+        encoder_block_types=("ResBlock",) * 3,
+        decoder_block_types=("ResBlock",) * 3,
+        encoder_block_out_channels=(16, 32, 64),
+        decoder_block_out_channels=(16, 32, 64),
+        encoder_layers_per_block=(1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1),
+        encoder_qkv_multiscales=((), (), ()),
+        decoder_qkv_multiscales=((), (), ()),
+        upsample_block_type="interpolate",
+        downsample_block_type="Conv",
+        decoder_norm_types="rms_norm",
+        decoder_act_fns="silu",
+        scaling_factor=1.0,
+    )
     transformer = SanaTransformer2DModel(
-        in_channels=8, out_channels=8, num_attention_heads=4, attention_head_dim=32, num_layers=6,
-        num_cross_attention_heads=4, cross_attention_head_dim=32, cross_attention_dim=128, caption_channels=64,
-        mlp_ratio=2.5, sample_size=4, patch_size=1, norm_elementwise_affine=False, norm_eps=1e-6)
+        in_channels=8,
+        out_channels=8,
+        num_attention_heads=4,
+        attention_head_dim=32,
+        num_layers=6,
+        num_cross_attention_heads=4,
+        cross_attention_head_dim=32,
+        cross_attention_dim=128,
+        caption_channels=64,
+        mlp_ratio=2.5,
+        sample_size=4,
+        patch_size=1,
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+    )
     return text_encoder, vae, transformer
 
 
@@ -210,8 +514,11 @@ def train_vae(vae, data: torch.Tensor, steps: int, batch_size: int, g: torch.Gen
         opt.step()
         losses.append(loss.item())
         if (step + 1) % log_every == 0:
-            print(f"vae step {step + 1}/{steps}  loss {np.mean(losses[-log_every:]):.4f}  "
-                  f"{time.perf_counter() - start:.0f}s", flush=True)
+            print(
+                f"vae step {step + 1}/{steps}  loss {np.mean(losses[-log_every:]):.4f}  "
+                f"{time.perf_counter() - start:.0f}s",
+                flush=True,
+            )
     return float(np.mean(losses[-log_every:])), time.perf_counter() - start
 
 
@@ -227,17 +534,23 @@ def encode_captions(tokenizer, text_encoder, prompts: list[str], chunk: int = 25
     from ..models.sana import SANA_INSTRUCTION
 
     chi = "\n".join(SANA_INSTRUCTION)
-    n = len(tokenizer.encode(chi)) - 1  # the instruction's tokens but its trailing "▁", which joins the prompt
-    enc = tokenizer([chi + p.lower().strip() for p in prompts], padding="longest", padding_side="right",
-                    return_tensors="pt")
+    n = (
+        len(tokenizer.encode(chi)) - 1
+    )  # the instruction's tokens but its trailing "▁", which joins the prompt
+    enc = tokenizer(
+        [chi + p.lower().strip() for p in prompts],
+        padding="longest",
+        padding_side="right",
+        return_tensors="pt",
+    )
     ids, mask = enc.input_ids, enc.attention_mask
     assert (ids[:, :n] == ids[:1, :n]).all() and mask[:, :n].all()
     prefix = text_encoder(ids[:1, :n], cache=DynamicCache(config=text_encoder.config), use_cache=True)
     states = []
     for i in range(0, len(prompts), chunk):
         cache = copy.deepcopy(prefix.cache)
-        cache.batch_repeat_interleave(len(ids[i:i + chunk]))
-        out = text_encoder(ids[i:i + chunk, n:], attention_mask=mask[i:i + chunk], cache=cache)
+        cache.batch_repeat_interleave(len(ids[i : i + chunk]))
+        out = text_encoder(ids[i : i + chunk, n:], attention_mask=mask[i : i + chunk], cache=cache)
         states.append(out.last_hidden_state)
     emb = torch.cat([prefix.last_hidden_state[:, :1].expand(len(prompts), -1, -1), torch.cat(states)], 1)
     mask = torch.cat([mask[:, :1], mask[:, n:]], 1).float()
@@ -246,8 +559,9 @@ def encode_captions(tokenizer, text_encoder, prompts: list[str], chunk: int = 25
     return (emb, mask), (null, (torch.arange(len(null)) == 0).float())
 
 
-def train_transformer(model, latents, labels, embeds, masks, null, by_digit, template_p, steps, batch_size, lr, g,
-                      log_every):
+def train_transformer(
+    model, latents, labels, embeds, masks, null, by_digit, template_p, steps, batch_size, lr, g, log_every
+):
     """Rectified flow: x_σ = (1 − σ)·x0 + σ·noise, predict noise − x0 at timestep σ·1000; 10% empty prompts.
     by_digit[d]: caption indices for digit d, its first len(TEMPLATES) the fixed templates (drawn with template_p)."""
     n_templates, n_captions = len(TEMPLATES), by_digit.shape[1]
@@ -258,11 +572,15 @@ def train_transformer(model, latents, labels, embeds, masks, null, by_digit, tem
     for step in range(steps):
         idx = torch.randint(0, len(latents), (batch_size,), generator=g)
         x0, y = latents[idx], labels[idx]
-        col = torch.where(torch.rand(batch_size, generator=g) < template_p,
-                          torch.randint(0, n_templates, (batch_size,), generator=g),
-                          torch.randint(n_templates, n_captions, (batch_size,), generator=g))
+        col = torch.where(
+            torch.rand(batch_size, generator=g) < template_p,
+            torch.randint(0, n_templates, (batch_size,), generator=g),
+            torch.randint(n_templates, n_captions, (batch_size,), generator=g),
+        )
         cap = by_digit[y, col]
-        used = int(masks[cap].sum(1).max())  # the longest caption of the batch (the masks are ones, then zeros)
+        used = int(
+            masks[cap].sum(1).max()
+        )  # the longest caption of the batch (the masks are ones, then zeros)
         emb, mask = embeds[cap, :used].clone(), masks[cap, :used].clone()
         drop = torch.rand(batch_size, generator=g) < 0.1
         emb[drop], mask[drop] = null[0][:used], null[1][:used]
@@ -279,13 +597,27 @@ def train_transformer(model, latents, labels, embeds, masks, null, by_digit, tem
         ema_update(ema, model, 0.999)
         losses.append(loss.item())
         if (step + 1) % log_every == 0:
-            print(f"transformer step {step + 1}/{steps}  loss {np.mean(losses[-log_every:]):.4f}  "
-                  f"{time.perf_counter() - start:.0f}s", flush=True)
+            print(
+                f"transformer step {step + 1}/{steps}  loss {np.mean(losses[-log_every:]):.4f}  "
+                f"{time.perf_counter() - start:.0f}s",
+                flush=True,
+            )
     return ema, float(np.mean(losses[-log_every:])), time.perf_counter() - start
 
 
-def train(out: Path, vae_steps: int, steps: int, batch_size: int, lr: float, seed: int, captions: int = 400,
-          template_p: float = 0.25, vocab_size: int = 1024, embed_std: float = 1.0, log_every: int = 250) -> dict:
+def train(
+    out: Path,
+    vae_steps: int,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    captions: int = 400,
+    template_p: float = 0.25,
+    vocab_size: int = 1024,
+    embed_std: float = 1.0,
+    log_every: int = 250,
+) -> dict:
     from diffusers import DPMSolverMultistepScheduler, SanaPipeline
 
     from ..models.sana import SANA_INSTRUCTION
@@ -315,16 +647,46 @@ def train(out: Path, vae_steps: int, steps: int, batch_size: int, lr: float, see
     print(f"{len(bank)} captions encoded ({embeds.shape[1]} tokens) in {text_seconds:.0f}s", flush=True)
 
     transformer.train()
-    ema, loss, seconds = train_transformer(transformer, latents, targets, embeds, masks, null, by_digit, template_p,
-                                           steps, batch_size, lr, g, log_every)
-    info = {"vae_steps": vae_steps, "vae_final_loss": vae_loss, "steps": steps, "batch_size": batch_size, "lr": lr,
-            "seed": seed, "ema": 0.999, "final_loss": loss, "templates": list(TEMPLATES),
-            "composed_captions_per_digit": captions, "template_p": template_p, "embed_std": embed_std,
-            "held_out": list(HELD_OUT), "seconds": round(vae_seconds + text_seconds + seconds),
-            "cpu_seconds": round(time.process_time() - cpu_start), "threads": torch.get_num_threads()}
+    ema, loss, seconds = train_transformer(
+        transformer,
+        latents,
+        targets,
+        embeds,
+        masks,
+        null,
+        by_digit,
+        template_p,
+        steps,
+        batch_size,
+        lr,
+        g,
+        log_every,
+    )
+    info = {
+        "vae_steps": vae_steps,
+        "vae_final_loss": vae_loss,
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "ema": 0.999,
+        "final_loss": loss,
+        "templates": list(TEMPLATES),
+        "composed_captions_per_digit": captions,
+        "template_p": template_p,
+        "embed_std": embed_std,
+        "held_out": list(HELD_OUT),
+        "seconds": round(vae_seconds + text_seconds + seconds),
+        "cpu_seconds": round(time.process_time() - cpu_start),
+        "threads": torch.get_num_threads(),
+    }
 
-    scheduler = DPMSolverMultistepScheduler(flow_shift=1.0, use_flow_sigmas=True, prediction_type="flow_prediction")
-    pipe = SanaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=ema, scheduler=scheduler)
+    scheduler = DPMSolverMultistepScheduler(
+        flow_shift=1.0, use_flow_sigmas=True, prediction_type="flow_prediction"
+    )
+    pipe = SanaPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=ema, scheduler=scheduler
+    )
     pipe.to(torch.float16)  # fp16 storage keeps the shipped folder small; exports and runs in fp32
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -337,7 +699,9 @@ def train(out: Path, vae_steps: int, steps: int, batch_size: int, lr: float, see
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, type=Path, help="folder to write (a diffusers SanaPipeline folder)")
+    parser.add_argument(
+        "--out", required=True, type=Path, help="folder to write (a diffusers SanaPipeline folder)"
+    )
     parser.add_argument("--vae-steps", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=128)

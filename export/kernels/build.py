@@ -19,8 +19,14 @@ LIBRARY = "libditkernels.so"
 ENTRY = "dit_kernels.cu"
 # sm_80 and sm_90 machine code, plus compute_90 PTX for the driver to JIT on newer GPUs. No --use_fast_math:
 # LayerNorm's statistics and linear attention's division keep IEEE fp32 rounding.
-GENCODE = ("-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
-           "-gencode", "arch=compute_90,code=compute_90")
+GENCODE = (
+    "-gencode",
+    "arch=compute_80,code=sm_80",
+    "-gencode",
+    "arch=compute_90,code=sm_90",
+    "-gencode",
+    "arch=compute_90,code=compute_90",
+)
 FLAGS = ("-O3", "-std=c++17", "-lineinfo", "--threads", "0", "-Xcompiler", "-fPIC", "-shared")
 
 
@@ -32,8 +38,10 @@ def csrc_dir() -> Path:
     """The kernel sources: csrc/ at the repository root (an editable install)."""
     path = Path(__file__).resolve().parents[2] / "csrc"
     if not (path / ENTRY).is_file():
-        raise KernelUnavailable(f"CUDA kernel sources not found at {path}: build the kernels from a source checkout "
-                                "installed with `pip install -e .`")
+        raise KernelUnavailable(
+            f"CUDA kernel sources not found at {path}: build the kernels from a source checkout "
+            "installed with `pip install -e .`"
+        )
     return path
 
 
@@ -43,13 +51,17 @@ def find_nvcc() -> str:
     if home:
         nvcc = Path(home) / "bin" / "nvcc"
         if not os.access(nvcc, os.X_OK):
-            raise KernelUnavailable(f"CUDA_HOME={home} has no bin/nvcc: point CUDA_HOME at a CUDA toolkit "
-                                    "(12 or newer) or unset it to use nvcc from PATH")
+            raise KernelUnavailable(
+                f"CUDA_HOME={home} has no bin/nvcc: point CUDA_HOME at a CUDA toolkit "
+                "(12 or newer) or unset it to use nvcc from PATH"
+            )
         return str(nvcc)
     nvcc = shutil.which("nvcc")
     if nvcc is None:
-        raise KernelUnavailable("nvcc not found: install the CUDA toolkit (12 or newer) and set CUDA_HOME to it "
-                                "or put its bin/ on PATH")
+        raise KernelUnavailable(
+            "nvcc not found: install the CUDA toolkit (12 or newer) and set CUDA_HOME to it "
+            "or put its bin/ on PATH"
+        )
     return nvcc
 
 
@@ -96,8 +108,10 @@ def emit_ptx(source: str | Path, arch: str = "compute_80") -> str:
         source = src / source
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / (source.stem + ".ptx")
-        _run([nvcc, "-ptx", f"-arch={arch}", "-O3", "-std=c++17", "-I", str(src), "-o", str(out), str(source)],
-             f"nvcc -ptx {source.name}")
+        _run(
+            [nvcc, "-ptx", f"-arch={arch}", "-O3", "-std=c++17", "-I", str(src), "-o", str(out), str(source)],
+            f"nvcc -ptx {source.name}",
+        )
         return out.read_text()
 
 
@@ -120,7 +134,12 @@ def load() -> ctypes.CDLL:
     lib.dit_error_string.restype = ctypes.c_char_p
     lib.dit_kernels_version.argtypes = []
     lib.dit_kernels_version.restype = ctypes.c_char_p
-    for name in ("dit_adaln_modulate", "dit_adaln_modulate_residual", "dit_linear_attention", "dit_runtime_check"):
+    for name in (
+        "dit_adaln_modulate",
+        "dit_adaln_modulate_residual",
+        "dit_linear_attention",
+        "dit_runtime_check",
+    ):
         getattr(lib, name).restype = i32
     return lib
 
@@ -133,6 +152,8 @@ def _run(cmd: list[str], what: str) -> str:
         raise KernelUnavailable(f"{what} could not run: {e}") from None
     if r.returncode != 0:
         lines = (r.stderr + r.stdout).splitlines()
-        first = next((ln for ln in lines if "error" in ln.lower()), lines[0] if lines else f"exit code {r.returncode}")
+        first = next(
+            (ln for ln in lines if "error" in ln.lower()), lines[0] if lines else f"exit code {r.returncode}"
+        )
         raise KernelUnavailable(f"{what} failed: {first.strip()}")
     return r.stdout

@@ -35,8 +35,10 @@ def _load_usable():
     lib = load()
     code = lib.dit_runtime_check()
     if code != 0:
-        raise KernelUnavailable(f"libditkernels cannot use this GPU: {lib.dit_error_string(code).decode()} "
-                                f"(cudaError {code}); build it with a CUDA toolkit no newer than the driver")
+        raise KernelUnavailable(
+            f"libditkernels cannot use this GPU: {lib.dit_error_string(code).decode()} "
+            f"(cudaError {code}); build it with a CUDA toolkit no newer than the driver"
+        )
     return lib
 
 
@@ -46,8 +48,11 @@ def library():
     try:
         return _load_usable()
     except KernelUnavailable as e:
-        warnings.warn(f"dit CUDA kernels unavailable, the dit ops use the torch reference: {e}", RuntimeWarning,
-                      stacklevel=4)
+        warnings.warn(
+            f"dit CUDA kernels unavailable, the dit ops use the torch reference: {e}",
+            RuntimeWarning,
+            stacklevel=4,
+        )
         return None
 
 
@@ -60,10 +65,14 @@ def _check_same(op: str, tensors: dict[str, Tensor]) -> None:
     first_name, first = next(iter(tensors.items()))
     for name, t in tensors.items():
         if t.device != first.device:
-            raise InputError(f"{op}: {name} is on {t.device} but {first_name} on {first.device}; "
-                             "move all inputs to one device")
+            raise InputError(
+                f"{op}: {name} is on {t.device} but {first_name} on {first.device}; "
+                "move all inputs to one device"
+            )
         if t.dtype != first.dtype:
-            raise InputError(f"{op}: {name} is {t.dtype} but {first_name} {first.dtype}; cast all inputs to one dtype")
+            raise InputError(
+                f"{op}: {name} is {t.dtype} but {first_name} {first.dtype}; cast all inputs to one dtype"
+            )
 
 
 def _check_modulation(op: str, x: Tensor, rows: dict[str, Tensor]) -> None:
@@ -71,7 +80,9 @@ def _check_modulation(op: str, x: Tensor, rows: dict[str, Tensor]) -> None:
         raise InputError(f"{op}: expected a (B, N, D) input, got shape {tuple(x.shape)}")
     for name, t in rows.items():
         if t.shape != (x.shape[0], x.shape[2]):
-            raise InputError(f"{op}: {name} must be (B, D) = {(x.shape[0], x.shape[2])}, got {tuple(t.shape)}")
+            raise InputError(
+                f"{op}: {name} must be (B, D) = {(x.shape[0], x.shape[2])}, got {tuple(t.shape)}"
+            )
 
 
 def _call(lib, fn, *args) -> None:
@@ -94,38 +105,73 @@ def adaln_modulate_cuda(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> 
     out = torch.empty_like(x)
     B, N, D = x.shape
     with torch.cuda.device(x.device):
-        _call(lib, lib.dit_adaln_modulate, x.data_ptr(), shift.data_ptr(), scale.data_ptr(), out.data_ptr(), B, N, D,
-              eps, DTYPES[x.dtype], _stream(x))
+        _call(
+            lib,
+            lib.dit_adaln_modulate,
+            x.data_ptr(),
+            shift.data_ptr(),
+            scale.data_ptr(),
+            out.data_ptr(),
+            B,
+            N,
+            D,
+            eps,
+            DTYPES[x.dtype],
+            _stream(x),
+        )
     return out
 
 
-def adaln_modulate_residual_cuda(residual: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scale: Tensor,
-                                 eps: float) -> tuple[Tensor, Tensor]:
+def adaln_modulate_residual_cuda(
+    residual: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scale: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
     inputs = {"residual": residual, "y": y, "gate": gate, "shift": shift, "scale": scale}
     _check_same("adaln_modulate_residual", inputs)
     _check_modulation("adaln_modulate_residual", residual, {"gate": gate, "shift": shift, "scale": scale})
     if y.shape != residual.shape:
-        raise InputError(f"adaln_modulate_residual: y must have the shape of residual {tuple(residual.shape)}, "
-                         f"got {tuple(y.shape)}")
+        raise InputError(
+            f"adaln_modulate_residual: y must have the shape of residual {tuple(residual.shape)}, "
+            f"got {tuple(y.shape)}"
+        )
     lib = library()
-    if (lib is None or residual.dtype not in DTYPES or residual.numel() == 0
-            or residual.shape[2] > ADALN_MAX_DIM[residual.dtype]):
+    if (
+        lib is None
+        or residual.dtype not in DTYPES
+        or residual.numel() == 0
+        or residual.shape[2] > ADALN_MAX_DIM[residual.dtype]
+    ):
         return _reference("adaln_residual")(residual, y, gate, shift, scale, eps)
     residual, y, gate, shift, scale = (t.contiguous() for t in (residual, y, gate, shift, scale))
     h, out = torch.empty_like(residual), torch.empty_like(residual)
     B, N, D = residual.shape
     with torch.cuda.device(residual.device):
-        _call(lib, lib.dit_adaln_modulate_residual, residual.data_ptr(), y.data_ptr(), gate.data_ptr(),
-              shift.data_ptr(), scale.data_ptr(), h.data_ptr(), out.data_ptr(), B, N, D, eps,
-              DTYPES[residual.dtype], _stream(residual))
+        _call(
+            lib,
+            lib.dit_adaln_modulate_residual,
+            residual.data_ptr(),
+            y.data_ptr(),
+            gate.data_ptr(),
+            shift.data_ptr(),
+            scale.data_ptr(),
+            h.data_ptr(),
+            out.data_ptr(),
+            B,
+            N,
+            D,
+            eps,
+            DTYPES[residual.dtype],
+            _stream(residual),
+        )
     return h, out
 
 
 def linear_attention_cuda(q: Tensor, k: Tensor, v: Tensor, eps: float) -> Tensor:
     _check_same("linear_attention", {"q": q, "k": k, "v": v})
     if q.dim() != 4 or not q.shape == k.shape == v.shape:
-        raise InputError(f"linear_attention: q, k, v must share one (B, H, N, d) shape, got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+        raise InputError(
+            f"linear_attention: q, k, v must share one (B, H, N, d) shape, got {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
+        )
     lib = library()
     if lib is None or q.dtype not in DTYPES or q.numel() == 0 or q.shape[3] > LA_MAX_HEAD_DIM:
         return _reference("linear_attention")(q, k, v, eps)
@@ -135,8 +181,23 @@ def linear_attention_cuda(q: Tensor, k: Tensor, v: Tensor, eps: float) -> Tensor
     with torch.cuda.device(q.device):
         need = lib.dit_linear_attention_workspace_size(B, H, N, d)
         work = torch.empty(need, dtype=torch.uint8, device=q.device) if need else None
-        _call(lib, lib.dit_linear_attention, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, H, N, d,
-              eps, DTYPES[q.dtype], None if work is None else work.data_ptr(), need, _stream(q))
+        _call(
+            lib,
+            lib.dit_linear_attention,
+            q.data_ptr(),
+            k.data_ptr(),
+            v.data_ptr(),
+            out.data_ptr(),
+            B,
+            H,
+            N,
+            d,
+            eps,
+            DTYPES[q.dtype],
+            None if work is None else work.data_ptr(),
+            need,
+            _stream(q),
+        )
     return out
 
 
@@ -152,8 +213,10 @@ def install() -> None:
 def register() -> None:
     """Build and load the kernels now and register them; raises KernelUnavailable where they cannot run."""
     if not torch.cuda.is_available():
-        raise KernelUnavailable("no CUDA device: the dit CUDA kernels need a GPU (torch.cuda.is_available() is "
-                                "False); on this machine the dit ops use the torch reference")
+        raise KernelUnavailable(
+            "no CUDA device: the dit CUDA kernels need a GPU (torch.cuda.is_available() is "
+            "False); on this machine the dit ops use the torch reference"
+        )
     _load_usable()
     library.cache_clear()  # a lazy attempt that failed earlier does not hide the library now
     install()

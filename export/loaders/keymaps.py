@@ -1,4 +1,5 @@
-"""Declarative checkpoint key tables: one row per real difference between a checkpoint's names and ours.
+"""Declarative checkpoint key rules: one row per real difference between a checkpoint's names and ours. Each
+family file (models/<family>.py) holds its KEYS; the rows shared by blocks the families share are here.
 
 A rule maps keys matching `src` (a full regex) to `dst` (a template using the match groups), or drops them.
 A transform may rewrite the tensor (`same_as` checks duplicated tensors before dropping them).
@@ -34,58 +35,50 @@ def swap_halves(m: re.Match, value: torch.Tensor, state: dict) -> torch.Tensor:
 
 def same_as(template: str) -> Callable:
     """Check that a duplicated tensor equals its first copy (named by template), then drop it."""
+
     def check(m: re.Match, value: torch.Tensor, state: dict) -> torch.Tensor:
         first = state[m.expand(template)]
         if not torch.equal(first, value):
-            raise LoaderError(f"{m.group(0)!r} differs from {m.expand(template)!r}; per-block copies of this "
-                              "tensor must be identical (as in converted checkpoints)")
+            raise LoaderError(
+                f"{m.group(0)!r} differs from {m.expand(template)!r}; per-block copies of this "
+                "tensor must be identical (as in converted checkpoints)"
+            )
         return value
+
     return check
 
 
 # diffusers BasicTransformerBlock leaves (DiT, PixArt): attn1 -> attn, ff.net.{0.proj,2} -> ff.fc{1,2}
-_SELF_ATTN = [
+SELF_ATTN = [
     KeyRule(r"transformer_blocks\.(\d+)\.attn1\.to_([qkv])\.(weight|bias)", r"blocks.\1.attn.to_\2.\3"),
     KeyRule(r"transformer_blocks\.(\d+)\.attn1\.to_out\.0\.(weight|bias)", r"blocks.\1.attn.to_out.\2"),
 ]
-_GELU_FF = [
+GELU_FF = [
     KeyRule(r"transformer_blocks\.(\d+)\.ff\.net\.0\.proj\.(weight|bias)", r"blocks.\1.ff.fc1.\2"),
     KeyRule(r"transformer_blocks\.(\d+)\.ff\.net\.2\.(weight|bias)", r"blocks.\1.ff.fc2.\2"),
 ]
 
-DIT = [
-    KeyRule(r"pos_embed\.proj\.(weight|bias)", r"x_embedder.proj.\1"),
-    KeyRule(r"transformer_blocks\.0\.norm1\.emb\.timestep_embedder\.(linear_[12]\.(?:weight|bias))", r"t_embedder.\1"),
-    KeyRule(r"transformer_blocks\.0\.norm1\.emb\.class_embedder\.embedding_table\.weight", "y_embedder.weight"),
-    KeyRule(r"transformer_blocks\.(\d+)\.norm1\.emb\.(.*)", DROP, same_as(r"transformer_blocks.0.norm1.emb.\2")),
-    KeyRule(r"transformer_blocks\.(\d+)\.norm1\.linear\.(weight|bias)", r"blocks.\1.adaLN.\2"),
-    *_SELF_ATTN, *_GELU_FF,
-    KeyRule(r"proj_out_1\.(weight|bias)", r"final.adaLN.\1"),
-    KeyRule(r"proj_out_2\.(weight|bias)", r"final.linear.\1"),
-]
-
 
 # PixArt and Sana share the adaLN-single skeleton; their blocks differ only in what the FFN/attention hold.
-_ADALN_SINGLE = [
+ADALN_SINGLE = [
     KeyRule(r"(?:adaln_single|time_embed)\.emb\.timestep_embedder\.(.*)", r"t_embedder.\1"),
     KeyRule(r"adaln_single\.emb\.(resolution|aspect_ratio)_embedder\.(.*)", r"\1_embedder.\2"),
     KeyRule(r"(?:adaln_single|time_embed)\.linear\.(weight|bias)", r"t_block.\1"),
     KeyRule(r"pos_embed\.proj\.(weight|bias)|patch_embed\.proj\.(weight|bias)", r"x_embedder.proj.\1\2"),
-    KeyRule(r"(caption_projection\.linear_[12]\.(?:weight|bias)|caption_norm\.weight|scale_shift_table|"
-            r"proj_out\.(?:weight|bias))", r"\1"),
+    KeyRule(
+        r"(caption_projection\.linear_[12]\.(?:weight|bias)|caption_norm\.weight|scale_shift_table|"
+        r"proj_out\.(?:weight|bias))",
+        r"\1",
+    ),
     KeyRule(r"transformer_blocks\.(\d+)\.scale_shift_table", r"blocks.\1.scale_shift_table"),
-    *_SELF_ATTN,
+    *SELF_ATTN,
     KeyRule(r"transformer_blocks\.(\d+)\.attn2\.to_([qkv])\.(weight|bias)", r"blocks.\1.cross_attn.to_\2.\3"),
     KeyRule(r"transformer_blocks\.(\d+)\.attn2\.to_out\.0\.(weight|bias)", r"blocks.\1.cross_attn.to_out.\2"),
-]
-PIXART = _ADALN_SINGLE + _GELU_FF
-SANA = _ADALN_SINGLE + [
-    KeyRule(r"transformer_blocks\.(\d+)\.ff\.(conv_\w+\.(?:weight|bias))", r"blocks.\1.ff.\2"),
 ]
 
 
 # SD3/SD3.5 and Flux. Our JointAttention holds one Attention per stream (img, txt); diffusers keeps both flat.
-_MMDIT_COMMON = [
+MMDIT_COMMON = [
     KeyRule(r"(transformer_blocks\.\d+\.attn)\.(to_[qkv]|norm_[qk])\.(weight|bias)", r"\1.img.\2.\3"),
     KeyRule(r"(transformer_blocks\.\d+\.attn)\.to_out\.0\.(weight|bias)", r"\1.img.to_out.\2"),
     KeyRule(r"(transformer_blocks\.\d+\.attn)\.add_([qkv])_proj\.(weight|bias)", r"\1.txt.to_\2.\3"),
@@ -100,31 +93,5 @@ _MMDIT_COMMON = [
     KeyRule(r"norm_out\.linear\.(weight|bias)", r"final.adaLN.\1", swap_halves),
     KeyRule(r"proj_out\.(weight|bias)", r"final.linear.\1"),
 ]
-MMDIT = _MMDIT_COMMON + [
-    KeyRule(r"pos_embed\.proj\.(weight|bias)", r"x_embedder.proj.\1"),
-    KeyRule(r"pos_embed\.pos_embed", "pos_embed"),
-    KeyRule(r"(transformer_blocks\.\d+\.attn2\.(?:to_[qkv]|norm_[qk])\.(?:weight|bias))", r"\1"),
-    KeyRule(r"(transformer_blocks\.\d+\.attn2)\.to_out\.0\.(weight|bias)", r"\1.to_out.\2"),
-]
-FLUX = _MMDIT_COMMON + [
-    KeyRule(r"(x_embedder\.(?:weight|bias))", r"\1"),
-    KeyRule(r"time_text_embed\.guidance_embedder\.(linear_[12]\.(?:weight|bias))", r"guidance_embedder.\1"),
-    KeyRule(r"(single_transformer_blocks\.\d+)\.norm\.linear\.(weight|bias)", r"\1.adaLN.\2"),
-    KeyRule(r"(single_transformer_blocks\.\d+\.(?:attn\.(?:to_[qkv]|norm_[qk])|proj_mlp|proj_out)\.(?:weight|bias))",
-            r"\1"),
-]
-
-
-# AutoencoderKL: only the decoder is exported; the encoder half of the checkpoint is dropped.
-VAE_KL = [
-    KeyRule(r"(?:encoder|quant_conv)\..*", DROP),
-    KeyRule(r"(decoder\.mid_block\.attentions\.0)\.to_out\.0\.(weight|bias)", r"\1.to_out.\2"),
-    KeyRule(r"((?:decoder|post_quant_conv)\..*)", r"\1"),
-]
-
 
 # AutoencoderDC (DC-AE): only the decoder is exported; its names are diffusers' own.
-DC_AE = [
-    KeyRule(r"encoder\..*", DROP),
-    KeyRule(r"(decoder\..*)", r"\1"),
-]

@@ -9,8 +9,16 @@ What differs between families is a constructor argument, visible where a family 
 import torch
 from torch import Tensor, nn
 
-from .layers import (SHIFT_SCALE, Attention, CrossAttention, FeedForward, JointAttention, Modulation,
-                     modulate, table_modulation)
+from .layers import (
+    SHIFT_SCALE,
+    Attention,
+    CrossAttention,
+    FeedForward,
+    JointAttention,
+    Modulation,
+    modulate,
+    table_modulation,
+)
 
 # PixArt's and Sana's output LayerNorm: diffusers hard-codes eps 1e-6 there whatever the blocks' norm_eps
 # (PixArtTransformer2DModel.norm_out, SanaTransformer2DModel.norm_out = SanaModulatedNorm(..., eps=1e-6)).
@@ -39,8 +47,9 @@ class CrossDiTBlock(nn.Module):
         self.cross_attn = cross_attn
         self.ff = ff
 
-    def forward(self, x: Tensor, t6: Tensor, y: Tensor, y_bias: Tensor | None,
-                grid: tuple[int, int]) -> Tensor:
+    def forward(
+        self, x: Tensor, t6: Tensor, y: Tensor, y_bias: Tensor | None, grid: tuple[int, int]
+    ) -> Tensor:
         """x (B, h·w, D) tokens of the (h, w) grid, t6 (B, 6D), text y (B, T, D_y), y_bias (B, 1, 1, T) or
         None -> new x, same shape."""
         msa, mlp = table_modulation(self.scale_shift_table, t6)
@@ -66,8 +75,16 @@ class JointBlock(nn.Module):
     clip_context: Flux, whose text stream diffusers clips to the fp16 range.
     """
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False,
-                 context_pre_only: bool = False, dual_attention: bool = False, clip_context: bool = False):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qk_norm: bool = False,
+        context_pre_only: bool = False,
+        dual_attention: bool = False,
+        clip_context: bool = False,
+    ):
         super().__init__()
         hidden = int(dim * mlp_ratio)
         self.context_pre_only = context_pre_only
@@ -85,8 +102,9 @@ class JointBlock(nn.Module):
         if not context_pre_only:
             self.ff_context = FeedForward(dim, hidden)
 
-    def forward(self, x: Tensor, c: Tensor, temb: Tensor,
-                rope: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, c: Tensor, temb: Tensor, rope: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
         """x (B, N, D) image and c (B, T, D) text tokens, temb (B, D), RoPE tables of [text; image] or None
         -> new (x, c); a context_pre_only block returns c as it came."""
         msa, mlp, *x_extra = self.adaLN(temb)  # x_extra: [msa2] in an MMDiT-X block

@@ -10,12 +10,18 @@ from torch import Tensor, nn
 
 from ditrt.runtime.errors import ConfigError
 
-from ..ops import linear_attention
 from ..family import Checkpoint
-from ..loaders import keymaps
+from ..loaders.keymaps import DROP, KeyRule
+from ..ops import linear_attention
 from .layers import GLUMBConv
 
-ACTS = {"silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu, "mish": F.mish}  # diffusers get_activation
+ACTS = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "mish": F.mish,
+}  # diffusers get_activation
 BLOCKS = ("ResBlock", "EfficientViTBlock")
 UPSAMPLES = ("interpolate", "pixel_shuffle")
 
@@ -23,6 +29,7 @@ UPSAMPLES = ("interpolate", "pixel_shuffle")
 @dataclass(frozen=True)
 class DCAEConfig:
     """Defaults: the released dc-ae-f32c32-sana-1.0 decoder. Per-stage tuples: stage 0 is the full-resolution end."""
+
     in_channels: int = 3  # image channels
     latent_channels: int = 32
     attention_head_dim: int = 32
@@ -42,31 +49,53 @@ class DCAEConfig:
 
     def __post_init__(self):
         ch = self.decoder_block_out_channels
-        per_stage = [("decoder_block_types", self.decoder_block_types, lambda v: v in BLOCKS, BLOCKS),
-                     ("decoder_layers_per_block", self.decoder_layers_per_block, lambda v: v > 0, "counts > 0"),
-                     ("decoder_norm_types", self.decoder_norm_types, lambda v: v == "rms_norm", ("rms_norm",)),
-                     ("decoder_act_fns", self.decoder_act_fns, lambda v: v in ACTS, tuple(ACTS)),
-                     ("decoder_qkv_multiscales", self.decoder_qkv_multiscales, lambda v: all(k % 2 for k in v), "odd")]
+        per_stage = [
+            ("decoder_block_types", self.decoder_block_types, lambda v: v in BLOCKS, BLOCKS),
+            ("decoder_layers_per_block", self.decoder_layers_per_block, lambda v: v > 0, "counts > 0"),
+            ("decoder_norm_types", self.decoder_norm_types, lambda v: v == "rms_norm", ("rms_norm",)),
+            ("decoder_act_fns", self.decoder_act_fns, lambda v: v in ACTS, tuple(ACTS)),
+            ("decoder_qkv_multiscales", self.decoder_qkv_multiscales, lambda v: all(k % 2 for k in v), "odd"),
+        ]
         for key, values, ok, supported in per_stage:
             if len(values) != len(ch) or not all(map(ok, values)):
-                raise ConfigError(f"AutoencoderDC {key}={values!r} is not supported (needs one entry for each of the "
-                                  f"{len(ch)} stages, each of {supported})")
-        rules = [("upsample_block_type", self.upsample_block_type in UPSAMPLES, f"one of {UPSAMPLES}"),
-                 ("decoder_conv_act_fn", self.decoder_conv_act_fn in ACTS, f"one of {tuple(ACTS)}"),
-                 ("decoder_block_out_channels", all(4 * a % b == 0 for a, b in zip(ch, ch[1:])),
-                  "4·channels[i] divisible by channels[i+1], for the up-block shortcut"),
-                 ("latent_channels", not self.decoder_in_shortcut or ch[-1] % self.latent_channels == 0,
-                  f"a divisor of {ch[-1]}, for decoder_in_shortcut"),
-                 ("attention_head_dim", 0 < self.attention_head_dim <= min(
-                     (c for c, t in zip(ch, self.decoder_block_types) if t == "EfficientViTBlock"), default=1 << 30),
-                  "at most the channels of every EfficientViTBlock stage")]
+                raise ConfigError(
+                    f"AutoencoderDC {key}={values!r} is not supported (needs one entry for each of the "
+                    f"{len(ch)} stages, each of {supported})"
+                )
+        rules = [
+            ("upsample_block_type", self.upsample_block_type in UPSAMPLES, f"one of {UPSAMPLES}"),
+            ("decoder_conv_act_fn", self.decoder_conv_act_fn in ACTS, f"one of {tuple(ACTS)}"),
+            (
+                "decoder_block_out_channels",
+                all(4 * a % b == 0 for a, b in zip(ch, ch[1:])),
+                "4·channels[i] divisible by channels[i+1], for the up-block shortcut",
+            ),
+            (
+                "latent_channels",
+                not self.decoder_in_shortcut or ch[-1] % self.latent_channels == 0,
+                f"a divisor of {ch[-1]}, for decoder_in_shortcut",
+            ),
+            (
+                "attention_head_dim",
+                0
+                < self.attention_head_dim
+                <= min(
+                    (c for c, t in zip(ch, self.decoder_block_types) if t == "EfficientViTBlock"),
+                    default=1 << 30,
+                ),
+                "at most the channels of every EfficientViTBlock stage",
+            ),
+        ]
         for key, ok, needs in rules:
             if not ok:
-                raise ConfigError(f"AutoencoderDC {key}={getattr(self, key)!r} is not supported (needs {needs})")
+                raise ConfigError(
+                    f"AutoencoderDC {key}={getattr(self, key)!r} is not supported (needs {needs})"
+                )
 
 
 class RMSNorm2d(nn.Module):
     """diffusers RMSNorm(eps 1e-5, weight and bias) over the channel axis of (B, C, H, W); statistics in fp32."""
+
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
         self.eps, self.weight, self.bias = eps, nn.Parameter(torch.ones(dim)), nn.Parameter(torch.zeros(dim))
@@ -89,13 +118,17 @@ class ResBlock(nn.Module):
 
 def multiscale_projection(channels: int, heads: int, kernel: int) -> nn.Sequential:
     """Depthwise k×k over q|k|v, then a 1×1 grouped per (q, k, v) × head (diffusers' proj_in, proj_out)."""
-    return nn.Sequential(OrderedDict(
-        proj_in=nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=channels, bias=False),
-        proj_out=nn.Conv2d(channels, channels, 1, groups=3 * heads, bias=False)))
+    return nn.Sequential(
+        OrderedDict(
+            proj_in=nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=channels, bias=False),
+            proj_out=nn.Conv2d(channels, channels, 1, groups=3 * heads, bias=False),
+        )
+    )
 
 
 class MultiscaleLinearAttention(nn.Module):
     """diffusers SanaMultiscaleLinearAttention (+ SanaMultiscaleAttnProcessor2_0) with residual, rms_norm output."""
+
     def __init__(self, channels: int, head_dim: int, kernels: tuple[int, ...]):
         super().__init__()
         self.head_dim, heads = head_dim, channels // head_dim
@@ -121,6 +154,7 @@ class MultiscaleLinearAttention(nn.Module):
 
 class GLUMBConv2d(GLUMBConv):
     """Sana's GLUMBConv (expand 4) on (B, C, H, W), with diffusers' rms_norm output and residual."""
+
     def __init__(self, channels: int):
         super().__init__(channels, 4.0)
         self.norm = RMSNorm2d(channels)
@@ -132,20 +166,27 @@ class GLUMBConv2d(GLUMBConv):
 
 def efficientvit_block(channels: int, head_dim: int, kernels: tuple[int, ...]) -> nn.Sequential:
     """diffusers EfficientViTBlock: attention then GLUMBConv, each with its own residual."""
-    return nn.Sequential(OrderedDict(attn=MultiscaleLinearAttention(channels, head_dim, kernels),
-                                     conv_out=GLUMBConv2d(channels)))
+    return nn.Sequential(
+        OrderedDict(
+            attn=MultiscaleLinearAttention(channels, head_dim, kernels), conv_out=GLUMBConv2d(channels)
+        )
+    )
 
 
 class DCUpBlock2d(nn.Module):
     """×2 upsampling (nearest + conv, or conv + pixel shuffle) plus the channel-repeat pixel-shuffle shortcut."""
+
     def __init__(self, cin: int, cout: int, interpolate: bool):
         super().__init__()
         self.interpolate, self.repeats = interpolate, 4 * cout // cin
         self.conv = nn.Conv2d(cin, cout if interpolate else 4 * cout, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = (self.conv(F.interpolate(x, scale_factor=2, mode="nearest")) if self.interpolate
-             else F.pixel_shuffle(self.conv(x), 2))
+        y = (
+            self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+            if self.interpolate
+            else F.pixel_shuffle(self.conv(x), 2)
+        )
         return y + F.pixel_shuffle(x.repeat_interleave(self.repeats, dim=1), 2)
 
 
@@ -154,9 +195,15 @@ def _stage(cfg: DCAEConfig, i: int) -> nn.Sequential:
     ch = cfg.decoder_block_out_channels
     up = [DCUpBlock2d(ch[i + 1], ch[i], cfg.upsample_block_type == "interpolate")] if i < len(ch) - 1 else []
     vit = cfg.decoder_block_types[i] == "EfficientViTBlock"
-    return nn.Sequential(*up, *(efficientvit_block(ch[i], cfg.attention_head_dim, cfg.decoder_qkv_multiscales[i])
-                                if vit else ResBlock(ch[i], cfg.decoder_act_fns[i])
-                                for _ in range(cfg.decoder_layers_per_block[i])))
+    return nn.Sequential(
+        *up,
+        *(
+            efficientvit_block(ch[i], cfg.attention_head_dim, cfg.decoder_qkv_multiscales[i])
+            if vit
+            else ResBlock(ch[i], cfg.decoder_act_fns[i])
+            for _ in range(cfg.decoder_layers_per_block[i])
+        ),
+    )
 
 
 class Decoder(nn.Module):
@@ -191,18 +238,38 @@ class DCAEDecoder(nn.Module):
 def config_from_diffusers(d: dict) -> DCAEConfig:
     """diffusers AutoencoderDC config.json -> DCAEConfig (decoder only; encoder keys are ignored)."""
     # diffusers AutoencoderDC.__init__ defaults where they differ from the Sana release (DCAEConfig's defaults)
-    defaults = dict(decoder_block_types="ResBlock", decoder_norm_types="rms_norm", decoder_act_fns="silu",
-                    upsample_block_type="pixel_shuffle", scaling_factor=1.0)
+    defaults = dict(
+        decoder_block_types="ResBlock",
+        decoder_norm_types="rms_norm",
+        decoder_act_fns="silu",
+        upsample_block_type="pixel_shuffle",
+        scaling_factor=1.0,
+    )
+
     def tuples(x):  # config.json lists -> (nested) tuples
         return tuple(map(tuples, x)) if isinstance(x, (list, tuple)) else x
-    v = {f.name: tuples(d[f.name] if d.get(f.name) is not None else defaults.get(f.name, f.default))
-         for f in fields(DCAEConfig)}
+
+    v = {
+        f.name: tuples(d[f.name] if d.get(f.name) is not None else defaults.get(f.name, f.default))
+        for f in fields(DCAEConfig)
+    }
     n = len(v["decoder_block_out_channels"])  # diffusers broadcasts a string to every stage
-    v.update({k: (v[k],) * n for k in ("decoder_block_types", "decoder_norm_types", "decoder_act_fns")
-              if isinstance(v[k], str)})
+    v.update(
+        {
+            k: (v[k],) * n
+            for k in ("decoder_block_types", "decoder_norm_types", "decoder_act_fns")
+            if isinstance(v[k], str)
+        }
+    )
     return DCAEConfig(**v)
 
 
 # --- what the exporter loads as this decoder (export/family.py) ---
+# AutoencoderDC (DC-AE): only the decoder is exported; its names are diffusers' own.
+KEYS = [
+    KeyRule(r"encoder\..*", DROP),
+    KeyRule(r"(decoder\..*)", r"\1"),
+]
 
-CHECKPOINT = Checkpoint(("AutoencoderDC",), DCAEDecoder, config_from_diffusers, keymaps.DC_AE)
+
+CHECKPOINT = Checkpoint(("AutoencoderDC",), DCAEDecoder, config_from_diffusers, KEYS)

@@ -11,8 +11,19 @@ from ditrt.runtime.manifest import TensorSpec
 
 from ..family import Checkpoint, Conditioning, Defaults, Family, Sampler, scheduler
 from ..loaders import keymaps
-from .layers import (Attention, FeedForward, FinalLayer, Modulation, PatchEmbed, TimestepEmbedder,
-                     gated_modulate, modulate, sincos_pos_embed_2d, unpatchify)
+from ..loaders.keymaps import DROP, KeyRule, same_as
+from .layers import (
+    Attention,
+    FeedForward,
+    FinalLayer,
+    Modulation,
+    PatchEmbed,
+    TimestepEmbedder,
+    gated_modulate,
+    modulate,
+    sincos_pos_embed_2d,
+    unpatchify,
+)
 
 PREDICTIONS = ("epsilon", "flow")
 
@@ -34,13 +45,17 @@ class DiTConfig:
 
     def __post_init__(self):
         if self.prediction not in PREDICTIONS:
-            raise ConfigError(f"DiTConfig.prediction={self.prediction!r}; choose from {', '.join(PREDICTIONS)}")
+            raise ConfigError(
+                f"DiTConfig.prediction={self.prediction!r}; choose from {', '.join(PREDICTIONS)}"
+            )
         if self.sample_size % self.patch_size:
-            raise ConfigError(f"DiTConfig.sample_size={self.sample_size} is not a multiple of "
-                              f"patch_size={self.patch_size}")
+            raise ConfigError(
+                f"DiTConfig.sample_size={self.sample_size} is not a multiple of patch_size={self.patch_size}"
+            )
         if self.hidden_size % self.num_heads or self.hidden_size % 4:
-            raise ConfigError(f"DiTConfig.hidden_size={self.hidden_size} must divide by "
-                              f"num_heads={self.num_heads} and 4")
+            raise ConfigError(
+                f"DiTConfig.hidden_size={self.hidden_size} must divide by num_heads={self.num_heads} and 4"
+            )
 
     @property
     def out_channels(self) -> int:
@@ -70,7 +85,9 @@ class DiT(nn.Module):
         self.x_embedder = PatchEmbed(cfg.in_channels, D, cfg.patch_size)
         self.t_embedder = TimestepEmbedder(D, freq_shift=cfg.freq_shift)
         self.y_embedder = nn.Embedding(cfg.num_classes + 1, D)
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(D, grid, grid, base_size=grid)[None], persistent=False)
+        self.register_buffer(
+            "pos_embed", sincos_pos_embed_2d(D, grid, grid, base_size=grid)[None], persistent=False
+        )
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
         self.final = FinalLayer(D, cfg.patch_size, cfg.out_channels)
 
@@ -80,8 +97,10 @@ class DiT(nn.Module):
         if (height, width) != (S, S):
             what, unit = ("image", " px") if vae_factor else ("latent", "")
             why = f"sample_size={S}" + (f" × VAE factor {f}" if vae_factor else "")
-            raise InputError(f"{what} {height * f}x{width * f}{unit} is not allowed: this DiT's position table is "
-                             f"fixed at {S * f}x{S * f}{unit} ({why})")
+            raise InputError(
+                f"{what} {height * f}x{width * f}{unit} is not allowed: this DiT's position table is "
+                f"fixed at {S * f}x{S * f}{unit} ({why})"
+            )
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         """x (B, C, H, W) latents, t (B,) model timesteps, y (B,) int class labels -> (B, C_out, H, W)."""
@@ -116,8 +135,12 @@ def config_from_diffusers(d: dict) -> DiTConfig:
     """diffusers DiTTransformer2DModel config.json -> DiTConfig (diffusers' freq shift 1 and MLP LayerNorm eps)."""
     from ditrt.runtime.errors import ConfigError
 
-    fixed = {"norm_type": "ada_norm_zero", "activation_fn": "gelu-approximate", "attention_bias": True,
-             "norm_elementwise_affine": False}
+    fixed = {
+        "norm_type": "ada_norm_zero",
+        "activation_fn": "gelu-approximate",
+        "attention_bias": True,
+        "norm_elementwise_affine": False,
+    }
     for key, want in fixed.items():
         if d.get(key, want) != want:
             raise ConfigError(f"DiT config {key}={d[key]!r} is not supported (only {want!r})")
@@ -125,13 +148,42 @@ def config_from_diffusers(d: dict) -> DiTConfig:
     if out_ch not in (in_ch, 2 * in_ch):
         raise ConfigError(f"DiT config out_channels={out_ch} must be in_channels ({in_ch}) or twice it")
     heads, head_dim = d.get("num_attention_heads", 16), d.get("attention_head_dim", 72)
-    return DiTConfig(sample_size=d.get("sample_size", 32), in_channels=in_ch, patch_size=d.get("patch_size", 2),
-                     hidden_size=heads * head_dim, depth=d.get("num_layers", 28), num_heads=heads,
-                     num_classes=d.get("num_embeds_ada_norm", 1000), learn_sigma=out_ch == 2 * in_ch, freq_shift=1,
-                     mlp_norm_eps=d.get("norm_eps", 1e-5), prediction="epsilon")
+    return DiTConfig(
+        sample_size=d.get("sample_size", 32),
+        in_channels=in_ch,
+        patch_size=d.get("patch_size", 2),
+        hidden_size=heads * head_dim,
+        depth=d.get("num_layers", 28),
+        num_heads=heads,
+        num_classes=d.get("num_embeds_ada_norm", 1000),
+        learn_sigma=out_ch == 2 * in_ch,
+        freq_shift=1,
+        mlp_norm_eps=d.get("norm_eps", 1e-5),
+        prediction="epsilon",
+    )
 
 
 # --- family descriptor: what "dit" means to the exporter (export/family.py) ---
+# diffusers checkpoint names -> ours (loaders/keymaps.py: the rules and the blocks' shared rows)
+KEYS = [
+    KeyRule(r"pos_embed\.proj\.(weight|bias)", r"x_embedder.proj.\1"),
+    KeyRule(
+        r"transformer_blocks\.0\.norm1\.emb\.timestep_embedder\.(linear_[12]\.(?:weight|bias))",
+        r"t_embedder.\1",
+    ),
+    KeyRule(
+        r"transformer_blocks\.0\.norm1\.emb\.class_embedder\.embedding_table\.weight", "y_embedder.weight"
+    ),
+    KeyRule(
+        r"transformer_blocks\.(\d+)\.norm1\.emb\.(.*)", DROP, same_as(r"transformer_blocks.0.norm1.emb.\2")
+    ),
+    KeyRule(r"transformer_blocks\.(\d+)\.norm1\.linear\.(weight|bias)", r"blocks.\1.adaLN.\2"),
+    *keymaps.SELF_ATTN,
+    *keymaps.GELU_FF,
+    KeyRule(r"proj_out_1\.(weight|bias)", r"final.adaLN.\1"),
+    KeyRule(r"proj_out_2\.(weight|bias)", r"final.linear.\1"),
+]
+
 
 DDIM = Sampler(scheduler(schedules.DDIM, clip_sample=False), 50, 4.0)  # facebook/DiT-XL-2-256
 
@@ -149,8 +201,12 @@ def defaults(cfg: DiTConfig, pipeline_class: str | None) -> Defaults:
 
 FAMILY = Family(
     name="dit",
-    checkpoint=Checkpoint(("DiTTransformer2DModel", "Transformer2DModel"),  # the second: its legacy name
-                          DiT, config_from_diffusers, keymaps.DIT),
+    checkpoint=Checkpoint(
+        ("DiTTransformer2DModel", "Transformer2DModel"),  # the second: its legacy name
+        DiT,
+        config_from_diffusers,
+        KEYS,
+    ),
     config=DiTConfig,
     conditioning=conditioning,
     defaults=defaults,

@@ -14,12 +14,20 @@ from ditrt.runtime import schedules
 from ditrt.runtime.errors import ConfigError, InputError
 from ditrt.runtime.manifest import TensorSpec
 
-from ..family import (Checkpoint, Conditioning, Defaults, Family, Sampler, TextEngine, has_component,
-                      scheduler)
+from ..family import Checkpoint, Conditioning, Defaults, Family, Sampler, TextEngine, has_component, scheduler
 from ..loaders import keymaps
+from ..loaders.keymaps import KeyRule
 from .blocks import JointBlock, clip_fp16
-from .layers import (Attention, FinalLayer, MLPEmbedder, Modulation, TimestepEmbedder, modulate, rope_freqs,
-                     rope_omega)
+from .layers import (
+    Attention,
+    FinalLayer,
+    MLPEmbedder,
+    Modulation,
+    TimestepEmbedder,
+    modulate,
+    rope_freqs,
+    rope_omega,
+)
 
 
 @dataclass(frozen=True)
@@ -34,18 +42,30 @@ class FluxConfig:
     joint_attention_dim: int = 4096  # T5-XXL
     pooled_projection_dim: int = 768  # CLIP-L pooled output
     guidance_embeds: bool = True  # dev: distilled guidance enters as an embedding; schnell has none
-    axes_dims_rope: tuple[int, ...] = (16, 56, 56)  # RoPE dims per id axis (index, row, column); sum = head_dim
+    axes_dims_rope: tuple[int, ...] = (
+        16,
+        56,
+        56,
+    )  # RoPE dims per id axis (index, row, column); sum = head_dim
     rope_theta: float = 10000.0
-    time_factor: float = 1000.0  # t and guidance come as σ-scale values, embedded ×1000 (diffusers #L725, BFL)
+    time_factor: float = (
+        1000.0  # t and guidance come as σ-scale values, embedded ×1000 (diffusers #L725, BFL)
+    )
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
-            raise ConfigError(f"FluxConfig.hidden_size={self.hidden_size} must divide by num_heads={self.num_heads}")
+            raise ConfigError(
+                f"FluxConfig.hidden_size={self.hidden_size} must divide by num_heads={self.num_heads}"
+            )
         if sum(self.axes_dims_rope) != self.head_dim or any(d % 2 for d in self.axes_dims_rope):
-            raise ConfigError(f"FluxConfig.axes_dims_rope={self.axes_dims_rope} must be even sizes summing to "
-                              f"head_dim={self.head_dim}")
+            raise ConfigError(
+                f"FluxConfig.axes_dims_rope={self.axes_dims_rope} must be even sizes summing to "
+                f"head_dim={self.head_dim}"
+            )
         if self.depth < 0 or self.depth_single < 0:
-            raise ConfigError(f"FluxConfig.depth={self.depth} and depth_single={self.depth_single} cannot be negative")
+            raise ConfigError(
+                f"FluxConfig.depth={self.depth} and depth_single={self.depth_single} cannot be negative"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -78,7 +98,9 @@ class SingleStreamBlock(nn.Module):
         """h (B, T+N, D) text and image tokens, temb (B, D) -> new h."""
         (mod,) = self.adaLN(temb)
         n = modulate(h, mod)
-        out = torch.cat([self.attn(n, rope), F.gelu(self.proj_mlp(n), approximate="tanh")], dim=-1)  # (B, S, D+4D)
+        out = torch.cat(
+            [self.attn(n, rope), F.gelu(self.proj_mlp(n), approximate="tanh")], dim=-1
+        )  # (B, S, D+4D)
         return clip_fp16(h + mod.gate[:, None] * self.proj_out(out))
 
 
@@ -95,23 +117,37 @@ class Flux(nn.Module):
         self.pooled_embedder = MLPEmbedder(cfg.pooled_projection_dim, D)
         self.context_embedder = nn.Linear(cfg.joint_attention_dim, D)
         self.transformer_blocks = nn.ModuleList(double_stream_block(cfg) for _ in range(cfg.depth))
-        self.single_transformer_blocks = nn.ModuleList(SingleStreamBlock(cfg) for _ in range(cfg.depth_single))
+        self.single_transformer_blocks = nn.ModuleList(
+            SingleStreamBlock(cfg) for _ in range(cfg.depth_single)
+        )
         self.final = FinalLayer(D, 1, cfg.out_channels)
 
     def conditioning(self, t: Tensor, guidance: Tensor | None, pooled: Tensor, dtype: torch.dtype) -> Tensor:
         """temb (B, D). t and guidance are rounded to the activation dtype before ×1000, as diffusers and BFL do."""
         if self.cfg.guidance_embeds and guidance is None:
-            raise InputError("this Flux model embeds guidance (guidance_embeds=True, as FLUX.1-dev): pass guidance")
+            raise InputError(
+                "this Flux model embeds guidance (guidance_embeds=True, as FLUX.1-dev): pass guidance"
+            )
         if not self.cfg.guidance_embeds and guidance is not None:
-            raise InputError("this Flux model has no guidance input (guidance_embeds=False, as FLUX.1-schnell): "
-                             "pass guidance=None")
+            raise InputError(
+                "this Flux model has no guidance input (guidance_embeds=False, as FLUX.1-schnell): "
+                "pass guidance=None"
+            )
         temb = self.t_embedder(t.to(dtype) * self.cfg.time_factor)
         if guidance is not None:
             temb = temb + self.guidance_embedder(guidance.to(dtype) * self.cfg.time_factor)
         return temb + self.pooled_embedder(pooled)
 
-    def forward(self, hidden_states: Tensor, t: Tensor, encoder_hidden_states: Tensor, pooled_projections: Tensor,
-                img_ids: Tensor, txt_ids: Tensor, guidance: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        hidden_states: Tensor,
+        t: Tensor,
+        encoder_hidden_states: Tensor,
+        pooled_projections: Tensor,
+        img_ids: Tensor,
+        txt_ids: Tensor,
+        guidance: Tensor | None = None,
+    ) -> Tensor:
         """hidden_states (B, N, C_in) packed latents, t (B,) σ in [0, 1], encoder_hidden_states (B, T, 4096),
         pooled_projections (B, 768), img_ids (N, 3), txt_ids (T, 3), guidance (B,) -> velocity (B, N, C_out)."""
         x = self.x_embedder(hidden_states)  # (B, N, D)
@@ -123,13 +159,15 @@ class Flux(nn.Module):
         h = torch.cat([c, x], dim=1)  # (B, T+N, D): one stream from here on
         for block in self.single_transformer_blocks:
             h = block(h, temb, rope)
-        return self.final(h[:, c.shape[1]:], temb)
+        return self.final(h[:, c.shape[1] :], temb)
 
 
 def _check_even(height: int, width: int) -> None:
     if height % 2 or width % 2:
-        raise InputError(f"latent {height}x{width} must have even sides for Flux's 2x2 packing "
-                         f"(images a multiple of 16 px)")
+        raise InputError(
+            f"latent {height}x{width} must have even sides for Flux's 2x2 packing "
+            f"(images a multiple of 16 px)"
+        )
 
 
 def pack_latents(latents: Tensor) -> Tensor:
@@ -144,7 +182,9 @@ def unpack_latents(packed: Tensor, height: int, width: int) -> Tensor:
     """(B, h/2·w/2, 4C) -> (B, C, h, w) for a latent of height h and width w (FluxPipeline._unpack_latents)."""
     _check_even(height, width)
     B, _, C4 = packed.shape
-    x = packed.view(B, height // 2, width // 2, C4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)  # (B, C, h/2, 2, w/2, 2)
+    x = packed.view(B, height // 2, width // 2, C4 // 4, 2, 2).permute(
+        0, 3, 1, 4, 2, 5
+    )  # (B, C, h/2, 2, w/2, 2)
     return x.reshape(B, C4 // 4, height, width)
 
 
@@ -159,23 +199,52 @@ def latent_image_ids(height: int, width: int) -> Tensor:
 def config_from_diffusers(d: dict) -> FluxConfig:
     """diffusers FluxTransformer2DModel config.json -> FluxConfig (missing keys take diffusers' defaults)."""
     if d.get("patch_size", 1) != 1:
-        raise ConfigError(f"Flux config patch_size={d['patch_size']} is not supported (only 1: tokens are packed "
-                          "by the pipeline)")
+        raise ConfigError(
+            f"Flux config patch_size={d['patch_size']} is not supported (only 1: tokens are packed "
+            "by the pipeline)"
+        )
     heads, head_dim = d.get("num_attention_heads", 24), d.get("attention_head_dim", 128)
     in_ch = d.get("in_channels", 64)
-    return FluxConfig(in_channels=in_ch, out_channels=d.get("out_channels") or in_ch, hidden_size=heads * head_dim,
-                      num_heads=heads, depth=d.get("num_layers", 19), depth_single=d.get("num_single_layers", 38),
-                      joint_attention_dim=d.get("joint_attention_dim", 4096),
-                      pooled_projection_dim=d.get("pooled_projection_dim", 768),
-                      guidance_embeds=bool(d.get("guidance_embeds", False)),
-                      axes_dims_rope=tuple(d.get("axes_dims_rope", (16, 56, 56))))
+    return FluxConfig(
+        in_channels=in_ch,
+        out_channels=d.get("out_channels") or in_ch,
+        hidden_size=heads * head_dim,
+        num_heads=heads,
+        depth=d.get("num_layers", 19),
+        depth_single=d.get("num_single_layers", 38),
+        joint_attention_dim=d.get("joint_attention_dim", 4096),
+        pooled_projection_dim=d.get("pooled_projection_dim", 768),
+        guidance_embeds=bool(d.get("guidance_embeds", False)),
+        axes_dims_rope=tuple(d.get("axes_dims_rope", (16, 56, 56))),
+    )
 
 
 # --- family descriptor: what "flux" means to the exporter (export/family.py) ---
+# diffusers checkpoint names -> ours (loaders/keymaps.py: the rules and the blocks' shared rows)
+KEYS = keymaps.MMDIT_COMMON + [
+    KeyRule(r"(x_embedder\.(?:weight|bias))", r"\1"),
+    KeyRule(r"time_text_embed\.guidance_embedder\.(linear_[12]\.(?:weight|bias))", r"guidance_embedder.\1"),
+    KeyRule(r"(single_transformer_blocks\.\d+)\.norm\.linear\.(weight|bias)", r"\1.adaLN.\2"),
+    KeyRule(
+        r"(single_transformer_blocks\.\d+\.(?:attn\.(?:to_[qkv]|norm_[qk])|proj_mlp|proj_out)\.(?:weight|bias))",
+        r"\1",
+    ),
+]
 
-FLUX_DEV_EULER = Sampler(scheduler(schedules.FLOW, shift=3.0, use_dynamic_shifting=True,
-                                   base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
-                                   max_image_seq_len=4096), 28, 3.5)
+
+FLUX_DEV_EULER = Sampler(
+    scheduler(
+        schedules.FLOW,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    ),
+    28,
+    3.5,
+)
 FLUX_SCHNELL_EULER = Sampler(scheduler(schedules.FLOW, shift=1.0), 4, 0.0)
 CLIP_LENGTH = 77
 T5_LENGTH = 512  # FluxPipeline's max_sequence_length
@@ -184,8 +253,10 @@ T5_LENGTH = 512  # FluxPipeline's max_sequence_length
 def conditioning(cfg: FluxConfig, text_len: int | str, latent_hw: tuple[int, int]) -> Conditioning:
     """T5 states (B, T, 4096) and pooled CLIP-L (B, 768), one forward per step: dev embeds the guidance scale
     (distilled guidance), schnell has none; there is no CFG batch. The model takes σ (the scheduler's t / 1000)."""
-    text = (TensorSpec("prompt_embeds", "float32", ["B", text_len, cfg.joint_attention_dim]),
-            TensorSpec("pooled_prompt_embeds", "float32", ["B", cfg.pooled_projection_dim]))
+    text = (
+        TensorSpec("prompt_embeds", "float32", ["B", text_len, cfg.joint_attention_dim]),
+        TensorSpec("pooled_prompt_embeds", "float32", ["B", cfg.pooled_projection_dim]),
+    )
     return Conditioning((), text, cfg_batch=False, guidance_input=cfg.guidance_embeds, timestep_scale=1e-3)
 
 
@@ -205,11 +276,19 @@ class PositionedFlux(nn.Module):
         self.model = model
         self.latent_hw = latent_hw
 
-    def forward(self, hidden_states: Tensor, t: Tensor, encoder_hidden_states: Tensor, pooled_projections: Tensor,
-                guidance: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        hidden_states: Tensor,
+        t: Tensor,
+        encoder_hidden_states: Tensor,
+        pooled_projections: Tensor,
+        guidance: Tensor | None = None,
+    ) -> Tensor:
         img_ids = latent_image_ids(*self.latent_hw)  # (N, 3)
         txt_ids = torch.zeros(encoder_hidden_states.shape[1], 3)  # (T, 3)
-        return self.model(hidden_states, t, encoder_hidden_states, pooled_projections, img_ids, txt_ids, guidance)
+        return self.model(
+            hidden_states, t, encoder_hidden_states, pooled_projections, img_ids, txt_ids, guidance
+        )
 
 
 def step_model(model: Flux, latent_hw: tuple[int, int], image_hw: tuple[int, int]) -> nn.Module:
@@ -224,15 +303,16 @@ def text_engine(path, cfg: FluxConfig, text_len: int | str, load) -> TextEngine 
 
     if not has_component(path, "text_encoder_2"):
         return None
-    graph = FluxPromptGraph(load(CLIPTextModel, "text_encoder"), load(T5EncoderModel, "text_encoder_2"),
-                            CLIP_LENGTH, text_len)
+    graph = FluxPromptGraph(
+        load(CLIPTextModel, "text_encoder"), load(T5EncoderModel, "text_encoder_2"), CLIP_LENGTH, text_len
+    )
     rows = [("tokenizer", "clip_l", CLIP_LENGTH), ("tokenizer_2", "t5", T5_LENGTH)]
     return TextEngine(graph, unmasked_tokenizers(path, rows))
 
 
 FAMILY = Family(
     name="flux",
-    checkpoint=Checkpoint(("FluxTransformer2DModel",), Flux, config_from_diffusers, keymaps.FLUX),
+    checkpoint=Checkpoint(("FluxTransformer2DModel",), Flux, config_from_diffusers, KEYS),
     config=FluxConfig,
     conditioning=conditioning,
     defaults=defaults,

@@ -16,7 +16,6 @@ from ditrt.runtime.errors import ConfigError
 
 from ..ops import adaln_modulate, adaln_modulate_residual, linear_attention
 
-
 # --- fp32 islands: below fp32, norm statistics and softmax run in fp32 between two Casts (kept by a strongly typed
 # TensorRT build); in fp32 every .float() here is a no-op, so fp32 graphs and results are unchanged. --------------
 
@@ -29,14 +28,18 @@ class FP32LayerNorm(nn.LayerNorm):
     """nn.LayerNorm with its statistics in fp32 whatever the activation dtype (diffusers' FP32LayerNorm)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.layer_norm(x.float(), self.normalized_shape, _f32(self.weight), _f32(self.bias), self.eps).to(x.dtype)
+        return F.layer_norm(
+            x.float(), self.normalized_shape, _f32(self.weight), _f32(self.bias), self.eps
+        ).to(x.dtype)
 
 
 class FP32GroupNorm(nn.GroupNorm):
     """nn.GroupNorm with its statistics in fp32 whatever the activation dtype."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.group_norm(x.float(), self.num_groups, _f32(self.weight), _f32(self.bias), self.eps).to(x.dtype)
+        return F.group_norm(x.float(), self.num_groups, _f32(self.weight), _f32(self.bias), self.eps).to(
+            x.dtype
+        )
 
 
 def sdpa(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -45,7 +48,9 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None) -> Tensor:
     if q.dtype == torch.float32:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
-    if bias is not None:  # a keep-mask bias (0 or -10000): the same softmax whether added before or after the Cast
+    if (
+        bias is not None
+    ):  # a keep-mask bias (0 or -10000): the same softmax whether added before or after the Cast
         scores = scores + bias
     return scores.float().softmax(dim=-1).to(q.dtype) @ v
 
@@ -56,7 +61,9 @@ def timestep_freqs(dim: int, freq_shift: float = 0.0, max_period: float = 10000.
     an in-graph Exp (and the exporter's folding of it) is 1–2 ulp off in 54 of 128 entries, which moves the sin/cos
     arguments by up to 1e-4 at t = 1000."""
     half = dim // 2
-    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device="cpu") / (half - freq_shift)
+    exponent = (
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device="cpu") / (half - freq_shift)
+    )
     return torch.exp(exponent)
 
 
@@ -117,7 +124,9 @@ class PatchEmbed(nn.Module):
 def unpatchify(x: Tensor, h: int, w: int, p: int, c: int) -> Tensor:
     """(B, h·w, p·p·c) -> (B, c, h·p, w·p)."""
     x = x.reshape(x.shape[0], h, w, p, p, c)
-    return x.permute(0, 5, 1, 3, 2, 4).reshape(x.shape[0], c, h * p, w * p)  # a Transpose (ONNX Einsum has no bf16)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(
+        x.shape[0], c, h * p, w * p
+    )  # a Transpose (ONNX Einsum has no bf16)
 
 
 # --- modulation: one value type from two sources (BFL's `Modulation`, PixArt's adaLN-single table) ---------
@@ -135,7 +144,7 @@ class ModulationOut(NamedTuple):
 def modulation_outs(chunks: Sequence[Tensor], fields: tuple[str, ...]) -> list[ModulationOut]:
     """Consecutive (B, D) chunks, len(fields) per ModulationOut, named by fields in their stored order."""
     k = len(fields)
-    return [ModulationOut(**dict(zip(fields, chunks[i:i + k]))) for i in range(0, len(chunks), k)]
+    return [ModulationOut(**dict(zip(fields, chunks[i : i + k]))) for i in range(0, len(chunks), k)]
 
 
 class Modulation(nn.Linear):
@@ -167,8 +176,9 @@ def modulate(x: Tensor, mod: ModulationOut, eps: float = 1e-6) -> Tensor:
     return adaln_modulate(x, mod.shift, mod.scale, eps)
 
 
-def gated_modulate(x: Tensor, y: Tensor, gate: Tensor, mod: ModulationOut,
-                   eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+def gated_modulate(
+    x: Tensor, y: Tensor, gate: Tensor, mod: ModulationOut, eps: float = 1e-6
+) -> tuple[Tensor, Tensor]:
     """(x + gate·y, modulate(x + gate·y, mod)) as one fused op: a sub-block's gated residual and the next
     sub-block's modulation."""
     return adaln_modulate_residual(x, y, gate, mod.shift, mod.scale, eps)
@@ -181,8 +191,15 @@ class Attention(nn.Module):
     blocks project attention and MLP together; the last SD3 block discards its text output).
     """
 
-    def __init__(self, dim: int, num_heads: int, bias: bool = True, qk_norm: bool = False, eps: float = 1e-6,
-                 out_proj: bool = True):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        bias: bool = True,
+        qk_norm: bool = False,
+        eps: float = 1e-6,
+        out_proj: bool = True,
+    ):
         super().__init__()
         if dim % num_heads:
             raise ConfigError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
@@ -273,7 +290,10 @@ class CrossAttention(Attention):
     def forward(self, x: Tensor, context: Tensor, bias: Tensor | None = None) -> Tensor:
         B, N, C = x.shape
         q = self.to_q(x).view(B, N, self.num_heads, -1).transpose(1, 2)  # (B, heads, N, d)
-        k, v = (p(context).view(B, context.shape[1], self.num_heads, -1).transpose(1, 2) for p in (self.to_k, self.to_v))
+        k, v = (
+            p(context).view(B, context.shape[1], self.num_heads, -1).transpose(1, 2)
+            for p in (self.to_k, self.to_v)
+        )
         out = sdpa(q, k, v, bias)
         return self.to_out(out.transpose(1, 2).reshape(B, N, C))
 
@@ -287,7 +307,9 @@ class LinearAttention(Attention):
 
     def forward(self, x: Tensor) -> Tensor:
         B, N, C = x.shape
-        q, k, v = (p(x).view(B, N, self.num_heads, -1).transpose(1, 2) for p in (self.to_q, self.to_k, self.to_v))
+        q, k, v = (
+            p(x).view(B, N, self.num_heads, -1).transpose(1, 2) for p in (self.to_q, self.to_k, self.to_v)
+        )
         out = linear_attention(q, k, v)  # (B, heads, N, d)
         return self.to_out(out.transpose(1, 2).reshape(B, N, C))
 
@@ -349,10 +371,14 @@ class JointAttention(nn.Module):
         self.img = Attention(dim, num_heads, qk_norm=qk_norm)
         self.txt = Attention(dim, num_heads, qk_norm=qk_norm, out_proj=context_out)
 
-    def forward(self, x: Tensor, c: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, c: Tensor, rope: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
         """x (B, N, D) image and c (B, T, D) text tokens -> their attention outputs, same shapes."""
         T = c.shape[1]
-        q, k, v = (torch.cat(pair, dim=2) for pair in zip(self.txt.qkv(c), self.img.qkv(x)))  # (B, heads, T+N, d)
+        q, k, v = (
+            torch.cat(pair, dim=2) for pair in zip(self.txt.qkv(c), self.img.qkv(x))
+        )  # (B, heads, T+N, d)
         out = attention(q, k, v, rope)  # (B, T+N, D)
         return self.img.to_out(out[:, T:]), self.txt.to_out(out[:, :T])
 
@@ -362,8 +388,9 @@ def rope_omega(axes_dims: tuple[int, ...], theta: float = 10000.0) -> Tensor:
 
     diffusers' FluxPosEmbed formula in fp64, rounded once. Computed eagerly, so that an exported graph holds them as
     a constant (an in-graph Pow is not torch's, and TensorRT has no fp64)."""
-    return torch.cat([1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device="cpu") / d)
-                      for d in axes_dims]).float()
+    return torch.cat(
+        [1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device="cpu") / d) for d in axes_dims]
+    ).float()
 
 
 def rope_freqs(ids: Tensor, axes_dims: tuple[int, ...], omega: Tensor) -> tuple[Tensor, Tensor]:
@@ -372,7 +399,9 @@ def rope_freqs(ids: Tensor, axes_dims: tuple[int, ...], omega: Tensor) -> tuple[
     Axis a turns pair j by pos_a·omega (`rope_omega`). diffusers multiplies in fp64; in fp32 the angle error stays
     ~1e-5 rad at position 128.
     """
-    pos = torch.cat([ids[:, i:i + 1].float().expand(-1, d // 2) for i, d in enumerate(axes_dims)], dim=-1)  # (S, hd/2)
+    pos = torch.cat(
+        [ids[:, i : i + 1].float().expand(-1, d // 2) for i, d in enumerate(axes_dims)], dim=-1
+    )  # (S, hd/2)
     angles = pos * omega.to(ids.device)[None]
     angles = torch.stack([angles, angles], dim=-1).flatten(-2)  # (S, head_dim): a0 a0 a1 a1 ...
     return angles.cos(), angles.sin()

@@ -9,12 +9,30 @@ from torch import Tensor, nn
 from ditrt.runtime import schedules
 from ditrt.runtime.errors import ConfigError
 
-from ..family import (Checkpoint, Conditioning, Defaults, Family, Sampler, TextEngine, has_component,
-                      masked_text, scheduler)
+from ..family import (
+    Checkpoint,
+    Conditioning,
+    Defaults,
+    Family,
+    Sampler,
+    TextEngine,
+    has_component,
+    masked_text,
+    scheduler,
+)
 from ..loaders import keymaps
 from .blocks import CrossDiTBlock, output_norm
-from .layers import (Attention, CaptionProjection, CrossAttention, FeedForward, PatchEmbed, TimestepEmbedder,
-                     mask_to_bias, sincos_pos_embed_2d, unpatchify)
+from .layers import (
+    Attention,
+    CaptionProjection,
+    CrossAttention,
+    FeedForward,
+    PatchEmbed,
+    TimestepEmbedder,
+    mask_to_bias,
+    sincos_pos_embed_2d,
+    unpatchify,
+)
 
 
 @dataclass(frozen=True)
@@ -34,8 +52,10 @@ class PixArtConfig:
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads or (self.micro_conditions and self.hidden_size % 3):
-            raise ConfigError(f"PixArtConfig.hidden_size={self.hidden_size} must divide by num_heads="
-                             f"{self.num_heads} (and by 3 with micro_conditions)")
+            raise ConfigError(
+                f"PixArtConfig.hidden_size={self.hidden_size} must divide by num_heads="
+                f"{self.num_heads} (and by 3 with micro_conditions)"
+            )
         if self.sample_size % self.patch_size:
             raise ConfigError(f"PixArtConfig.sample_size={self.sample_size} is not a multiple of patch_size")
 
@@ -44,8 +64,13 @@ def pixart_block(cfg: PixArtConfig) -> CrossDiTBlock:
     """Softmax self-attention and a GELU FFN (x4)."""
     D = cfg.hidden_size
     text_dim = D if cfg.caption_projection else cfg.caption_channels
-    return CrossDiTBlock(D, Attention(D, cfg.num_heads), CrossAttention(D, text_dim, cfg.num_heads),
-                         FeedForward(D, 4 * D), cfg.norm_eps)
+    return CrossDiTBlock(
+        D,
+        Attention(D, cfg.num_heads),
+        CrossAttention(D, text_dim, cfg.num_heads),
+        FeedForward(D, 4 * D),
+        cfg.norm_eps,
+    )
 
 
 class PixArt(nn.Module):
@@ -59,7 +84,9 @@ class PixArt(nn.Module):
         if cfg.micro_conditions:
             self.resolution_embedder = TimestepEmbedder(D // 3)
             self.aspect_ratio_embedder = TimestepEmbedder(D // 3)
-        self.caption_projection = CaptionProjection(cfg.caption_channels, D) if cfg.caption_projection else nn.Identity()
+        self.caption_projection = (
+            CaptionProjection(cfg.caption_channels, D) if cfg.caption_projection else nn.Identity()
+        )
         self.blocks = nn.ModuleList(pixart_block(cfg) for _ in range(cfg.depth))
         self.scale_shift_table = nn.Parameter(torch.zeros(2, D))
         self.proj_out = nn.Linear(D, cfg.patch_size**2 * cfg.out_channels)
@@ -68,17 +95,32 @@ class PixArt(nn.Module):
         base = self.cfg.sample_size // self.cfg.patch_size
         return sincos_pos_embed_2d(self.cfg.hidden_size, h, w, base, self.cfg.interpolation_scale)
 
-    def forward(self, x: Tensor, t: Tensor, encoder_hidden_states: Tensor, encoder_attention_mask: Tensor | None = None,
-                resolution: Tensor | None = None, aspect_ratio: Tensor | None = None) -> Tensor:
-        """x (B, C, H, W), t (B,) DDPM timesteps, T5 states (B, T, 4096) with keep-mask (B, T); micro-conds (B, 2), (B, 1)."""
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor,
+        encoder_hidden_states: Tensor,
+        encoder_attention_mask: Tensor | None = None,
+        resolution: Tensor | None = None,
+        aspect_ratio: Tensor | None = None,
+    ) -> Tensor:
+        """x (B, C, H, W), t (B,) DDPM timesteps, T5 states (B, T, 4096) with keep-mask (B, T);
+        micro-conditions (B, 2), (B, 1)."""
         p = self.cfg.patch_size
         h, w = x.shape[-2] // p, x.shape[-1] // p
         tokens = self.x_embedder(x) + self.pos_embed(h, w).to(x)  # (B, h·w, D)
         emb = self.t_embedder(t)
         if self.cfg.micro_conditions:
-            B = x.shape[0]  # each value goes through the sinusoid alone: (B, 2) -> (B, 2·D/3), (B, 1) -> (B, D/3)
-            emb = emb + torch.cat([self.resolution_embedder(resolution.flatten()).reshape(B, -1),
-                                   self.aspect_ratio_embedder(aspect_ratio.flatten()).reshape(B, -1)], dim=1)
+            B = x.shape[
+                0
+            ]  # each value goes through the sinusoid alone: (B, 2) -> (B, 2·D/3), (B, 1) -> (B, D/3)
+            emb = emb + torch.cat(
+                [
+                    self.resolution_embedder(resolution.flatten()).reshape(B, -1),
+                    self.aspect_ratio_embedder(aspect_ratio.flatten()).reshape(B, -1),
+                ],
+                dim=1,
+            )
         t6 = self.t_block(F.silu(emb))  # (B, 6D), shared by all blocks
         y = self.caption_projection(encoder_hidden_states)
         bias = None if encoder_attention_mask is None else mask_to_bias(encoder_attention_mask, x.dtype)
@@ -96,31 +138,52 @@ def config_from_diffusers(d: dict) -> PixArtConfig:
     """diffusers PixArtTransformer2DModel config.json -> PixArtConfig."""
     from ditrt.runtime.errors import ConfigError
 
-    fixed = {"norm_type": "ada_norm_single", "activation_fn": "gelu-approximate", "attention_bias": True,
-             "norm_elementwise_affine": False, "attention_type": "default"}
+    fixed = {
+        "norm_type": "ada_norm_single",
+        "activation_fn": "gelu-approximate",
+        "attention_bias": True,
+        "norm_elementwise_affine": False,
+        "attention_type": "default",
+    }
     for key, want in fixed.items():
         if d.get(key, want) != want:
             raise ConfigError(f"PixArt config {key}={d[key]!r} is not supported (only {want!r})")
     heads, head_dim = d.get("num_attention_heads", 16), d.get("attention_head_dim", 72)
-    projected = d.get("caption_channels", 4096) is not None  # None: no projection, cross-attention reads the states
+    projected = (
+        d.get("caption_channels", 4096) is not None
+    )  # None: no projection, cross-attention reads the states
     if projected and d.get("cross_attention_dim", heads * head_dim) != heads * head_dim:
-        raise ConfigError(f"PixArt config cross_attention_dim={d['cross_attention_dim']} must equal the width "
-                          f"{heads * head_dim} when caption_channels projects the text")
+        raise ConfigError(
+            f"PixArt config cross_attention_dim={d['cross_attention_dim']} must equal the width "
+            f"{heads * head_dim} when caption_channels projects the text"
+        )
     if not projected and not isinstance(d.get("cross_attention_dim"), int):
-        raise ConfigError("PixArt config caption_channels=None needs cross_attention_dim (the text width), got "
-                          f"{d.get('cross_attention_dim')!r}")
+        raise ConfigError(
+            "PixArt config caption_channels=None needs cross_attention_dim (the text width), got "
+            f"{d.get('cross_attention_dim')!r}"
+        )
     sample = d.get("sample_size", 128)
     micro = d.get("use_additional_conditions")
     return PixArtConfig(
-        sample_size=sample, in_channels=d.get("in_channels", 4), out_channels=d.get("out_channels") or 8,
-        patch_size=d.get("patch_size", 2), hidden_size=heads * head_dim, depth=d.get("num_layers", 28),
-        num_heads=heads, caption_channels=d.get("caption_channels", 4096) if projected else d["cross_attention_dim"],
+        sample_size=sample,
+        in_channels=d.get("in_channels", 4),
+        out_channels=d.get("out_channels") or 8,
+        patch_size=d.get("patch_size", 2),
+        hidden_size=heads * head_dim,
+        depth=d.get("num_layers", 28),
+        num_heads=heads,
+        caption_channels=d.get("caption_channels", 4096) if projected else d["cross_attention_dim"],
         caption_projection=projected,
         interpolation_scale=d.get("interpolation_scale") or max(sample // 64, 1),
-        micro_conditions=sample == 128 if micro is None else micro, norm_eps=d.get("norm_eps", 1e-6))
+        micro_conditions=sample == 128 if micro is None else micro,
+        norm_eps=d.get("norm_eps", 1e-6),
+    )
 
 
 # --- family descriptor: what "pixart" means to the exporter (export/family.py) ---
+# diffusers checkpoint names -> ours (loaders/keymaps.py: the rules and the blocks' shared rows)
+KEYS = keymaps.ADALN_SINGLE + keymaps.GELU_FF
+
 
 PIXART_DPM = Sampler(scheduler(schedules.DPM), 20, 4.5)
 
@@ -150,7 +213,9 @@ class MicroConditioned(nn.Module):
         self.model = model
         self.image_hw = image_hw
 
-    def forward(self, x: Tensor, t: Tensor, encoder_hidden_states: Tensor, encoder_attention_mask: Tensor) -> Tensor:
+    def forward(
+        self, x: Tensor, t: Tensor, encoder_hidden_states: Tensor, encoder_attention_mask: Tensor
+    ) -> Tensor:
         h, w = self.image_hw
         B = x.shape[0]
         resolution = torch.tensor([[float(h), float(w)]]).expand(B, 2)  # (B, 2)
@@ -187,7 +252,7 @@ def resolution_bins(cfg: PixArtConfig, vae) -> dict[str, tuple[int, int]]:
 
 FAMILY = Family(
     name="pixart",
-    checkpoint=Checkpoint(("PixArtTransformer2DModel",), PixArt, config_from_diffusers, keymaps.PIXART),
+    checkpoint=Checkpoint(("PixArtTransformer2DModel",), PixArt, config_from_diffusers, KEYS),
     config=PixArtConfig,
     conditioning=conditioning,
     defaults=defaults,

@@ -9,12 +9,32 @@ from torch import Tensor, nn
 from ditrt.runtime import schedules
 from ditrt.runtime.errors import ConfigError
 
-from ..family import (Checkpoint, Conditioning, Defaults, Family, Sampler, TextEngine, has_component,
-                      masked_text, scheduler)
+from ..family import (
+    Checkpoint,
+    Conditioning,
+    Defaults,
+    Family,
+    Sampler,
+    TextEngine,
+    has_component,
+    masked_text,
+    scheduler,
+)
 from ..loaders import keymaps
+from ..loaders.keymaps import KeyRule
 from .blocks import CrossDiTBlock, output_norm
-from .layers import (CaptionProjection, CrossAttention, GLUMBConv, LinearAttention, PatchEmbed, RMSNorm,
-                     TimestepEmbedder, mask_to_bias, sincos_pos_embed_2d, unpatchify)
+from .layers import (
+    CaptionProjection,
+    CrossAttention,
+    GLUMBConv,
+    LinearAttention,
+    PatchEmbed,
+    RMSNorm,
+    TimestepEmbedder,
+    mask_to_bias,
+    sincos_pos_embed_2d,
+    unpatchify,
+)
 
 
 @dataclass(frozen=True)
@@ -29,20 +49,29 @@ class SanaConfig:
     cross_num_heads: int = 20  # softmax cross-attention heads
     caption_channels: int = 2304  # Gemma-2-2B width
     mlp_ratio: float = 2.5
-    interpolation_scale: float | None = None  # None: no position embedding (512/1024 models); 2K/4K use sin-cos
+    interpolation_scale: float | None = (
+        None  # None: no position embedding (512/1024 models); 2K/4K use sin-cos
+    )
     norm_eps: float = 1e-6  # the blocks' LayerNorms; the output norm's is 1e-6 always, as in diffusers
 
     def __post_init__(self):
         for heads in (self.num_heads, self.cross_num_heads):
             if self.hidden_size % heads:
-                raise ConfigError(f"SanaConfig.hidden_size={self.hidden_size} is not divisible by {heads} heads")
+                raise ConfigError(
+                    f"SanaConfig.hidden_size={self.hidden_size} is not divisible by {heads} heads"
+                )
 
 
 def sana_block(cfg: SanaConfig) -> CrossDiTBlock:
     """PixArt's block with ReLU linear self-attention and the Mix-FFN (GLUMBConv) in place of the MLP."""
     D = cfg.hidden_size
-    return CrossDiTBlock(D, LinearAttention(D, cfg.num_heads), CrossAttention(D, D, cfg.cross_num_heads),
-                         GLUMBConv(D, cfg.mlp_ratio), cfg.norm_eps)
+    return CrossDiTBlock(
+        D,
+        LinearAttention(D, cfg.num_heads),
+        CrossAttention(D, D, cfg.cross_num_heads),
+        GLUMBConv(D, cfg.mlp_ratio),
+        cfg.norm_eps,
+    )
 
 
 class Sana(nn.Module):
@@ -59,15 +88,22 @@ class Sana(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.zeros(2, D))
         self.proj_out = nn.Linear(D, cfg.patch_size**2 * cfg.out_channels)
 
-    def forward(self, x: Tensor, t: Tensor, encoder_hidden_states: Tensor,
-                encoder_attention_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor,
+        encoder_hidden_states: Tensor,
+        encoder_attention_mask: Tensor | None = None,
+    ) -> Tensor:
         """x (B, C, H, W), t (B,) timesteps (int(σ·1000) for flow), Gemma states (B, T, 2304), keep-mask (B, T)."""
         p = self.cfg.patch_size
         h, w = x.shape[-2] // p, x.shape[-1] // p
         tokens = self.x_embedder(x)  # (B, h·w, D)
         if self.cfg.interpolation_scale is not None:
             base = self.cfg.sample_size // p
-            tokens = tokens + sincos_pos_embed_2d(self.cfg.hidden_size, h, w, base, self.cfg.interpolation_scale).to(x)
+            tokens = tokens + sincos_pos_embed_2d(
+                self.cfg.hidden_size, h, w, base, self.cfg.interpolation_scale
+            ).to(x)
         emb = self.t_embedder(t)
         t6 = self.t_block(F.silu(emb))  # (B, 6D), shared by all blocks
         y = self.caption_norm(self.caption_projection(encoder_hidden_states))
@@ -86,8 +122,13 @@ def config_from_diffusers(d: dict) -> SanaConfig:
     """diffusers SanaTransformer2DModel config.json -> SanaConfig."""
     from ditrt.runtime.errors import ConfigError
 
-    fixed = {"guidance_embeds": False, "qk_norm": None, "timestep_scale": 1.0, "attention_bias": False,
-             "norm_elementwise_affine": False}
+    fixed = {
+        "guidance_embeds": False,
+        "qk_norm": None,
+        "timestep_scale": 1.0,
+        "attention_bias": False,
+        "norm_elementwise_affine": False,
+    }
     for key, want in fixed.items():
         if d.get(key, want) != want:
             raise ConfigError(f"Sana config {key}={d[key]!r} is not supported yet (only {want!r})")
@@ -95,20 +136,36 @@ def config_from_diffusers(d: dict) -> SanaConfig:
     D = heads * head_dim
     cross_heads, cross_dim = d.get("num_cross_attention_heads", 20), d.get("cross_attention_head_dim", 112)
     if cross_heads * cross_dim != D or d.get("cross_attention_dim", D) != D:
-        raise ConfigError(f"Sana config: cross-attention width {cross_heads}×{cross_dim} and cross_attention_dim "
-                          f"{d.get('cross_attention_dim')} must equal the model width {D}")
+        raise ConfigError(
+            f"Sana config: cross-attention width {cross_heads}×{cross_dim} and cross_attention_dim "
+            f"{d.get('cross_attention_dim')} must equal the model width {D}"
+        )
     return SanaConfig(
-        sample_size=d.get("sample_size", 32), in_channels=d.get("in_channels", 32),
-        out_channels=d.get("out_channels") or d.get("in_channels", 32), patch_size=d.get("patch_size", 1),
-        hidden_size=D, depth=d.get("num_layers", 20), num_heads=heads, cross_num_heads=cross_heads,
-        caption_channels=d.get("caption_channels", 2304), mlp_ratio=d.get("mlp_ratio", 2.5),
-        interpolation_scale=d.get("interpolation_scale"), norm_eps=d.get("norm_eps", 1e-6))
+        sample_size=d.get("sample_size", 32),
+        in_channels=d.get("in_channels", 32),
+        out_channels=d.get("out_channels") or d.get("in_channels", 32),
+        patch_size=d.get("patch_size", 1),
+        hidden_size=D,
+        depth=d.get("num_layers", 20),
+        num_heads=heads,
+        cross_num_heads=cross_heads,
+        caption_channels=d.get("caption_channels", 2304),
+        mlp_ratio=d.get("mlp_ratio", 2.5),
+        interpolation_scale=d.get("interpolation_scale"),
+        norm_eps=d.get("norm_eps", 1e-6),
+    )
 
 
 # --- family descriptor: what "sana" means to the exporter (export/family.py) ---
+# diffusers checkpoint names -> ours (loaders/keymaps.py: the rules and the blocks' shared rows)
+KEYS = keymaps.ADALN_SINGLE + [
+    KeyRule(r"transformer_blocks\.(\d+)\.ff\.(conv_\w+\.(?:weight|bias))", r"blocks.\1.ff.\2"),
+]
 
-SANA_DPM = Sampler(scheduler(schedules.DPM, prediction_type="flow_prediction", use_flow_sigmas=True,
-                             flow_shift=3.0), 20, 4.5)
+
+SANA_DPM = Sampler(
+    scheduler(schedules.DPM, prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0), 20, 4.5
+)
 
 # SanaPipeline's default complex_human_instruction (diffusers pipeline_sana.py), byte for byte.
 SANA_INSTRUCTION = (
@@ -153,14 +210,20 @@ def text_engine(path, cfg: SanaConfig, text_len: int, load) -> TextEngine | None
     prefix = "\n".join(SANA_INSTRUCTION)
     prefixed = len(tok.encode(prefix)) + text_len - 2  # diffusers: max_length_all
     graph = MaskedPromptGraph(load(Gemma2Model, "text_encoder"), "T", cfg.caption_channels)
-    spec = TextInput("tokenizer/tokenizer.json", text_len, tok.pad_token_id, lowercase=True, prefix=prefix,
-                     prefixed_max_length=prefixed)
+    spec = TextInput(
+        "tokenizer/tokenizer.json",
+        text_len,
+        tok.pad_token_id,
+        lowercase=True,
+        prefix=prefix,
+        prefixed_max_length=prefixed,
+    )
     return TextEngine(graph, [("tokenizer", tok, spec)])
 
 
 FAMILY = Family(
     name="sana",
-    checkpoint=Checkpoint(("SanaTransformer2DModel",), Sana, config_from_diffusers, keymaps.SANA),
+    checkpoint=Checkpoint(("SanaTransformer2DModel",), Sana, config_from_diffusers, KEYS),
     config=SanaConfig,
     conditioning=conditioning,
     defaults=defaults,

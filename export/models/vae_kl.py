@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ditrt.runtime.errors import ConfigError
 
 from ..family import Checkpoint
-from ..loaders import keymaps
+from ..loaders.keymaps import DROP, KeyRule
 from .layers import FP32GroupNorm, sdpa
 
 
@@ -38,8 +38,10 @@ class VAEConfig:
     def __post_init__(self):
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad:
-            raise ConfigError(f"VAEConfig.block_out_channels {bad} are not multiples of norm_num_groups="
-                             f"{self.norm_num_groups}")
+            raise ConfigError(
+                f"VAEConfig.block_out_channels {bad} are not multiples of norm_num_groups="
+                f"{self.norm_num_groups}"
+            )
 
 
 class ResnetBlock(nn.Module):
@@ -76,7 +78,9 @@ class SpatialAttention(nn.Module):
 class MidBlock(nn.Module):
     def __init__(self, channels: int, groups: int, attention: bool):
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock(channels, channels, groups), ResnetBlock(channels, channels, groups)])
+        self.resnets = nn.ModuleList(
+            [ResnetBlock(channels, channels, groups), ResnetBlock(channels, channels, groups)]
+        )
         self.attentions = nn.ModuleList([SpatialAttention(channels, groups)] if attention else [])
 
     def forward(self, x: Tensor) -> Tensor:
@@ -98,7 +102,9 @@ class Upsample(nn.Module):
 class UpBlock(nn.Module):
     def __init__(self, cin: int, cout: int, layers: int, groups: int, upsample: bool):
         super().__init__()
-        self.resnets = nn.ModuleList(ResnetBlock(cin if i == 0 else cout, cout, groups) for i in range(layers))
+        self.resnets = nn.ModuleList(
+            ResnetBlock(cin if i == 0 else cout, cout, groups) for i in range(layers)
+        )
         self.upsamplers = nn.ModuleList([Upsample(cout)] if upsample else [])
 
     def forward(self, x: Tensor) -> Tensor:
@@ -115,7 +121,8 @@ class Decoder(nn.Module):
         self.mid_block = MidBlock(chans[0], g, cfg.mid_attention)
         self.up_blocks = nn.ModuleList(
             UpBlock(chans[max(i - 1, 0)], c, cfg.layers_per_block + 1, g, upsample=i < len(chans) - 1)
-            for i, c in enumerate(chans))
+            for i, c in enumerate(chans)
+        )
         self.conv_norm_out = FP32GroupNorm(g, chans[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(chans[-1], cfg.out_channels, 3, padding=1)
 
@@ -148,15 +155,29 @@ def config_from_diffusers(d: dict) -> VAEConfig:
 
     ups = d.get("up_block_types", ["UpDecoderBlock2D"] * len(d.get("block_out_channels", (64,))))
     if any(u != "UpDecoderBlock2D" for u in ups) or d.get("act_fn", "silu") != "silu":
-        raise ConfigError(f"AutoencoderKL up_block_types={ups} / act_fn={d.get('act_fn')!r} are not supported")
-    return VAEConfig(latent_channels=d.get("latent_channels", 4), out_channels=d.get("out_channels", 3),
-                     block_out_channels=tuple(d.get("block_out_channels", (64,))),
-                     layers_per_block=d.get("layers_per_block", 1), norm_num_groups=d.get("norm_num_groups", 32),
-                     post_quant_conv=d.get("use_post_quant_conv", True),
-                     mid_attention=d.get("mid_block_add_attention", True),
-                     scaling_factor=d.get("scaling_factor", 0.18215), shift_factor=d.get("shift_factor") or 0.0)
+        raise ConfigError(
+            f"AutoencoderKL up_block_types={ups} / act_fn={d.get('act_fn')!r} are not supported"
+        )
+    return VAEConfig(
+        latent_channels=d.get("latent_channels", 4),
+        out_channels=d.get("out_channels", 3),
+        block_out_channels=tuple(d.get("block_out_channels", (64,))),
+        layers_per_block=d.get("layers_per_block", 1),
+        norm_num_groups=d.get("norm_num_groups", 32),
+        post_quant_conv=d.get("use_post_quant_conv", True),
+        mid_attention=d.get("mid_block_add_attention", True),
+        scaling_factor=d.get("scaling_factor", 0.18215),
+        shift_factor=d.get("shift_factor") or 0.0,
+    )
 
 
 # --- what the exporter loads as this decoder (export/family.py) ---
+# AutoencoderKL: only the decoder is exported; the encoder half of the checkpoint is dropped.
+KEYS = [
+    KeyRule(r"(?:encoder|quant_conv)\..*", DROP),
+    KeyRule(r"(decoder\.mid_block\.attentions\.0)\.to_out\.0\.(weight|bias)", r"\1.to_out.\2"),
+    KeyRule(r"((?:decoder|post_quant_conv)\..*)", r"\1"),
+]
 
-CHECKPOINT = Checkpoint(("AutoencoderKL",), VAEDecoder, config_from_diffusers, keymaps.VAE_KL)
+
+CHECKPOINT = Checkpoint(("AutoencoderKL",), VAEDecoder, config_from_diffusers, KEYS)

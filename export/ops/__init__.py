@@ -29,7 +29,9 @@ def current_lowering() -> str:
     return _mode.get()
 
 
-def dispatch(plugin_name: str, plugin_version: str, op, reference, inputs: tuple, eps: float, outputs: int = 1):
+def dispatch(
+    plugin_name: str, plugin_version: str, op, reference, inputs: tuple, eps: float, outputs: int = 1
+):
     """Call an op the way `lowering` says: the custom op, its plain-torch reference, or a typed plugin node
     (op type = plugin name, with plugin_namespace/plugin_version attributes, `outputs` outputs shaped like
     inputs[0]; a tuple of them when outputs > 1)."""
@@ -41,20 +43,40 @@ def dispatch(plugin_name: str, plugin_version: str, op, reference, inputs: tuple
 
         attrs = {"eps": float(eps), "plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": plugin_version}
         if outputs > 1:
-            return tuple(torch.onnx.ops.symbolic_multi_out(
-                f"{PLUGIN_NAMESPACE}::{plugin_name}", inputs, attrs, dtypes=[inputs[0].dtype] * outputs,
-                shapes=[inputs[0].shape] * outputs, version=1))
-        return torch.onnx.ops.symbolic(f"{PLUGIN_NAMESPACE}::{plugin_name}", inputs, attrs, dtype=inputs[0].dtype,
-                                       shape=inputs[0].shape, version=1)
+            return tuple(
+                torch.onnx.ops.symbolic_multi_out(
+                    f"{PLUGIN_NAMESPACE}::{plugin_name}",
+                    inputs,
+                    attrs,
+                    dtypes=[inputs[0].dtype] * outputs,
+                    shapes=[inputs[0].shape] * outputs,
+                    version=1,
+                )
+            )
+        return torch.onnx.ops.symbolic(
+            f"{PLUGIN_NAMESPACE}::{plugin_name}",
+            inputs,
+            attrs,
+            dtype=inputs[0].dtype,
+            shape=inputs[0].shape,
+            version=1,
+        )
     return op(*inputs, eps)
 
 
+from ..kernels.torch_ops import install as _install_cuda_kernels  # noqa: E402
 from .adaln import adaln_modulate  # noqa: E402  (registers dit::adaln_modulate)
 from .adaln_residual import adaln_modulate_residual  # noqa: E402  (registers dit::adaln_modulate_residual)
 from .linear_attention import linear_attention  # noqa: E402  (registers dit::linear_attention)
-from ..kernels.torch_ops import install as _install_cuda_kernels  # noqa: E402
 
 _install_cuda_kernels()  # CUDA-dispatch entries that load the kernels on first CUDA call: nothing compiles here
 
-__all__ = ["MODES", "PLUGIN_NAMESPACE", "adaln_modulate", "adaln_modulate_residual", "current_lowering",
-           "linear_attention", "lowering"]
+__all__ = [
+    "MODES",
+    "PLUGIN_NAMESPACE",
+    "adaln_modulate",
+    "adaln_modulate_residual",
+    "current_lowering",
+    "linear_attention",
+    "lowering",
+]

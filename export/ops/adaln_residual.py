@@ -15,29 +15,41 @@ PLUGIN_NAME = "AdaLNModulateResidual"
 PLUGIN_VERSION = "1"
 
 
-def reference(residual: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scale: Tensor,
-              eps: float) -> tuple[Tensor, Tensor]:
+def reference(
+    residual: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scale: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
     h = (residual.float() + gate.float()[:, None] * y.float()).to(residual.dtype)
     return h, adaln.reference(h, shift, scale, eps)
 
 
 @torch.library.custom_op("dit::adaln_modulate_residual", mutates_args=())
-def _adaln_modulate_residual_op(residual: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scale: Tensor,
-                                eps: float) -> tuple[Tensor, Tensor]:
+def _adaln_modulate_residual_op(
+    residual: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scale: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
     return reference(residual, y, gate, shift, scale, eps)
 
 
 @_adaln_modulate_residual_op.register_fake
-def _(residual: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scale: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+def _(
+    residual: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scale: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
     torch._check(y.shape == residual.shape, lambda: "y must have the shape of residual (B, N, D)")
     for name, t in (("gate", gate), ("shift", shift), ("scale", scale)):
         torch._check(t.shape == (residual.shape[0], residual.shape[-1]), lambda: f"{name} must be (B, D)")
     return torch.empty_like(residual), torch.empty_like(residual)
 
 
-def adaln_modulate_residual(residual: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scale: Tensor,
-                            eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+def adaln_modulate_residual(
+    residual: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6
+) -> tuple[Tensor, Tensor]:
     """h = residual + gate·y and LN(h)·(1 + scale) + shift, for (B, N, D) tensors and (B, D) gate/shift/scale,
     lowered as `ops.lowering` says. Returns (h, out)."""
-    return dispatch(PLUGIN_NAME, PLUGIN_VERSION, _adaln_modulate_residual_op, reference,
-                    (residual, y, gate, shift, scale), eps, outputs=2)
+    return dispatch(
+        PLUGIN_NAME,
+        PLUGIN_VERSION,
+        _adaln_modulate_residual_op,
+        reference,
+        (residual, y, gate, shift, scale),
+        eps,
+        outputs=2,
+    )

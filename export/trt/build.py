@@ -22,8 +22,10 @@ def import_tensorrt():
     try:
         import tensorrt
     except ImportError:
-        raise BackendUnavailable("TensorRT is not installed; `pip install tensorrt` on a machine with an NVIDIA "
-                                 "GPU, or export with --engine onnx") from None
+        raise BackendUnavailable(
+            "TensorRT is not installed; `pip install tensorrt` on a machine with an NVIDIA "
+            "GPU, or export with --engine onnx"
+        ) from None
     return tensorrt
 
 
@@ -33,8 +35,9 @@ def check_engine(engine: str, lowering_name: str) -> None:
         raise InputError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
     if engine == "tensorrt":
         if lowering_name != "plugin":
-            raise InputError("TensorRT engines are built from the plugin lowering; use --lowering plugin "
-                             "(or leave it out)")
+            raise InputError(
+                "TensorRT engines are built from the plugin lowering; use --lowering plugin (or leave it out)"
+            )
         import_tensorrt()
         from ..kernels import find_nvcc
 
@@ -58,21 +61,32 @@ def profile_shapes(inputs: list[TensorSpec], dims: dict[str, tuple[int, int, int
     dims = {**DEFAULT_DIMS, **(dims or {})}
     missing = sorted({d for s in inputs for d in s.shape if isinstance(d, str)} - set(dims))
     if missing:
-        raise InputError(f"no TensorRT profile range for axis {', '.join(map(repr, missing))}; give "
-                         f"dims={{{missing[0]!r}: (min, opt, max)}}")
+        raise InputError(
+            f"no TensorRT profile range for axis {', '.join(map(repr, missing))}; give "
+            f"dims={{{missing[0]!r}: (min, opt, max)}}"
+        )
     for name, (lo, opt, hi) in dims.items():
         if not 1 <= lo <= opt <= hi:
-            raise InputError(f"profile range {name}={(lo, opt, hi)} is not allowed; use 1 <= min <= opt <= max")
+            raise InputError(
+                f"profile range {name}={(lo, opt, hi)} is not allowed; use 1 <= min <= opt <= max"
+            )
     out = {}
     for s in inputs:
         if any(isinstance(d, str) for d in s.shape):
-            out[s.name] = tuple(tuple(dims[d][i] if isinstance(d, str) else d for d in s.shape) for i in range(3))
+            out[s.name] = tuple(
+                tuple(dims[d][i] if isinstance(d, str) else d for d in s.shape) for i in range(3)
+            )
     return out
 
 
-def build_engine(onnx_path: Path, plan_path: Path, inputs: list[TensorSpec],
-                 dims: dict[str, tuple[int, int, int]] | None = None, timing_cache: Path | None = None,
-                 optimization_level: int | None = None) -> Path:
+def build_engine(
+    onnx_path: Path,
+    plan_path: Path,
+    inputs: list[TensorSpec],
+    dims: dict[str, tuple[int, int, int]] | None = None,
+    timing_cache: Path | None = None,
+    optimization_level: int | None = None,
+) -> Path:
     """Build onnx_path into a serialized engine at plan_path (written to a temp file, then renamed)."""
     trt = import_tensorrt()
     from .plugins import register_plugins
@@ -86,7 +100,9 @@ def build_engine(onnx_path: Path, plan_path: Path, inputs: list[TensorSpec],
         builder = None
     if builder is None:
         raise BackendUnavailable("TensorRT cannot start a builder here (no CUDA GPU visible?)")
-    typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)  # always on (and ignored) in 11.x
+    typed = getattr(
+        trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None
+    )  # always on (and ignored) in 11.x
     network = builder.create_network(0 if typed is None else 1 << int(typed))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):  # from the path, so external weights resolve
@@ -104,10 +120,14 @@ def build_engine(onnx_path: Path, plan_path: Path, inputs: list[TensorSpec],
         config.builder_optimization_level = optimization_level
     if timing_cache is not None:
         cached = Path(timing_cache).read_bytes() if Path(timing_cache).is_file() else b""
-        config.set_timing_cache(config.create_timing_cache(cached), False)  # False: refuse another GPU's cache
+        config.set_timing_cache(
+            config.create_timing_cache(cached), False
+        )  # False: refuse another GPU's cache
     plan = builder.build_serialized_network(network, config)
     if plan is None:
-        raise BackendUnavailable(f"TensorRT could not build an engine from {str(onnx_path)!r}; see its log above")
+        raise BackendUnavailable(
+            f"TensorRT could not build an engine from {str(onnx_path)!r}; see its log above"
+        )
     if timing_cache is not None:
         _write_atomic(Path(timing_cache), config.get_timing_cache().serialize())
     _write_atomic(Path(plan_path), plan)

@@ -53,8 +53,9 @@ def eps_bits(eps: float) -> int:
 def la_bucket(head_dim: int) -> int:
     """The padded head dim DK a linear-attention kernel is compiled for (la_bucket in linear_attention.cuh)."""
     if not 1 <= head_dim <= LA_MAX_HEAD_DIM:
-        raise ValueError(f"linear attention head dim {head_dim} is not supported; the kernel takes "
-                         f"1..{LA_MAX_HEAD_DIM}")
+        raise ValueError(
+            f"linear attention head dim {head_dim} is not supported; the kernel takes 1..{LA_MAX_HEAD_DIM}"
+        )
     return next(b for b in LA_BUCKETS if head_dim <= b)
 
 
@@ -71,7 +72,9 @@ def adaln_max_dim(dtype: str) -> int:
 def adaln_launch(rows, dim: int, dtype: str, cdiv=ceil_div) -> Launch:
     """Blocks of tx threads per row and ty rows (adaln_threads_x / adaln_rows_per_block); rows = batch·tokens."""
     if not 1 <= dim <= adaln_max_dim(dtype):
-        raise ValueError(f"AdaLN width {dim} is not supported for {dtype}; the kernel takes 1..{adaln_max_dim(dtype)}")
+        raise ValueError(
+            f"AdaLN width {dim} is not supported for {dtype}; the kernel takes 1..{adaln_max_dim(dtype)}"
+        )
     v = 16 // ELEM_BYTES[dtype]
     chunks = dim // v if dim % v == 0 else dim  # 16-byte packs, or scalars for ragged widths
     tx = min(max(((chunks + 1) // 2 + 31) // 32 * 32, 32), ADALN_MAX_THREADS)  # ~two packs per thread
@@ -101,8 +104,11 @@ def kernel_ptx(op: str, dtype: str, dk: int | None = None) -> str:
     """PTX holding only the entry point kernel_name(op, dtype, dk): an engine embeds it once per plugin layer."""
     from ..kernels import emit_ptx
 
-    macro = {"adaln_modulate": "DIT_AOT_ADALN", "adaln_modulate_residual": "DIT_AOT_ADALN_RESIDUAL",
-             "linear_attention": "DIT_AOT_LA"}[op]
+    macro = {
+        "adaln_modulate": "DIT_AOT_ADALN",
+        "adaln_modulate_residual": "DIT_AOT_ADALN_RESIDUAL",
+        "linear_attention": "DIT_AOT_LA",
+    }[op]
     args = [SUFFIX[dtype], CTYPE[dtype]] + ([str(dk)] if dk is not None else [])
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / f"{kernel_name(op, dtype, dk)}.cu"
@@ -121,10 +127,14 @@ def register_plugins() -> None:
         import tensorrt as trt
         import tensorrt.plugin as trtp
     except ImportError:
-        raise BackendUnavailable("TensorRT is not installed; `pip install tensorrt` on a machine with an NVIDIA GPU, "
-                                 "or export with --engine onnx") from None
+        raise BackendUnavailable(
+            "TensorRT is not installed; `pip install tensorrt` on a machine with an NVIDIA GPU, "
+            "or export with --engine onnx"
+        ) from None
     if not hasattr(trtp, "aot_impl"):
-        raise BackendUnavailable(f"TensorRT {trt.__version__} has no AOT plugins; install tensorrt 10.8 or newer")
+        raise BackendUnavailable(
+            f"TensorRT {trt.__version__} has no AOT plugins; install tensorrt 10.8 or newer"
+        )
     if not _registered:
         dtypes = {trt.float32: "float32", trt.float16: "float16", trt.bfloat16: "bfloat16"}
         _define_adaln(trtp, dtypes)
@@ -135,8 +145,10 @@ def register_plugins() -> None:
 
 def _dtype(op: str, dtypes: dict, *tensors) -> str:
     if any(t.dtype != tensors[0].dtype for t in tensors) or tensors[0].dtype not in dtypes:
-        raise ValueError(f"{PLUGIN_NAMESPACE}::{op} takes float32, float16 or bfloat16 inputs of one dtype; got "
-                         f"{[str(t.dtype) for t in tensors]}")
+        raise ValueError(
+            f"{PLUGIN_NAMESPACE}::{op} takes float32, float16 or bfloat16 inputs of one dtype; got "
+            f"{[str(t.dtype) for t in tensors]}"
+        )
     return dtypes[tensors[0].dtype]
 
 
@@ -158,16 +170,23 @@ def _define_adaln(trtp, dtypes: dict) -> None:
     plugin_id = f"{PLUGIN_NAMESPACE}::{ADALN}"
 
     @trtp.register(plugin_id)
-    def adaln_desc(x: trtp.TensorDesc, shift: trtp.TensorDesc, scale: trtp.TensorDesc, eps: float) -> trtp.TensorDesc:
+    def adaln_desc(
+        x: trtp.TensorDesc, shift: trtp.TensorDesc, scale: trtp.TensorDesc, eps: float
+    ) -> trtp.TensorDesc:
         _dtype(ADALN, dtypes, x, shift, scale)
         if x.ndim != 3 or shift.ndim != 2 or scale.ndim != 2:
             raise ValueError(f"{plugin_id} takes x (B, N, D) and shift, scale (B, D)")
         return x.like()
 
     @trtp.aot_impl(plugin_id)
-    def adaln_aot(x: trtp.TensorDesc, shift: trtp.TensorDesc, scale: trtp.TensorDesc, eps: float,
-                  outputs: Tuple[trtp.TensorDesc], tactic: int
-                  ) -> Tuple[str, str, trtp.KernelLaunchParams, trtp.SymIntExprs]:
+    def adaln_aot(
+        x: trtp.TensorDesc,
+        shift: trtp.TensorDesc,
+        scale: trtp.TensorDesc,
+        eps: float,
+        outputs: Tuple[trtp.TensorDesc],
+        tactic: int,
+    ) -> Tuple[str, str, trtp.KernelLaunchParams, trtp.SymIntExprs]:
         dtype = _dtype(ADALN, dtypes, x, shift, scale)
         B, N, D = x.shape_expr
         launch = adaln_launch(B * N, _constant(D, f"{plugin_id} width D"), dtype, trtp.cdiv)
@@ -179,22 +198,39 @@ def _define_adaln_residual(trtp, dtypes: dict) -> None:
     plugin_id = f"{PLUGIN_NAMESPACE}::{ADALN_RESIDUAL}"
 
     @trtp.register(plugin_id)
-    def residual_desc(residual: trtp.TensorDesc, y: trtp.TensorDesc, gate: trtp.TensorDesc, shift: trtp.TensorDesc,
-                      scale: trtp.TensorDesc, eps: float) -> Tuple[trtp.TensorDesc, trtp.TensorDesc]:
+    def residual_desc(
+        residual: trtp.TensorDesc,
+        y: trtp.TensorDesc,
+        gate: trtp.TensorDesc,
+        shift: trtp.TensorDesc,
+        scale: trtp.TensorDesc,
+        eps: float,
+    ) -> Tuple[trtp.TensorDesc, trtp.TensorDesc]:
         _dtype(ADALN_RESIDUAL, dtypes, residual, y, gate, shift, scale)
         if [t.ndim for t in (residual, y, gate, shift, scale)] != [3, 3, 2, 2, 2]:
             raise ValueError(f"{plugin_id} takes residual, y (B, N, D) and gate, shift, scale (B, D)")
         return residual.like(), residual.like()  # h, out
 
     @trtp.aot_impl(plugin_id)
-    def residual_aot(residual: trtp.TensorDesc, y: trtp.TensorDesc, gate: trtp.TensorDesc, shift: trtp.TensorDesc,
-                     scale: trtp.TensorDesc, eps: float, outputs: Tuple[trtp.TensorDesc, trtp.TensorDesc],
-                     tactic: int) -> Tuple[str, str, trtp.KernelLaunchParams, trtp.SymIntExprs]:
+    def residual_aot(
+        residual: trtp.TensorDesc,
+        y: trtp.TensorDesc,
+        gate: trtp.TensorDesc,
+        shift: trtp.TensorDesc,
+        scale: trtp.TensorDesc,
+        eps: float,
+        outputs: Tuple[trtp.TensorDesc, trtp.TensorDesc],
+        tactic: int,
+    ) -> Tuple[str, str, trtp.KernelLaunchParams, trtp.SymIntExprs]:
         dtype = _dtype(ADALN_RESIDUAL, dtypes, residual, y, gate, shift, scale)
         B, N, D = residual.shape_expr
         launch = adaln_launch(B * N, _constant(D, f"{plugin_id} width D"), dtype, trtp.cdiv)
         ptx = kernel_ptx("adaln_modulate_residual", dtype)
-        return (kernel_name("adaln_modulate_residual", dtype), ptx, *_params(trtp, launch, adaln_args(B, N, D, eps)))
+        return (
+            kernel_name("adaln_modulate_residual", dtype),
+            ptx,
+            *_params(trtp, launch, adaln_args(B, N, D, eps)),
+        )
 
 
 def _define_linear_attention(trtp, dtypes: dict) -> None:
@@ -208,9 +244,14 @@ def _define_linear_attention(trtp, dtypes: dict) -> None:
         return q.like()
 
     @trtp.aot_impl(plugin_id)
-    def la_aot(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, eps: float,
-               outputs: Tuple[trtp.TensorDesc], tactic: int
-               ) -> Tuple[str, str, trtp.KernelLaunchParams, trtp.SymIntExprs]:
+    def la_aot(
+        q: trtp.TensorDesc,
+        k: trtp.TensorDesc,
+        v: trtp.TensorDesc,
+        eps: float,
+        outputs: Tuple[trtp.TensorDesc],
+        tactic: int,
+    ) -> Tuple[str, str, trtp.KernelLaunchParams, trtp.SymIntExprs]:
         dtype = _dtype(LINEAR_ATTENTION, dtypes, q, k, v)
         B, H, N, d = q.shape_expr
         head_dim = _constant(d, f"{plugin_id} head dim d")

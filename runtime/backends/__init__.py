@@ -24,8 +24,10 @@ def open_backend(name: str, path: Path, component: Component, threads: int | Non
     if name not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {name!r}; available here: {', '.join(BACKENDS)}")
     if component.backend != name:
-        raise BackendUnavailable(f"{path.name!r} was exported for the {component.backend!r} backend, not {name!r}; "
-                                 f"use --backend {component.backend} or re-export for {name}")
+        raise BackendUnavailable(
+            f"{path.name!r} was exported for the {component.backend!r} backend, not {name!r}; "
+            f"use --backend {component.backend} or re-export for {name}"
+        )
     if name == "tensorrt":
         from .trt import TrtBackend
 

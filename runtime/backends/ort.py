@@ -12,16 +12,19 @@ from ..manifest import Component
 class OrtBackend:
     name = "onnxruntime"
 
-    def __init__(self, path: Path, component: Component, threads: int | None = None,
-                 providers: list[str] | None = None):
+    def __init__(
+        self, path: Path, component: Component, threads: int | None = None, providers: list[str] | None = None
+    ):
         try:
             import onnxruntime as ort
         except ImportError:
             raise BackendUnavailable("onnxruntime is not installed; `pip install onnxruntime`") from None
         if component.lowering != "portable":
-            raise BackendUnavailable(f"{path.name!r} contains TensorRT plugin nodes (lowering "
-                                     f"{component.lowering!r}), which ONNX Runtime cannot run; "
-                                     "re-export with the portable lowering")
+            raise BackendUnavailable(
+                f"{path.name!r} contains TensorRT plugin nodes (lowering "
+                f"{component.lowering!r}), which ONNX Runtime cannot run; "
+                "re-export with the portable lowering"
+            )
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         # a failing run is reported by our own exception; at 3 ORT would also print a coloured log line of it
@@ -30,23 +33,30 @@ class OrtBackend:
         if threads:
             opts.intra_op_num_threads = threads
         available = ort.get_available_providers()
-        providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        providers = providers or [
+            p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available
+        ]
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=providers)
         except Exception as e:  # ORT raises its own types for corrupt or truncated models
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             missing = re.search(r"NOT_IMPLEMENTED.*implementation for (\w+)", first)
-            if missing and component.precision != "fp32":  # e.g. ORT's CPU provider has almost no bf16 kernels
+            if (
+                missing and component.precision != "fp32"
+            ):  # e.g. ORT's CPU provider has almost no bf16 kernels
                 raise BackendUnavailable(
                     f"the onnxruntime backend ({', '.join(providers)}) cannot run the {component.precision} engine "
                     f"{component.file!r}: no {component.precision} kernel for {missing[1]}; re-export with "
-                    f"dit-export --precision {'fp16' if component.precision == 'bf16' else 'fp32'}") from None
+                    f"dit-export --precision {'fp16' if component.precision == 'bf16' else 'fp32'}"
+                ) from None
             raise ManifestError(f"ONNX Runtime cannot load {str(path)!r}: {first}") from None
         self.providers = self.session.get_providers()
         names = {i.name for i in self.session.get_inputs()}
         declared = {s.name for s in component.inputs}
         if names != declared:
-            raise ManifestError(f"{path.name!r} has inputs {sorted(names)}, the manifest declares {sorted(declared)}")
+            raise ManifestError(
+                f"{path.name!r} has inputs {sorted(names)}, the manifest declares {sorted(declared)}"
+            )
         self.component = component
         self.output_names = [s.name for s in component.outputs]
         # feeds are cast to the declared dtypes (numpy has no bfloat16: such inputs are passed as given)
@@ -71,8 +81,10 @@ class OrtBackend:
         return out
 
     def _disagree(self, what: str) -> ManifestError:
-        return ManifestError(f"engine {self.component.file!r} failed on inputs its manifest describes ({what}); "
-                             "the folder's engines and manifest disagree — re-export it")
+        return ManifestError(
+            f"engine {self.component.file!r} failed on inputs its manifest describes ({what}); "
+            "the folder's engines and manifest disagree — re-export it"
+        )
 
     def close(self) -> None:
         self.session = None
@@ -98,11 +110,18 @@ def check_outputs(component: Component, feeds: dict, out: dict, error) -> None:
         want = [sizes.get(a, a) if isinstance(a, str) else a for a in spec.shape]
         if len(got) != len(want) or any(isinstance(w, int) and g != w for g, w in zip(got, want)):
             shown = [f"{a}={sizes[a]}" if a in sizes else a for a in spec.shape]
-            raise error(f"output {spec.name!r} has shape {list(got)}, declared [{', '.join(map(str, shown))}]")
+            raise error(
+                f"output {spec.name!r} has shape {list(got)}, declared [{', '.join(map(str, shown))}]"
+            )
 
 
-ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
-             "tensor(int64)": "int64", "tensor(int32)": "int32"}
+ORT_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(bfloat16)": "bfloat16",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+}
 
 
 def check_specs(path: Path, component: Component, session) -> None:
@@ -113,8 +132,10 @@ def check_specs(path: Path, component: Component, session) -> None:
         t = actual[spec.name]
         same = all(_same_axis(a, d) for a, d in zip(t.shape, spec.shape))
         if ORT_TYPES.get(t.type) != spec.dtype or len(t.shape) != len(spec.shape) or not same:
-            raise ManifestError(f"{path.name!r} takes {spec.name!r} as {ORT_TYPES.get(t.type, t.type)} {t.shape}, "
-                                f"the manifest declares {spec.dtype} {spec.shape}; re-export the folder")
+            raise ManifestError(
+                f"{path.name!r} takes {spec.name!r} as {ORT_TYPES.get(t.type, t.type)} {t.shape}, "
+                f"the manifest declares {spec.dtype} {spec.shape}; re-export the folder"
+            )
 
 
 def _same_axis(engine, declared) -> bool:
