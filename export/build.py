@@ -15,10 +15,16 @@ from .onnx_export import DEFAULT_OPSET, LOWERINGS, export_onnx
 from .precision import MIN_OPSET, PRECISIONS, apply_policy, precision_of
 from .source import Source
 
+# Weights above this go beside model.onnx as external data: an inline model is serialised as one protobuf in
+# memory, a second copy of its weights (sana-600m bf16: 4.6x the weight bytes at peak, 1.6x with external data),
+# and protobuf cannot hold 2 GB anyway.
+INLINE_WEIGHTS = 256 * 2**20
+
 
 @dataclass(frozen=True)
 class Graph:
     """One engine to export: its module and I/O, declared once."""
+
     name: str  # the manifest's component name and the engine's subfolder
     module: nn.Module
     inputs: list[TensorSpec]
@@ -42,8 +48,10 @@ def export_opset(lowering: str, precision: str, opset: int | None) -> int:
         raise InputError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
     need = MIN_OPSET.get(precision, 0)
     if opset and opset < need:
-        raise InputError(f"{precision} engines need ONNX opset {need} or newer (got --opset {opset}); "
-                         f"use --opset {need} or leave it out")
+        raise InputError(
+            f"{precision} engines need ONNX opset {need} or newer (got --opset {opset}); "
+            f"use --opset {need} or leave it out"
+        )
     return opset or max(DEFAULT_OPSET, need)
 
 
@@ -73,15 +81,18 @@ def image_to_latent(height: int | None, width: int | None, vae, multiple: int, m
     """--height/--width (pixels) -> latent (H, W); engines are built for one size, so it is checked here, with the
     model's own limits (e.g. a stored position table) in pixels, before the slow export."""
     if vae is None:
-        raise InputError("--height/--width need a pipeline folder with a VAE (the pixel-to-latent factor comes "
-                         "from it)")
+        raise InputError(
+            "--height/--width need a pipeline folder with a VAE (the pixel-to-latent factor comes from it)"
+        )
     if not height or not width:
         raise InputError(f"give both --height and --width (got {height!r} and {width!r})")
     step = vae.cfg.spatial_factor * multiple
     for name, v in (("height", height), ("width", width)):
         if v < step or v % step:
-            raise InputError(f"{name} {v} is not allowed; use a multiple of {step} (e.g. "
-                             f"{max(step, v // step * step)} or {(v // step + 1) * step})")
+            raise InputError(
+                f"{name} {v} is not allowed; use a multiple of {step} (e.g. "
+                f"{max(step, v // step * step)} or {(v // step + 1) * step})"
+            )
     f = step // multiple
     if hasattr(model, "check_latent_size"):
         model.check_latent_size(height // f, width // f, vae_factor=f)
@@ -99,16 +110,28 @@ def manifest_scheduler(source: Source, latent_hw: tuple[int, int]) -> Scheduler:
     return Scheduler(config, prediction_of(config), source.sampler.steps, source.sampler.guidance, call)
 
 
-def export_component(graph: Graph, folder: Path, lowering: str, opset: int, external_data: bool | None) -> Component:
+def export_component(
+    graph: Graph, folder: Path, lowering: str, opset: int, external_data: bool | None
+) -> Component:
     """Export one engine into folder/<name>/model.onnx and describe it for the manifest.
 
-    external_data: None = only when the weights exceed ONNX's 2 GB protobuf limit; True/False force it.
+    external_data: None = when the weights exceed INLINE_WEIGHTS; True/False force it.
     """
-    if external_data is None:  # leave room for the graph under the 2 GB protobuf limit
-        external_data = sum(t.numel() * t.element_size() for t in graph.module.state_dict().values()) > 1.8e9
+    if external_data is None:
+        external_data = (
+            sum(t.numel() * t.element_size() for t in graph.module.state_dict().values()) > INLINE_WEIGHTS
+        )
     (folder / graph.name).mkdir()
-    export_onnx(graph.module, graph.inputs, graph.outputs, folder / graph.name / "model.onnx", lowering, opset,
-                external_data)
+    export_onnx(
+        graph.module,
+        graph.inputs,
+        graph.outputs,
+        folder / graph.name / "model.onnx",
+        lowering,
+        opset,
+        external_data,
+    )
     backend = "onnxruntime" if lowering == "portable" else "tensorrt"
-    return Component(f"{graph.name}/model.onnx", backend, precision_of(graph.module), lowering,
-                     graph.inputs, graph.outputs)
+    return Component(
+        f"{graph.name}/model.onnx", backend, precision_of(graph.module), lowering, graph.inputs, graph.outputs
+    )

@@ -67,7 +67,7 @@ EXPORT_EXTRA = ("torch", "onnx", "onnxscript", "safetensors", "transformers")  #
 @click.option(
     "--external-data/--no-external-data",
     default=None,
-    help="Store weights beside the .onnx file (default: only when they exceed 2 GB).",
+    help="Store weights beside the .onnx file (default: when they exceed 256 MiB).",
 )
 @click.option(
     "-H",

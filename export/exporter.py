@@ -17,6 +17,7 @@ from .trt.build import check_engine, engine_components
 @dataclass(frozen=True)
 class ExportOptions:
     """How to export (dit-export's options)."""
+
     random_weights: bool = False  # built-in architectures: seeded random weights, recorded in the manifest
     seed: int = 0  # for random_weights
     variant: str | None = None  # diffusers' weights variant (e.g. "fp16") of a folder's components
@@ -26,14 +27,15 @@ class ExportOptions:
     lowering: str = "portable"  # custom ops as standard ONNX, or as TensorRT plugin nodes ("plugin")
     engine: str = "onnx"  # "tensorrt": also build .plan files
     opset: int | None = None  # default: onnx_export.DEFAULT_OPSET (22 for bf16)
-    external_data: bool | None = None  # None: weights beside the .onnx file only above ONNX's 2 GB limit
+    external_data: bool | None = None  # None: weights beside the .onnx file above 256 MiB
     force: bool = False  # replace an existing engine folder (never anything else)
     make_parent: bool = False  # create the output's missing parent folders
     command: str = ""  # the command line, for the manifest's record
 
 
-def export_model(source: str, out: str | os.PathLike, options: ExportOptions | None = None,
-                 **fields) -> Manifest:
+def export_model(
+    source: str, out: str | os.PathLike, options: ExportOptions | None = None, **fields
+) -> Manifest:
     """Export a built-in model or a diffusers folder (denoiser step graph, and text encoder and VAE decoder where
     there are) as an engine folder at `out`, atomically; return its manifest (engine "tensorrt": .plan files).
     Options come as an ExportOptions or as its fields by keyword."""
@@ -45,22 +47,38 @@ def export_model(source: str, out: str | os.PathLike, options: ExportOptions | N
     src = resolve_source(source, opts.random_weights, opts.seed, opts.variant, opts.precision)
     engines = build(src, opts.precision, opts.height, opts.width)
     with staging_folder(out, opts.force, opts.make_parent) as tmp:
-        components = {g.name: export_component(g, tmp, opts.lowering, opset, opts.external_data)
-                      for g in engines.graphs}
+        components = {
+            g.name: export_component(g, tmp, opts.lowering, opset, opts.external_data) for g in engines.graphs
+        }
         for sub, tokenizer, _ in src.text.tokenizers if src.text is not None else ():
             save_tokenizer(tokenizer, tmp / sub)
         components = engine_components(opts.engine, tmp, components)
-        record = {"command": opts.command, "source": source, "seed": opts.seed if opts.random_weights else None,
-                  "text_len": src.text_len, "variant": opts.variant, "notes": src.notes, "training": src.training,
-                  "precision": engines.precision, **info}
+        record = {
+            "command": opts.command,
+            "source": source,
+            "seed": opts.seed if opts.random_weights else None,
+            "text_len": src.text_len,
+            "variant": opts.variant,
+            "notes": src.notes,
+            "training": src.training,
+            "precision": engines.precision,
+            **info,
+        }
         manifest = Manifest(
-            model=src.name, family=src.family.name,
+            model=src.name,
+            family=src.family.name,
             conditioning="class" if src.family.class_conditional else "text",
-            class_names=list(src.class_names), random_weights=opts.random_weights,
-            resolution_bins=resolution_bins(src), latent=latent(src, engines.latent_hw),
-            scheduler=engines.scheduler, null_class=engines.null_class, components=components,
-            files=file_entries(tmp), text=[spec for *_, spec in src.text.tokenizers] if src.text is not None else [],
-            export=record)
+            class_names=list(src.class_names),
+            random_weights=opts.random_weights,
+            resolution_bins=resolution_bins(src),
+            latent=latent(src, engines.latent_hw),
+            scheduler=engines.scheduler,
+            null_class=engines.null_class,
+            components=components,
+            files=file_entries(tmp),
+            text=[spec for *_, spec in src.text.tokenizers] if src.text is not None else [],
+            export=record,
+        )
         write_manifest(tmp, manifest)
     return manifest
 
@@ -71,15 +89,23 @@ def _options(options: ExportOptions | None, fields: dict) -> ExportOptions:
     try:
         return options or ExportOptions(**fields)
     except TypeError as e:  # an unknown keyword
-        raise TypeError(f"export_model: {e}; options: {', '.join(ExportOptions.__dataclass_fields__)}") from None
+        raise TypeError(
+            f"export_model: {e}; options: {', '.join(ExportOptions.__dataclass_fields__)}"
+        ) from None
 
 
 def latent(src: Source, latent_hw: tuple[int, int]) -> Latent:
     """The manifest's latent: unpacked channels and size, with the VAE's scaling (identity without a VAE)."""
     k = src.family.packing
     vae = src.vae.cfg if src.vae is not None else None
-    return Latent(src.model.cfg.in_channels // k**2, latent_hw[0], latent_hw[1],
-                  vae.scaling_factor if vae else 1.0, vae.shift_factor if vae else 0.0, k)
+    return Latent(
+        src.model.cfg.in_channels // k**2,
+        latent_hw[0],
+        latent_hw[1],
+        vae.scaling_factor if vae else 1.0,
+        vae.shift_factor if vae else 0.0,
+        k,
+    )
 
 
 def resolution_bins(src: Source) -> dict[str, list[int]]:
@@ -101,12 +127,21 @@ def provenance(opset: int) -> dict:
 
     import ditrt.runtime as rt
 
-    info = {"versions": {"ditrt": rt.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
-                         "opset": opset, "python": platform.python_version()}}
+    info = {
+        "versions": {
+            "ditrt": rt.__version__,
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "opset": opset,
+            "python": platform.python_version(),
+        }
+    }
     epoch = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
     if epoch:
         if not epoch.isdigit():
-            raise InputError(f"SOURCE_DATE_EPOCH {epoch!r} is not a number of seconds since 1970; set an integer "
-                             "or unset it")
+            raise InputError(
+                f"SOURCE_DATE_EPOCH {epoch!r} is not a number of seconds since 1970; set an integer "
+                "or unset it"
+            )
         info["created"] = datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc).isoformat()
     return info

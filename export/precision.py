@@ -16,8 +16,13 @@ from .models.layers import FP32LayerNorm
 
 # The dtype table: engine tensor dtypes by the names the manifest and ONNX use, and the --precision names of
 # the float ones.
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-                "int64": torch.int64, "int32": torch.int32}
+TORCH_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+}
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 FLOAT_DTYPES = tuple(TORCH_DTYPES[name] for name in PRECISIONS.values())
 MIN_OPSET = {"bf16": 22}  # ONNX's Conv (and other ops) accept bfloat16 from opset 22 on
@@ -27,21 +32,28 @@ MIN_OPSET = {"bf16": 22}  # ONNX's Conv (and other ops) accept bfloat16 from ops
 #   VAE decoders overflow in fp16 (diffusers' force_upcast; TensorRT's Flux demo builds them bf16 or fp32).
 #   Gemma-2 runs in bf16 in diffusers' SanaPipeline, never in fp16.
 #   CLIP follows the request, as in TensorRT's Flux demo.
-POLICY = {kind: dict(zip(PRECISIONS, row)) for kind, row in {
-    #            fp32    fp16    bf16
-    "denoiser": ("fp32", "fp16", "bf16"),
-    "clip":     ("fp32", "fp16", "bf16"),
-    "t5":       ("fp32", "fp32", "fp32"),
-    "gemma2":   ("fp32", "fp32", "bf16"),
-    "vae":      ("fp32", "fp32", "bf16"),
-}.items()}
+POLICY = {
+    kind: dict(zip(PRECISIONS, row))
+    for kind, row in {
+        #            fp32    fp16    bf16
+        "denoiser": ("fp32", "fp16", "bf16"),
+        "clip": ("fp32", "fp16", "bf16"),
+        "t5": ("fp32", "fp32", "fp32"),
+        "gemma2": ("fp32", "fp32", "bf16"),
+        "vae": ("fp32", "fp32", "bf16"),
+    }.items()
+}
 
 
 def text_kind(module: nn.Module | type) -> str | None:
     """The POLICY row of a transformers text encoder (a module or its class), None for anything else."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, Gemma2Model, T5EncoderModel
 
-    kinds = {"clip": (CLIPTextModel, CLIPTextModelWithProjection), "t5": (T5EncoderModel,), "gemma2": (Gemma2Model,)}
+    kinds = {
+        "clip": (CLIPTextModel, CLIPTextModelWithProjection),
+        "t5": (T5EncoderModel,),
+        "gemma2": (Gemma2Model,),
+    }
     cls = module if isinstance(module, type) else type(module)
     return next((k for k, types in kinds.items() if issubclass(cls, types)), None)
 
@@ -66,8 +78,9 @@ def cast(module: nn.Module, precision: str) -> nn.Module:
     return module
 
 
-def apply_policy(precision: str, denoiser: nn.Module, vae: nn.Module | None = None,
-                 text: nn.Module | None = None) -> dict:
+def apply_policy(
+    precision: str, denoiser: nn.Module, vae: nn.Module | None = None, text: nn.Module | None = None
+) -> dict:
     """Cast the exported modules in place as POLICY says for the requested precision -> what was done, for the
     manifest's export record (the text_encoder engine may hold encoders of different precisions)."""
     if precision not in PRECISIONS:
@@ -76,9 +89,11 @@ def apply_policy(precision: str, denoiser: nn.Module, vae: nn.Module | None = No
     if vae is not None:
         cast(vae, POLICY["vae"][precision])
     parts = {}
-    for path, module in (text.named_modules() if text is not None else ()):
+    for path, module in text.named_modules() if text is not None else ():
         kind = text_kind(module)
-        if kind is not None:  # prompt graphs name their encoders clip_l, clip_g, t5; a lone encoder is "encoder"
+        if (
+            kind is not None
+        ):  # prompt graphs name their encoders clip_l, clip_g, t5; a lone encoder is "encoder"
             name = kind if path.split(".")[0] == "encoder" else path.split(".")[0]
             parts[name] = POLICY[kind][precision]
             cast(module, parts[name])

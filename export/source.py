@@ -27,6 +27,7 @@ SUPPORTED_VAES = ("AutoencoderKL", "AutoencoderDC")
 class Source:
     """A model ready to build engines from: its denoiser (fp32), VAE decoder and text engine where it has them,
     and the pipeline behaviour the manifest records."""
+
     name: str  # the manifest's model name
     family: Family
     model: nn.Module  # the denoiser
@@ -49,8 +50,13 @@ class Source:
         return training_info(self.weights)
 
 
-def resolve_source(source: str, random_weights: bool = False, seed: int = 0, variant: str | None = None,
-                   precision: str = "fp32") -> Source:
+def resolve_source(
+    source: str,
+    random_weights: bool = False,
+    seed: int = 0,
+    variant: str | None = None,
+    precision: str = "fp32",
+) -> Source:
     """A built-in model name or a diffusers folder -> Source.
 
     variant: diffusers' weights variant (e.g. "fp16") for every component, as `loaders.diffusers.pick_variant`
@@ -65,7 +71,9 @@ def resolve_source(source: str, random_weights: bool = False, seed: int = 0, var
     if source in PRESETS or not path.exists():
         preset = get_preset(source)
         if variant is not None:
-            raise InputError(f"--variant {variant} applies to diffusers folders, not to the built-in model {source!r}")
+            raise InputError(
+                f"--variant {variant} applies to diffusers folders, not to the built-in model {source!r}"
+            )
         return from_preset(preset, random_weights, seed, precision)
     if random_weights:
         raise InputError("--random-weights applies to built-in architectures, not to a checkpoint folder")
@@ -75,17 +83,30 @@ def resolve_source(source: str, random_weights: bool = False, seed: int = 0, var
 def from_preset(preset: Preset, random_weights: bool, seed: int, precision: str = "fp32") -> Source:
     model = build_preset(preset, random_weights, seed, policy_dtype("denoiser", precision))
     call = preset.family.defaults(preset.config, None).call
-    return Source(preset.name, preset.family, model, preset.sampler, preset.text_len, call, preset.latent_hw,
-                  weights=preset.weights)
+    return Source(
+        preset.name,
+        preset.family,
+        model,
+        preset.sampler,
+        preset.text_len,
+        call,
+        preset.latent_hw,
+        weights=preset.weights,
+    )
 
 
-def shipped_folder(preset: Preset, random_weights: bool, variant: str | None,
-                   precision: str = "fp32") -> Source:
+def shipped_folder(
+    preset: Preset, random_weights: bool, variant: str | None, precision: str = "fp32"
+) -> Source:
     """A trained demo shipped as a diffusers pipeline folder: exported like any folder, under the demo's name."""
     if random_weights:
-        raise InputError(f"{preset.name!r} is a trained demo; --random-weights applies to architecture-only models")
+        raise InputError(
+            f"{preset.name!r} is a trained demo; --random-weights applies to architecture-only models"
+        )
     if not (preset.folder / "model_index.json").is_file():
-        raise LoaderError(f"files for {preset.name!r} are missing at {str(preset.folder)!r}; reinstall the package")
+        raise LoaderError(
+            f"files for {preset.name!r} are missing at {str(preset.folder)!r}; reinstall the package"
+        )
     source = from_folder(preset.folder, variant, precision)
     source.name, source.weights = preset.name, preset.folder
     return source
@@ -102,13 +123,28 @@ def from_folder(path: Path, variant: str | None, precision: str = "fp32") -> Sou
     model = load_component(folder, variant, notes, policy_dtype("denoiser", precision))
     pipeline_class = read_json(path / "model_index.json").get("_class_name") if pipeline else None
     defaults = family.defaults(model.cfg, pipeline_class)
-    sampler = defaults.sampler if scheduler is None else Sampler(scheduler, defaults.sampler.steps,
-                                                                defaults.sampler.guidance)
-    text = text_engine(path, family, model.cfg, defaults.text_len, notes, variant, precision) \
-        if pipeline else None
+    sampler = (
+        defaults.sampler
+        if scheduler is None
+        else Sampler(scheduler, defaults.sampler.steps, defaults.sampler.guidance)
+    )
+    text = (
+        text_engine(path, family, model.cfg, defaults.text_len, notes, variant, precision)
+        if pipeline
+        else None
+    )
     vae = folder_vae(path, variant, notes, precision) if pipeline else None
-    return Source(path.resolve().name, family, model, sampler, defaults.text_len, defaults.call, vae=vae,
-                  text=text, notes=notes)
+    return Source(
+        path.resolve().name,
+        family,
+        model,
+        sampler,
+        defaults.text_len,
+        defaults.call,
+        vae=vae,
+        text=text,
+        notes=notes,
+    )
 
 
 def denoiser_family(folder: Path) -> Family:
@@ -116,15 +152,18 @@ def denoiser_family(folder: Path) -> Family:
     name = read_config(folder).get("_class_name")
     family = next((f for f in FAMILIES.values() if name in f.checkpoint.classes), None)
     if family is None and name in CHECKPOINTS:
-        raise InputError(f"{str(folder)!r} holds a {name}, not a denoiser; pass a pipeline folder "
-                         "(model_index.json) or a transformer folder")
+        raise InputError(
+            f"{str(folder)!r} holds a {name}, not a denoiser; pass a pipeline folder "
+            "(model_index.json) or a transformer folder"
+        )
     if family is None:
         raise LoaderError(f"{str(folder)!r} holds a {name!r}; supported: {', '.join(sorted(CHECKPOINTS))}")
     return family
 
 
-def folder_vae(path: Path, variant: str | None, notes: list[str],
-               precision: str = "fp32") -> nn.Module | None:
+def folder_vae(
+    path: Path, variant: str | None, notes: list[str], precision: str = "fp32"
+) -> nn.Module | None:
     if not (path / "vae" / "config.json").is_file():
         return None
     vae_class = read_config(path / "vae").get("_class_name")
@@ -134,8 +173,15 @@ def folder_vae(path: Path, variant: str | None, notes: list[str],
     return load_component(path / "vae", variant, notes, policy_dtype("vae", precision))
 
 
-def text_engine(path: Path, family: Family, cfg, text_len: int | str, notes: list[str],
-                variant: str | None = None, precision: str = "fp32") -> TextEngine | None:
+def text_engine(
+    path: Path,
+    family: Family,
+    cfg,
+    text_len: int | str,
+    notes: list[str],
+    variant: str | None = None,
+    precision: str = "fp32",
+) -> TextEngine | None:
     """The pipeline folder's text encoders as the family's text engine, or None (with a note where the folder has
     encoders this project does not export yet)."""
     if not (path / "text_encoder" / "config.json").is_file():
@@ -172,13 +218,17 @@ def folder_scheduler(pipeline: Path, notes: list[str]) -> dict:
 
     path = pipeline / "scheduler" / "scheduler_config.json"
     if not path.is_file():
-        raise LoaderError(f"{str(path.parent)!r} has no scheduler_config.json; a pipeline folder's scheduler/ needs one")
+        raise LoaderError(
+            f"{str(path.parent)!r} has no scheduler_config.json; a pipeline folder's scheduler/ needs one"
+        )
     config = read_json(path)
     entry = read_json(pipeline / "model_index.json").get("scheduler")
     named = entry[1] if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str) else None
     if named and named != config.get("_class_name"):
-        notes.append(f"scheduler: model_index.json names {named}, scheduler_config.json {config.get('_class_name')}; "
-                     f"{named} is used, as diffusers does")
+        notes.append(
+            f"scheduler: model_index.json names {named}, scheduler_config.json {config.get('_class_name')}; "
+            f"{named} is used, as diffusers does"
+        )
         config = {**config, "_class_name": named}
     if not isinstance(config.get("_class_name"), str):
         raise LoaderError(f"{str(path)!r} names no scheduler class (_class_name)")

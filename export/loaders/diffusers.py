@@ -29,8 +29,10 @@ WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
 # e.g. fp16) as diffusers and transformers save it (`{name}.fp16.safetensors`, `{name}.safetensors.index.fp16.json`
 # naming shards `{name}.fp16-00001-of-00002.safetensors`), older diffusers (`{name}.safetensors.fp16.index.json`) or
 # as seen on the Hub (`{name}.fp16.safetensors.index.json`).
-WEIGHT_ENTRY = re.compile(r"(?:diffusion_pytorch_model|model)(?:\.(?P<a>\w+))?\.safetensors"
-                          r"(?:(?:\.(?P<b>\w+))?\.index(?:\.(?P<c>\w+))?\.json)?")
+WEIGHT_ENTRY = re.compile(
+    r"(?:diffusion_pytorch_model|model)(?:\.(?P<a>\w+))?\.safetensors"
+    r"(?:(?:\.(?P<b>\w+))?\.index(?:\.(?P<c>\w+))?\.json)?"
+)
 
 
 def read_config(folder: Path) -> dict:
@@ -71,8 +73,11 @@ def pick_variant(folder: Path, variant: str | None = None) -> tuple[str | None, 
     if variant is not None and None in found:
         return None, f"{folder.name}: no {variant!r} variant, loaded {found[None].name}"
     if variant is None and len(others) == 1:
-        return others[0], f"{folder.name}: no plain weights, loaded the only variant, {others[0]!r} " \
-                          f"({found[others[0]].name})"
+        return (
+            others[0],
+            f"{folder.name}: no plain weights, loaded the only variant, {others[0]!r} "
+            f"({found[others[0]].name})",
+        )
     raise no_weights(folder, variant, found)
 
 
@@ -81,15 +86,21 @@ def no_weights(folder: Path, variant: str | None, found: dict[str | None, Path])
     what = "plain (non-variant)" if variant is None else f"{variant!r} variant"
     if found:
         options = " or ".join("leave out --variant" if v is None else f"--variant {v}" for v in found)
-        return LoaderError(f"{str(folder)!r} has no {what} safetensors weights; found "
-                           f"{', '.join(p.name for p in found.values())}: pass {options}")
+        return LoaderError(
+            f"{str(folder)!r} has no {what} safetensors weights; found "
+            f"{', '.join(p.name for p in found.values())}: pass {options}"
+        )
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.ckpt")):
-        return LoaderError(f"{str(folder)!r} has only pickled weights (.bin/.pt/.ckpt), which are never loaded "
-                           "(they can run code); convert them to safetensors first")
+        return LoaderError(
+            f"{str(folder)!r} has only pickled weights (.bin/.pt/.ckpt), which are never loaded "
+            "(they can run code); convert them to safetensors first"
+        )
     loose = sorted(p.name for p in folder.glob("*.safetensors"))
-    return LoaderError(f"{str(folder)!r} has no safetensors weights (looked for {' / '.join(WEIGHT_NAMES)}"
-                       "[.VARIANT].safetensors and their index files)"
-                       + (f"; found only {', '.join(loose[:4])}, which no index file lists" if loose else ""))
+    return LoaderError(
+        f"{str(folder)!r} has no safetensors weights (looked for {' / '.join(WEIGHT_NAMES)}"
+        "[.VARIANT].safetensors and their index files)"
+        + (f"; found only {', '.join(loose[:4])}, which no index file lists" if loose else "")
+    )
 
 
 def weight_files(folder: Path, variant: str | None = None) -> list[Path]:
@@ -104,15 +115,18 @@ def weight_files(folder: Path, variant: str | None = None) -> list[Path]:
     try:
         shards = sorted(set(json.loads(entry.read_text())["weight_map"].values()))
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise LoaderError(f"{str(entry)!r} is not a safetensors index (no readable weight_map: {e!r})") from None
+        raise LoaderError(
+            f"{str(entry)!r} is not a safetensors index (no readable weight_map: {e!r})"
+        ) from None
     missing = [s for s in shards if not (folder / s).is_file()]
     if missing:
         raise LoaderError(f"{str(entry)!r} lists shard {missing[0]!r}, which is missing")
     return [folder / s for s in shards]
 
 
-def read_state_dict(folder: Path, variant: str | None = None,
-                    dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def read_state_dict(
+    folder: Path, variant: str | None = None, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
     """A component's weights, memory-mapped, each cast once to dtype (one already in dtype is not copied)."""
     from safetensors import SafetensorError, safe_open
 
@@ -123,8 +137,9 @@ def read_state_dict(folder: Path, variant: str | None = None,
                 for k in f.keys():
                     v = f.get_tensor(k)
                     if v.dtype not in FLOAT_DTYPES:
-                        raise LoaderError(f"{k!r} in {path.name!r} has dtype {v.dtype}; expected fp32, fp16 "
-                                          "or bf16")
+                        raise LoaderError(
+                            f"{k!r} in {path.name!r} has dtype {v.dtype}; expected fp32, fp16 or bf16"
+                        )
                     state[k] = v.to(dtype)
         except (SafetensorError, OSError) as e:
             raise LoaderError(f"cannot read {str(path)!r}: {e}") from None
@@ -133,20 +148,26 @@ def read_state_dict(folder: Path, variant: str | None = None,
 
 @contextmanager
 def empty_parameters():
-    """Build modules with every parameter on the meta device (no memory, no random init); buffers and the
-    tables computed in __init__ stay real (as accelerate's init_empty_weights(include_buffers=False))."""
-    register = nn.Module.register_parameter
+    """Build modules with every parameter and persistent buffer (state-dict entries, which the weights fill) on
+    the meta device: no memory, no random init. Non-persistent buffers and the tables computed in __init__ stay
+    real (as accelerate's init_empty_weights, but for the persistent buffers)."""
+    register, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
 
     def on_meta(module, name, param):
         register(module, name, param)
         if param is not None and param.device.type != "meta":
             module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
 
-    nn.Module.register_parameter = on_meta
+    def buffer_on_meta(module, name, tensor, persistent=True):
+        register_buffer(
+            module, name, tensor.to("meta") if persistent and tensor is not None else tensor, persistent
+        )
+
+    nn.Module.register_parameter, nn.Module.register_buffer = on_meta, buffer_on_meta
     try:
         yield
     finally:
-        nn.Module.register_parameter = register
+        nn.Module.register_parameter, nn.Module.register_buffer = register, register_buffer
 
 
 def remap(state: dict[str, torch.Tensor], rules: list[KeyRule]) -> dict[str, torch.Tensor]:
@@ -172,8 +193,11 @@ def fill(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     extra = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and state[k].shape != own[k].shape]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
     if missing or extra or shapes:
         parts = []
         if missing:
@@ -187,8 +211,12 @@ def fill(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     return model.eval()
 
 
-def load_component(folder: str | Path, variant: str | None = None, notes: list[str] | None = None,
-                   dtype: torch.dtype = torch.float32) -> nn.Module:
+def load_component(
+    folder: str | Path,
+    variant: str | None = None,
+    notes: list[str] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> nn.Module:
     """A diffusers component folder (config.json + safetensors: a transformer or a VAE) as our module, its
     weights in dtype (the one the component runs in: precision.POLICY), cast once from the checkpoint's.
 
