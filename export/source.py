@@ -18,9 +18,7 @@ from .family import Family, Sampler, TextEngine
 from .loaders.diffusers import load_component, pick_variant, read_config
 from .precision import PRECISIONS, policy_dtype, text_kind
 from .presets import PRESETS, Preset, build_preset, get_preset, training_info
-from .registry import CHECKPOINTS, FAMILIES
-
-SUPPORTED_VAES = ("AutoencoderKL", "AutoencoderDC")
+from .registry import CHECKPOINTS, DECODERS, FAMILIES
 
 
 @dataclass
@@ -167,7 +165,7 @@ def folder_vae(
     if not (path / "vae" / "config.json").is_file():
         return None
     vae_class = read_config(path / "vae").get("_class_name")
-    if vae_class not in SUPPORTED_VAES:
+    if not any(vae_class in decoder.classes for decoder in DECODERS):
         notes.append(f"vae ({vae_class}) not exported: not supported yet")
         return None
     return load_component(path / "vae", variant, notes, policy_dtype("vae", precision))
