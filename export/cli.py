@@ -34,11 +34,19 @@ EXPORT_EXTRA = ("torch", "onnx", "onnxscript", "safetensors", "transformers")  #
 )
 @click.option(
     "--engine",
-    type=click.Choice(["onnx", "tensorrt"]),
+    type=click.Choice(["onnx", "tensorrt", "aoti"]),
     default="onnx",
     show_default=True,
-    help="Also build a TensorRT engine (.plan) per component, from the plugin lowering (needs TensorRT "
-    "and an NVIDIA GPU; the engine runs on that GPU model only).",
+    help="onnx: ONNX engines (ONNX Runtime). tensorrt: also a TensorRT engine (.plan) per component, from the "
+    "plugin lowering (needs TensorRT and an NVIDIA GPU). aoti: AOTInductor packages (.pt2) instead of ONNX, "
+    "run with `dit-run --backend torch`. Plans and packages run only on the GPU model (or CPU type) and "
+    "versions that built them.",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["cpu", "cuda"]),
+    default=None,
+    help="With --engine aoti: the device to compile for (default: a visible GPU, else the CPU).",
 )
 @click.option(
     "--precision",
@@ -95,6 +103,7 @@ def main(
     output,
     lowering,
     engine,
+    device,
     precision,
     opset,
     random_weights,
@@ -148,6 +157,7 @@ def main(
         make_parent=output == default_output,
         command=command,
         engine=engine,
+        device=device,
         precision=precision,
         variant=variant,
     )

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from ditrt.runtime.errors import InputError
 from ditrt.runtime.manifest import Latent, Manifest
 
+from . import aoti
 from .build import build, export_component, export_opset
 from .folder import check_output, file_entries, staging_folder, write_manifest
 from .source import Source, resolve_source
@@ -25,7 +26,8 @@ class ExportOptions:
     height: int | None = None  # image size in pixels the engines are built for (default: the model's)
     width: int | None = None
     lowering: str = "portable"  # custom ops as standard ONNX, or as TensorRT plugin nodes ("plugin")
-    engine: str = "onnx"  # "tensorrt": also build .plan files
+    engine: str = "onnx"  # "tensorrt": also build .plan files; "aoti": AOTInductor packages instead of ONNX
+    device: str | None = None  # "aoti": the device to compile for (default: a visible GPU, else the CPU)
     opset: int | None = None  # default: onnx_export.DEFAULT_OPSET (22 for bf16)
     external_data: bool | None = None  # None: weights beside the .onnx file above 256 MiB
     force: bool = False  # replace an existing engine folder (never anything else)
@@ -42,14 +44,23 @@ def export_model(
     opts = _options(options, fields)
     opset = export_opset(opts.lowering, opts.precision, opts.opset)
     check_engine(opts.engine, opts.lowering)  # e.g. TensorRT missing: say so before the slow export
+    device = aoti.check_device(opts.device) if opts.engine == "aoti" else None
+    if opts.device is not None and opts.engine != "aoti":
+        raise InputError(
+            "--device applies to --engine aoti only (ONNX engines choose their device at run time)"
+        )
     check_output(out, opts.force, opts.make_parent)  # before the (slow) export, not after it
     info = provenance(opset)
     src = resolve_source(source, opts.random_weights, opts.seed, opts.variant, opts.precision)
     engines = build(src, opts.precision, opts.height, opts.width)
     with staging_folder(out, opts.force, opts.make_parent) as tmp:
-        components = {
-            g.name: export_component(g, tmp, opts.lowering, opset, opts.external_data) for g in engines.graphs
-        }
+        if device is not None:
+            components = {g.name: aoti.export_component(g, tmp, device) for g in engines.graphs}
+        else:
+            components = {
+                g.name: export_component(g, tmp, opts.lowering, opset, opts.external_data)
+                for g in engines.graphs
+            }
         for sub, tokenizer, _ in src.text.tokenizers if src.text is not None else ():
             save_tokenizer(tokenizer, tmp / sub)
         components = engine_components(opts.engine, tmp, components)

@@ -10,6 +10,8 @@ inputs: n = 2 holds [negative; positive] and the graph combines g = out_u + guid
 the positive branch alone (diffusers' guidance_scale <= 1), which halves the denoiser work and gives g = out_c.
 """
 
+import inspect
+
 import torch
 from torch import Tensor, nn
 
@@ -158,3 +160,26 @@ def sample_inputs(specs: list[TensorSpec], dims: dict[str, int], seed: int = 0) 
         else:
             out.append(torch.rand(shape, generator=g).to(TORCH_DTYPES[s.dtype]))
     return tuple(out)
+
+
+DIM_MAX = {"n": 2}  # CFG branches: positive only, or negative and positive
+
+
+def export_args(
+    module: nn.Module, inputs: list[TensorSpec], max_dim: int = 1024
+) -> tuple[tuple[Tensor, ...], tuple]:
+    """Sample arguments and torch.export dynamic_shapes for a graph's declared inputs: every symbolic axis ("B")
+    becomes a Dim of that name, in 1..max_dim (the CFG axis in 1..2); forward(..., *conds) takes its tail as one
+    nested tuple."""
+    dims = {
+        d: torch.export.Dim(d, min=1, max=DIM_MAX.get(d, max_dim))
+        for s in inputs
+        for d in s.shape
+        if isinstance(d, str)
+    }
+    dynamic = [{i: dims[d] for i, d in enumerate(s.shape) if isinstance(d, str)} or None for s in inputs]
+    params = inspect.signature(module.forward).parameters.values()
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        n = sum(p.kind is p.POSITIONAL_OR_KEYWORD for p in params)
+        dynamic = dynamic[:n] + [tuple(dynamic[n:])]
+    return sample_inputs(inputs, {d: 2 for d in dims}), tuple(dynamic)

@@ -1,7 +1,6 @@
 """torch -> ONNX through torch.onnx.export(dynamo=True), symbolic axes taken from the graph's TensorSpecs."""
 
 import contextlib
-import inspect
 import io
 import logging
 import warnings
@@ -14,12 +13,11 @@ from torch import nn
 from ditrt.runtime.errors import DitError
 from ditrt.runtime.manifest import TensorSpec
 
-from .graphs import sample_inputs
+from .graphs import export_args
 from .ops import lowering
 
 LOWERINGS = {"portable": "reference", "plugin": "plugin"}  # manifest name -> ops.lowering mode
 DEFAULT_OPSET = 18
-DIM_MAX = {"n": 2}  # CFG branches: positive only, or negative and positive
 
 
 @contextlib.contextmanager
@@ -60,20 +58,7 @@ def export_onnx(
     max_dim: int = 1024,
 ) -> None:
     """Write module as ONNX at path. Symbolic axes (e.g. "B") become dynamic dims named after them."""
-    dims = {
-        d: torch.export.Dim(d, min=1, max=DIM_MAX.get(d, max_dim))
-        for s in inputs
-        for d in s.shape
-        if isinstance(d, str)
-    }
-    dynamic = [{i: dims[d] for i, d in enumerate(s.shape) if isinstance(d, str)} or None for s in inputs]
-    params = inspect.signature(module.forward).parameters.values()
-    if any(
-        p.kind is p.VAR_POSITIONAL for p in params
-    ):  # forward(x, ..., *conds): the tail is one nested tuple
-        n = sum(p.kind is p.POSITIONAL_OR_KEYWORD for p in params)
-        dynamic = dynamic[:n] + [tuple(dynamic[n:])]
-    args = sample_inputs(inputs, {d: 2 for d in dims})
+    args, dynamic = export_args(module, inputs, max_dim)
     log = io.StringIO()
     quiet = logging.getLogger("torch.onnx")
     level, quiet.level = quiet.level, logging.ERROR  # the exporter's progress chatter is not for our users
@@ -89,7 +74,7 @@ def export_onnx(
             program = torch.onnx.export(
                 module.eval(),
                 args,
-                dynamic_shapes=tuple(dynamic),
+                dynamic_shapes=dynamic,
                 dynamo=True,
                 opset_version=opset,
                 input_names=[s.name for s in inputs],

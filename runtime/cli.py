@@ -138,9 +138,12 @@ class OneLineCommand(click.Command):
     "--backend",
     default="onnxruntime",
     show_default=True,
-    help="Engine backend: onnxruntime, or tensorrt for folders exported with --engine tensorrt.",
+    help="Engine backend: onnxruntime; tensorrt for folders exported with --engine tensorrt; torch for "
+    "folders exported with --engine aoti (needs PyTorch: pip install 'ditrt[torch]').",
 )
-@click.option("--threads", type=int, default=None, help="CPU threads for ONNX Runtime (default: all cores).")
+@click.option(
+    "--threads", type=int, default=None, help="CPU threads for ONNX Runtime or torch (default: all cores)."
+)
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the engine files at load.")
 @click.option("--json", "as_json", is_flag=True, help="Print outputs, seeds and per-stage timings as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")

@@ -53,15 +53,29 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class Target:
+    """Where an AOTInductor package (.pt2: compiled machine code) runs: it was compiled for this device, this GPU
+    architecture or CPU instruction set, and this torch version, and runs nowhere else."""
+
+    device: str = rule(one_of=("cpu", "cuda"))
+    arch: str = rule(lo=1, hi=64)  # "sm_90" (CUDA compute capability) | the CPU vector ISA, e.g. "avx2"
+    torch: str = rule(lo=1, hi=64)  # torch.__version__ that compiled it
+    # torch op libraries the package calls (the dit ops compiled in C++), loaded before it; in the file list
+    libraries: list[str] = rule(factory=list, hi=8, item=dict(hi=1024))
+
+
+@dataclass(frozen=True)
 class Component:
     file: str = rule(hi=1024)  # relative to the folder
-    backend: str = rule(one_of=("onnxruntime", "tensorrt"))
+    backend: str = rule(one_of=("onnxruntime", "tensorrt", "torch"))
     # the narrowest dtype it computes in; its I/O is as the specs say
     precision: str = rule(one_of=("fp32", "fp16", "bf16"))
-    # custom ops: "portable" (standard ONNX) | "plugin" (TensorRT plugin nodes)
-    lowering: str = rule(one_of=("portable", "plugin"))
+    # custom ops: "portable" (standard ops) | "plugin" (TensorRT plugin nodes) | "kernels" (the dit ops as C++
+    # torch ops inside an AOTInductor package)
+    lowering: str = rule(one_of=("portable", "plugin", "kernels"))
     inputs: list[TensorSpec] = rule(lo=1, hi=64)
     outputs: list[TensorSpec] = rule(lo=1, hi=64)
+    target: Target | None = None  # AOTInductor packages (backend "torch") only
 
 
 @dataclass(frozen=True)
@@ -290,6 +304,11 @@ def _check_consistency(m: Manifest) -> None:
     for name, comp in m.components.items():
         if comp.file not in m.files:
             raise bad(f"components.{name}.file", f"names {comp.file!r}, which the manifest's file list lacks")
+        if (comp.backend == "torch") != (comp.target is not None):
+            raise bad(f"components.{name}.target", "must be given for backend 'torch' and only for it")
+        for lib in comp.target.libraries if comp.target else ():
+            if lib not in m.files:
+                raise bad(f"components.{name}.target.libraries", f"names {lib!r}, which the file list lacks")
         for side in ("inputs", "outputs"):
             seen = [s.name for s in getattr(comp, side)]
             if len(set(seen)) != len(seen):

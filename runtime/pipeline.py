@@ -10,7 +10,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Collection
 
 import numpy as np
 
@@ -149,6 +149,8 @@ class Pipeline:
         max_sequence_length: int | None = None,
         on_step: Callable[[int, int], None] | None = None,
         output_type: str = "uint8",
+        on_preview: Callable[[int, np.ndarray], None] | None = None,
+        preview_steps: Collection[int] = (),
     ) -> Result:
         """Generate `batch_size` images of `prompt` (text models) or `class_label` (class-conditional models).
 
@@ -159,6 +161,10 @@ class Pipeline:
         Classifier-free guidance runs where the diffusers pipeline runs it (guidance > 1); at guidance <= 1 only
         the conditional branch is computed.
         `output_type` as diffusers': "uint8" (default); "float": no 8-bit images; "latent": no decode either.
+        `on_step(step, steps)` is called after every step (no data: the loop does not wait for the device);
+        `on_preview(step, x0)` after each step in `preview_steps` (1..steps) with that step's x0 prediction as
+        unpacked float32 latents (B, C, H, W), which `decode` turns into pixels. An exception from either stops
+        the generation there (e.g. a client that has gone).
         """
         m, sched = self.manifest, self.manifest.scheduler
         size = self._output_size(width, height)
@@ -170,10 +176,7 @@ class Pipeline:
         )
         if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
             raise InputError(f"output_type {_show(output_type)} is not allowed; use uint8, float or latent")
-        if on_step is not None and not callable(on_step):
-            raise InputError(
-                f"on_step {_show(on_step)} is not callable; give a function f(step, steps) or None"
-            )
+        preview = self._callbacks(on_step, on_preview, preview_steps, steps)
         config = self.scheduler_config(sampler, shift)
         try:
             plan = make_plan(config, steps, sched.call)
@@ -194,7 +197,7 @@ class Pipeline:
         why = f"guidance {guidance:g}, {steps} steps, sampler {label(config)}"
         with np.errstate(all="ignore"):  # overflow becomes the non-finite values refused below, not a warning
             x = initial_noise(seeds, shape) if latents is None else latents.copy()
-            x = self._denoise(pack(x, m.latent.packing), cond, guidance, plan, on_step, timings)
+            x = self._denoise(pack(x, m.latent.packing), cond, guidance, plan, on_step, preview, timings)
             _check_finite(x, "the denoiser", why, latents is not None)
             t2 = time.perf_counter()
             final = unpack(x, m.latent.packing, m.latent.height, m.latent.width)
@@ -337,33 +340,61 @@ class Pipeline:
         guidance: float,
         plan: dict[str, np.ndarray],
         on_step: Callable[[int, int], None] | None,
+        preview: tuple[set[int], Callable[[int, np.ndarray], None]] | None,
         timings: dict,
     ) -> np.ndarray:
-        """The sampler loop: one step-engine call per step, the state carried on the host (see schedules.py)."""
+        """The sampler loop on the step engine's device: the conditioning bound once, per step the scalars in
+        (see schedules.py), the state carried on the device; one read at the end."""
         steps = len(plan["t"])
         x = x * plan["init"]  # 1, or EulerDiscreteScheduler's initial scale (see schedules._euler)
         per_step = [{k: np.asarray(plan[k][i], dtype=np.float32) for k in STEP_SCALARS} for i in range(steps)]
         zeros = np.zeros_like(x)
-        feeds = {
-            "x": x,
-            "x0_prev": zeros,
-            "x0_prev2": zeros,
-            "guidance": np.asarray(guidance, np.float32),
-            **cond,
-        }
-        engine, engine_s = self.engines["denoiser"], 0.0
-        for i, scalars in enumerate(per_step):
-            feeds.update(scalars)
-            start = time.perf_counter()
-            out = engine.run(feeds)
-            engine_s += time.perf_counter() - start
-            # the sampler state stays fp32 on the host whatever the engine's output dtype
-            feeds["x0_prev2"] = feeds["x0_prev"]
-            feeds["x"], feeds["x0_prev"] = (out[k].astype(np.float32, copy=False) for k in ("x_next", "x0"))
-            if on_step is not None:
-                on_step(i + 1, steps)
-        timings["denoise_engine"] = engine_s * 1e3
-        return feeds["x0_prev"] if plan["final_from_x0"] else feeds["x"] * plan["final"]
+        static = {"guidance": np.asarray(guidance, np.float32), **cond}
+        start = time.perf_counter()
+        with self.engines["denoiser"].loop(static, {"x": x, "x0_prev": zeros, "x0_prev2": zeros}) as loop:
+            for i, scalars in enumerate(per_step):
+                loop.step(scalars)
+                if on_step is not None:
+                    on_step(i + 1, steps)
+                if preview is not None and i + 1 in preview[0]:
+                    preview[1](i + 1, loop.read()["x0_prev"])
+            state = loop.read()
+        timings["denoise_engine"] = (time.perf_counter() - start) * 1e3
+        return state["x0_prev"] if plan["final_from_x0"] else state["x"] * plan["final"]
+
+    def _callbacks(self, on_step, on_preview, preview_steps, steps: int):
+        """Check the callbacks -> (steps to preview, callback of packed x0) for _denoise, or None."""
+        if on_step is not None and not callable(on_step):
+            raise InputError(
+                f"on_step {_show(on_step)} is not callable; give a function f(step, steps) or None"
+            )
+        if on_preview is None:
+            return None
+        if not callable(on_preview):
+            raise InputError(
+                f"on_preview {_show(on_preview)} is not callable; give a function f(step, x0) or None"
+            )
+        try:
+            chosen = {_int("preview step", i, 1, steps) for i in preview_steps}
+        except TypeError:
+            raise InputError(
+                f"preview_steps {_show(preview_steps)} is not a collection of step numbers"
+            ) from None
+        lat = self.manifest.latent
+        return chosen, lambda i, x0: on_preview(i, unpack(x0, lat.packing, lat.height, lat.width))
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Unpacked float32 latents (B, C, H, W), e.g. an on_preview x0 -> float32 pixels (B, H, W, C) in [0, 1]
+        at the engines' size: the VAE decoder, or the latents themselves for a model without one."""
+        lat = self.manifest.latent
+        _check_latents(
+            latents,
+            len(latents) if isinstance(latents, np.ndarray) else 1,
+            (lat.channels, lat.height, lat.width),
+        )
+        if len(latents) > MAX_BATCH:
+            raise InputError(f"latents of batch {len(latents)} are not allowed; decode at most {MAX_BATCH}")
+        return self._decode(latents, self.image_size)
 
     def _decode(self, x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         """Final (unpacked) latents -> float32 images (B, H, W, C) in [0, 1] of `size`: the VAE engine, or

@@ -659,7 +659,8 @@ def test_engine_failing_at_run_time_is_one_manifest_error(engine_copy, tmp_path,
         p(class_label=1, steps=1)
     message = str(e.value)
     assert message.startswith(
-        "engine 'denoiser/model.onnx' failed on inputs its manifest describes ([ONNXRuntime"
+        "engine 'denoiser/model.onnx' failed on inputs its manifest describes (Non-zero status code returned "
+        "while running Gather node"
     )
     assert "indices element out of data bounds" in message and message.endswith("disagree — re-export it")
     assert "\n" not in message and "\x1b" not in message

@@ -216,3 +216,50 @@ def test_output_types_return_the_same_generation_trimmed(request, engine, tmp_pa
         with pytest.raises(InputError, match="holds no 8-bit images to save"):
             result.save(tmp_path / "x.png")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_previews_are_the_steps_x0_and_stopping_ends_the_loop(text_digits_engine):
+    """on_preview gets each chosen step's x0 as unpacked latents; decode turns the last one into the result's
+    pixels (flow Euler's last step lands on x0). An exception from a callback stops the loop at that step."""
+    with Pipeline.load(text_digits_engine) as pipe:
+        previews = {}
+        r = pipe(
+            prompt="seven",
+            seed=3,
+            steps=5,
+            batch_size=2,
+            sampler="FlowMatchEulerDiscreteScheduler",
+            on_preview=lambda i, x0: previews.setdefault(i, x0),
+            preview_steps=[2, 5],
+        )
+        assert sorted(previews) == [2, 5] and previews[5].shape == r.latents.shape
+        np.testing.assert_allclose(previews[5], r.latents, atol=1e-5)
+        assert not np.allclose(previews[2], previews[5], atol=1e-2)  # a preview is of its own step
+        np.testing.assert_allclose(pipe.decode(previews[5]), r.pixels, atol=1e-5)
+
+        steps_run = []
+
+        def stop(i, n):
+            steps_run.append(i)
+            if i == 3:
+                raise KeyboardInterrupt  # e.g. a server whose client went away
+
+        with pytest.raises(KeyboardInterrupt):
+            pipe(prompt="seven", steps=20, on_step=stop)
+        assert steps_run == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(on_preview=print, preview_steps=[0]), "preview step 0 is not allowed; use an integer in 1..4"),
+        (dict(on_preview=print, preview_steps=[5]), "preview step 5 is not allowed"),
+        (dict(on_preview=print, preview_steps=3), "preview_steps 3 is not a collection"),
+        (dict(on_preview="x", preview_steps=[1]), "on_preview 'x' is not callable"),
+    ],
+)
+def test_bad_preview_requests(pipe, kwargs, match):
+    with pytest.raises(InputError, match=match):
+        pipe(class_label=1, steps=4, **kwargs)
+    with pytest.raises(InputError, match="latents of shape"):
+        pipe.decode(np.zeros((1, 2, 16, 16), np.float32))

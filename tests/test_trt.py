@@ -1,11 +1,16 @@
 """The TensorRT path: plugin-lowered graphs the parser can map, AOT kernel entry points and launch shapes that match
-csrc/, clear errors where TensorRT is missing, and (with TensorRT and a GPU) engines that match ONNX Runtime."""
+csrc/, clear errors where TensorRT is missing, the device step loop's pure parts (buffer rotation, scalar block,
+context pool), and (with TensorRT and a GPU) engines that match ONNX Runtime and device loops that match HostLoop."""
 
 import json
 import re
 import shutil
 import subprocess
+import sys
+import threading
+import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -20,8 +25,11 @@ from ditrt.export.models.sana import Sana, SanaConfig
 from ditrt.export.onnx_export import export_onnx
 from ditrt.export.trt import plugins
 from ditrt.export.trt.build import DEFAULT_DIMS, check_engine, profile_shapes
+from ditrt.runtime.backends import READ, ROTATION, STATE, HostLoop
+from ditrt.runtime.backends.trt import ALIGN, STATE_BUFFERS, Pool, TrtBackend, carry, scalar_layout
 from ditrt.runtime.errors import BackendUnavailable, InputError
 from ditrt.runtime.manifest import Component, TensorSpec
+from ditrt.runtime.schedules import STEP_SCALARS
 
 pytestmark = pytest.mark.xdist_group("trt")  # one worker exports the module's plugin graphs (pytest -n)
 
@@ -335,6 +343,152 @@ def test_without_tensorrt_run_says_so(digits_engine, tmp_path):
     assert list(work.iterdir()) == []
 
 
+@pytest.mark.skipif(not tensorrt_missing(), reason="TensorRT is installed here")
+def test_without_tensorrt_the_backend_says_so():
+    specs = [TensorSpec("x", "float32", ["B", 4])]
+    with pytest.raises(BackendUnavailable, match="TensorRT is not installed.*--backend onnxruntime"):
+        TrtBackend(
+            Path("denoiser.plan"), Component("denoiser.plan", "tensorrt", "fp32", "plugin", specs, specs)
+        )
+
+
+def test_backend_module_imports_without_torch_and_tensorrt():
+    code = """
+import sys
+sys.modules["torch"] = None
+import ditrt.runtime.backends.trt
+bad = sorted(m for m in ("torch", "tensorrt", "cuda") if sys.modules.get(m) is not None)
+assert not bad, bad
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def step_fn(feeds: dict) -> dict:
+    """A stand-in step engine of the StepGraph form (nonlinear in x, every state input and scalar used)."""
+    f = {k: np.asarray(v, np.float32) for k, v in feeds.items()}
+    guided = np.tanh(f["x"]) + f["t"]
+    x0 = np.clip(f["p"] * f["x"] + f["q"] * guided, -f["clip"], f["clip"])
+    x_next = f["a"] * f["x"] + f["b"] * x0 + f["c"] * f["x0_prev"] + f["e"] * f["x0_prev2"] + f["d"] * guided
+    return {"x_next": x_next.astype(np.float32), "x0": x0.astype(np.float32)}
+
+
+class StepFn:  # the host loop's backend: run() is step_fn
+    def run(self, feeds):
+        return step_fn(feeds)
+
+
+def step_scalars(k: int) -> dict:
+    values = dict(t=1 - k / 40, p=1.1, q=-0.4, a=0.7, b=0.3, c=-0.2, e=0.1, d=0.05, clip=3)
+    return {name: np.float32(v + 0.01 * k) for name, v in values.items()}
+
+
+def test_state_carry_is_the_host_loops_state_rotation():
+    """TrtLoop's state on the device, played on host arrays as the device plays it: five fixed buffers, the engine
+    writing its outputs into theirs, then the `carry` copies in order; the state after each step equals HostLoop's."""
+    assert len(set(STATE_BUFFERS)) == 5 and {dst for dst, _ in ROTATION} == set(STATE)
+    rng = np.random.default_rng(0)
+    state = {k: rng.standard_normal((2, 3, 4), dtype=np.float32) for k in STATE}
+    buffers = [
+        np.full((2, 3, 4), np.nan, np.float32) for _ in STATE_BUFFERS
+    ]  # outputs need no initial content
+    address = {name: i for i, name in enumerate(STATE_BUFFERS)}  # "device addresses": indices into buffers
+    for name in STATE:
+        buffers[address[name]][...] = state[name]
+    with HostLoop(StepFn(), {}, state) as host:
+        for k in range(50):
+            scalars = step_scalars(k)
+            for name in ("x0", "x_next"):  # each output written in place before the next reads the inputs
+                out = step_fn({**{n: buffers[address[n]] for n in STATE}, **scalars})
+                buffers[address[name]][...] = out[name]
+            for dst, src in carry(address):
+                np.copyto(buffers[dst], buffers[src])
+            host.step(scalars)
+            want = host.read()
+            assert set(want) == set(READ)
+            for name in READ:
+                np.testing.assert_array_equal(buffers[address[name]], want[name])
+
+
+def test_scalar_block_layout():
+    offsets, size = scalar_layout(list(STEP_SCALARS))
+    assert ALIGN == 256  # TensorRT's alignment of tensor addresses (IExecutionContext::setTensorAddress)
+    assert list(offsets) == list(STEP_SCALARS) and size == len(STEP_SCALARS) * ALIGN
+    assert sorted(offsets.values()) == [i * ALIGN for i in range(len(STEP_SCALARS))]
+    assert all(o % ALIGN == 0 and o + 4 <= size for o in offsets.values())
+    block = np.zeros(size // 4, np.float32)  # one host block, filled as TrtLoop.step fills it
+    scalars = step_scalars(3)
+    for name, offset in offsets.items():
+        block[offset // 4] = scalars[name]
+    raw = block.tobytes()
+    for name, offset in offsets.items():  # what the engine reads at block + offset
+        assert np.frombuffer(raw, np.float32, 1, offset)[0] == scalars[name]
+    assert scalar_layout([]) == ({}, ALIGN)  # never a zero-byte allocation
+
+
+def test_pool_blocks_when_all_are_out_and_makes_at_most_size():
+    made = []
+    pool = Pool(2, lambda: made.append(len(made)) or f"context{len(made)}")
+    a, b = pool.take(), pool.take()
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(pool.take()))
+    waiter.start()
+    waiter.join(0.2)
+    assert waiter.is_alive() and not got  # both are out: the third request waits
+    pool.give(b)
+    waiter.join(5)
+    assert got == [b] and len(made) == 2
+    pool.give(a)
+    pool.give(b)
+    assert sorted(pool.drain()) == ["context1", "context2"]
+
+
+def test_pool_under_threads():
+    pool = Pool(2, object)
+    lock, out, peak, errors = threading.Lock(), set(), [0], []
+
+    def request(i):
+        try:
+            with pool.lease() as item:
+                with lock:
+                    assert item not in out, "one context leased twice"
+                    out.add(item)
+                    peak[0] = max(peak[0], len(out))
+                time.sleep(0.002 * (i % 3))
+                with lock:
+                    out.remove(item)
+                if i % 5 == 0:
+                    raise KeyError(i)  # a failing request still gives its context back
+        except KeyError:
+            pass
+        except AssertionError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=request, args=(i,)) for i in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors and not any(t.is_alive() for t in threads)
+    assert peak[0] <= 2 and pool.made == 2 and len(pool.free) == 2
+
+
+def test_pool_failed_make_frees_its_place():
+    calls = []
+
+    def make():
+        calls.append(1)
+        if len(calls) == 1:
+            raise BackendUnavailable("no context")
+        return "context"
+
+    pool = Pool(1, make)
+    with pytest.raises(BackendUnavailable):
+        pool.take()
+    assert pool.take() == "context"  # the failed one did not use up the only place
+
+
 # ---- with TensorRT, cuda-python and a GPU ------------------------------------------------------------------------
 
 
@@ -351,10 +505,12 @@ def gpu():
 
 
 def feeds(inputs, B, seed=0) -> dict:
-    args = dict(zip([s.name for s in inputs], (a.numpy() for a in sample_inputs(inputs, {"B": B}, seed))))
+    samples = sample_inputs(inputs, {"B": B, "n": 2}, seed)  # n: both CFG branches
+    args = dict(zip([s.name for s in inputs], (a.numpy() for a in samples)))
     for name, v in args.items():
-        if name.endswith("attention_mask"):  # real masks: 1 = token, 0 = padding
-            args[name] = (np.arange(v.shape[1])[None] < np.array([3, 5, 2][:B])[:, None]).astype(np.int64)
+        if name.endswith("attention_mask"):  # real masks: 1 = token, 0 = padding; (..., B, T)
+            tokens = np.arange(v.shape[-1]) < np.array([3, 5, 2][:B])[:, None]
+            args[name] = np.broadcast_to(tokens, v.shape).astype(np.int64)
         if name == "class_labels":
             args[name] = v % 5
     return args
@@ -410,3 +566,57 @@ def test_export_and_run_tensorrt_end_to_end(gpu, request, tmp_path):
         assert r.returncode == 0, r.stderr
         images.append(np.asarray(Image.open(out), dtype=np.int16))
     assert np.abs(images[0] - images[1]).max() <= 2  # same seed, same model: rounding only
+
+
+@pytest.mark.gpu
+def test_device_loop_matches_host_loop(gpu, plugin_graphs, tmp_path):
+    """TrtLoop (device state, scalar block, CUDA graph, pooled contexts) against HostLoop through run() on the
+    same engine: 8 steps (warm-up, capture, replays), a preview read mid-loop, three concurrent loops on a pool of
+    two contexts, and a second round that reuses the contexts' buffers and graphs."""
+    from ditrt.export.trt.build import build_engine
+
+    path, _, inputs, outputs = plugin_graphs["sana"]
+    specs = [[TensorSpec(s.name, s.dtype, list(s.shape)) for s in ss] for ss in (inputs, outputs)]
+    plan = build_engine(path, tmp_path / "step.plan", specs[0], dims={"B": (1, 2, 3)})
+    engine = TrtBackend(plan, Component("step.plan", "tensorrt", "fp32", "plugin", *specs), contexts=2)
+    fed = feeds(inputs, 2, seed=5)
+    state = {k: fed.pop(k) for k in STATE}
+    steps = [step_scalars(k) for k in range(8)]
+    static = {k: v for k, v in fed.items() if k not in steps[0]}
+    try:
+        with HostLoop(engine, static, state) as host:
+            want = []
+            for k, scalars in enumerate(steps):
+                host.step(scalars)
+                if k in (2, 7):
+                    want.append(host.read())
+
+        def device(results, i):
+            with engine.loop(static, state) as loop:
+                got = []
+                for k, scalars in enumerate(steps):
+                    loop.step(scalars)
+                    if k in (2, 7):
+                        got.append(loop.read())
+            results[i] = got
+
+        for _ in range(2):  # the second round finds the contexts' buffers and graphs
+            results = {}
+            threads = [threading.Thread(target=device, args=(results, i)) for i in range(3)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+            assert sorted(results) == [0, 1, 2]
+            for got in results.values():
+                for g, w in zip(got, want):
+                    for name in READ:
+                        np.testing.assert_allclose(g[name], w[name], rtol=1e-5, atol=1e-5)
+        assert engine.graphs, "TensorRT could not capture the step engine as a CUDA graph"
+        slots = engine.pool.free
+        assert len(slots) <= 2 and any(slot.graph is not None for slot in slots)
+        with pytest.raises(InputError, match="missing"):
+            with engine.loop(static, state) as loop:
+                loop.step({k: v for k, v in steps[0].items() if k != "t"})
+    finally:
+        engine.close()

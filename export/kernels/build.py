@@ -152,8 +152,9 @@ def _run(cmd: list[str], what: str) -> str:
         raise KernelUnavailable(f"{what} could not run: {e}") from None
     if r.returncode != 0:
         lines = (r.stderr + r.stdout).splitlines()
-        first = next(
-            (ln for ln in lines if "error" in ln.lower()), lines[0] if lines else f"exit code {r.returncode}"
-        )
+        errors = [ln for ln in lines if "error:" in ln.lower()] or [
+            ln for ln in lines if "error" in ln.lower()
+        ]
+        first = (errors or lines or [f"exit code {r.returncode}"])[0]
         raise KernelUnavailable(f"{what} failed: {first.strip()}")
     return r.stdout

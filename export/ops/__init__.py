@@ -4,12 +4,15 @@ How an op call is lowered is chosen in one place, `lowering(mode)`:
   "op"        dispatch through torch.ops.dit.* (eager torch; on CUDA tensors the csrc/ kernels, see kernels/torch_ops)
   "reference" inline the plain-torch reference (training, and the portable ONNX lowering)
   "plugin"    one typed custom node per call, which TensorRT's ONNX parser maps to our plugin
+  "kernels"   dispatch through torch.ops.ditrt.*, the C++ torch ops of kernels/cpp_ops (the csrc/ kernels on CUDA,
+              the reference maths on CPU, Meta shapes), which AOTInductor packages also run from C++; the
+              plain-torch reference, after one warning, where that library cannot be built or loaded here
 """
 
 import contextlib
 import contextvars
 
-MODES = ("op", "reference", "plugin")
+MODES = ("op", "reference", "plugin", "kernels")
 PLUGIN_NAMESPACE = "dit"
 _mode = contextvars.ContextVar("ditrt_lowering", default="op")
 
@@ -30,12 +33,28 @@ def current_lowering() -> str:
 
 
 def dispatch(
-    plugin_name: str, plugin_version: str, op, reference, inputs: tuple, eps: float, outputs: int = 1
+    plugin_name: str,
+    plugin_version: str,
+    op,
+    reference,
+    inputs: tuple,
+    eps: float,
+    outputs: int = 1,
+    *,
+    name: str,
 ):
-    """Call an op the way `lowering` says: the custom op, its plain-torch reference, or a typed plugin node
+    """Call op `name` the way `lowering` says: the custom op, its plain-torch reference, a typed plugin node
     (op type = plugin name, with plugin_namespace/plugin_version attributes, `outputs` outputs shaped like
-    inputs[0]; a tuple of them when outputs > 1)."""
+    inputs[0]; a tuple of them when outputs > 1), or the C++ op torch.ops.ditrt.<name>."""
     mode = _mode.get()
+    if mode == "kernels":
+        from ..kernels import cpp_ops
+
+        if cpp_ops.available() is None:  # warned once
+            return reference(*inputs, eps)
+        import torch
+
+        return getattr(torch.ops.ditrt, name)(*inputs, eps)
     if mode == "reference":
         return reference(*inputs, eps)
     if mode == "plugin":

@@ -21,16 +21,24 @@ def reference(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tensor:
 
 @torch.library.custom_op("dit::adaln_modulate", mutates_args=())
 def _adaln_modulate_op(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tensor:
-    return reference(x, shift, scale, eps)
+    return reference(x, shift, scale, eps).contiguous()
 
 
 @_adaln_modulate_op.register_fake
 def _(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tensor:
     torch._check(shift.shape == (x.shape[0], x.shape[-1]), lambda: "shift must be (B, D)")
     torch._check(scale.shape == (x.shape[0], x.shape[-1]), lambda: "scale must be (B, D)")
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)  # contiguous, as every implementation returns it
 
 
 def adaln_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6) -> Tensor:
     """LN(x)·(1 + scale) + shift for x (B, N, D) and shift/scale (B, D), lowered as `ops.lowering` says."""
-    return dispatch(PLUGIN_NAME, PLUGIN_VERSION, _adaln_modulate_op, reference, (x, shift, scale), eps)
+    return dispatch(
+        PLUGIN_NAME,
+        PLUGIN_VERSION,
+        _adaln_modulate_op,
+        reference,
+        (x, shift, scale),
+        eps,
+        name="adaln_modulate",
+    )

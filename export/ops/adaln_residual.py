@@ -26,7 +26,8 @@ def reference(
 def _adaln_modulate_residual_op(
     residual: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scale: Tensor, eps: float
 ) -> tuple[Tensor, Tensor]:
-    return reference(residual, y, gate, shift, scale, eps)
+    h, out = reference(residual, y, gate, shift, scale, eps)
+    return h.contiguous(), out.contiguous()
 
 
 @_adaln_modulate_residual_op.register_fake
@@ -36,7 +37,7 @@ def _(
     torch._check(y.shape == residual.shape, lambda: "y must have the shape of residual (B, N, D)")
     for name, t in (("gate", gate), ("shift", shift), ("scale", scale)):
         torch._check(t.shape == (residual.shape[0], residual.shape[-1]), lambda: f"{name} must be (B, D)")
-    return torch.empty_like(residual), torch.empty_like(residual)
+    return residual.new_empty(residual.shape), residual.new_empty(residual.shape)  # contiguous, as computed
 
 
 def adaln_modulate_residual(
@@ -52,4 +53,5 @@ def adaln_modulate_residual(
         (residual, y, gate, shift, scale),
         eps,
         outputs=2,
+        name="adaln_modulate_residual",
     )

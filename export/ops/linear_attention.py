@@ -32,15 +32,17 @@ def reference(q: Tensor, k: Tensor, v: Tensor, eps: float) -> Tensor:
 
 @torch.library.custom_op("dit::linear_attention", mutates_args=())
 def _linear_attention_op(q: Tensor, k: Tensor, v: Tensor, eps: float) -> Tensor:
-    return reference(q, k, v, eps)
+    return reference(q, k, v, eps).contiguous()
 
 
 @_linear_attention_op.register_fake
 def _(q: Tensor, k: Tensor, v: Tensor, eps: float) -> Tensor:
     torch._check(q.shape == k.shape == v.shape, lambda: "q, k, v must have the same (B, H, N, d) shape")
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)  # contiguous, as every implementation returns it
 
 
 def linear_attention(q: Tensor, k: Tensor, v: Tensor, eps: float = EPS) -> Tensor:
     """ReLU linear attention on (B, heads, N, d) tensors, lowered as `ops.lowering` says."""
-    return dispatch(PLUGIN_NAME, PLUGIN_VERSION, _linear_attention_op, reference, (q, k, v), eps)
+    return dispatch(
+        PLUGIN_NAME, PLUGIN_VERSION, _linear_attention_op, reference, (q, k, v), eps, name="linear_attention"
+    )

@@ -12,7 +12,7 @@ from pathlib import Path
 from ditrt.runtime.errors import BackendUnavailable, InputError
 from ditrt.runtime.manifest import Component, TensorSpec
 
-ENGINES = ("onnx", "tensorrt")
+ENGINES = ("onnx", "tensorrt", "aoti")
 
 # Batch: 1..4 as TensorRT's diffusion demo; text tokens: up to the ONNX export's dynamic-dim bound.
 DEFAULT_DIMS = {"B": (1, 1, 4), "T": (1, 300, 1024), "n": (1, 2, 2)}
@@ -33,6 +33,11 @@ def check_engine(engine: str, lowering_name: str) -> None:
     """Refuse an engine request that cannot succeed, before the (slow) ONNX export."""
     if engine not in ENGINES:
         raise InputError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
+    if engine == "aoti" and lowering_name != "portable":
+        raise InputError(
+            "AOTInductor packages choose how the dit ops go in (CUDA kernels on a GPU, their reference on "
+            "the CPU); leave --lowering out with --engine aoti"
+        )
     if engine == "tensorrt":
         if lowering_name != "plugin":
             raise InputError(
@@ -46,7 +51,7 @@ def check_engine(engine: str, lowering_name: str) -> None:
 
 def engine_components(engine: str, folder: Path, components: dict[str, Component], **options) -> dict:
     """The exported ONNX components as they are ("onnx"), or each built into folder/<name>/<name>.plan."""
-    if engine == "onnx":
+    if engine != "tensorrt":
         return components
     out = {}
     for name, c in components.items():

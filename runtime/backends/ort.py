@@ -1,4 +1,10 @@
-"""ONNX Runtime backend: CPU by default; CUDA when onnxruntime-gpu is installed and a GPU is visible."""
+"""ONNX Runtime backend: CPU by default; CUDA when onnxruntime-gpu is installed and a GPU is visible.
+
+Step loops use I/O binding (OrtLoop), so the sampler state stays where the session computes. ORT's own CUDA-graph
+mode is not used: it needs every input, the per-step scalars included, at one fixed device address per captured
+graph and runs one request at a time per session, while the loops here rotate state buffers and serve concurrent
+requests. The torch backend (AOTInductor packages) is the GPU path with CUDA graphs.
+"""
 
 import re
 from pathlib import Path
@@ -7,6 +13,18 @@ import numpy as np
 
 from ..errors import BackendUnavailable, ManifestError
 from ..manifest import Component
+from . import READ
+
+# cuDNN picks each convolution's fastest algorithm by timing them all once (the VAE's convolutions); ORT's copies
+# between host and device go on its compute stream, so a loop's steps never wait for each other
+CUDA_PROVIDER = (
+    "CUDAExecutionProvider",
+    {
+        "cudnn_conv_algo_search": "EXHAUSTIVE",
+        "cudnn_conv_use_max_workspace": "1",
+        "do_copy_in_default_stream": "1",
+    },
+)
 
 
 class OrtBackend:
@@ -34,7 +52,9 @@ class OrtBackend:
             opts.intra_op_num_threads = threads
         available = ort.get_available_providers()
         providers = providers or [
-            p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available
+            CUDA_PROVIDER if p == "CUDAExecutionProvider" else p
+            for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
+            if p in available
         ]
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=providers)
@@ -44,13 +64,19 @@ class OrtBackend:
             if (
                 missing and component.precision != "fp32"
             ):  # e.g. ORT's CPU provider has almost no bf16 kernels
+                names = [p if isinstance(p, str) else p[0] for p in providers]
                 raise BackendUnavailable(
-                    f"the onnxruntime backend ({', '.join(providers)}) cannot run the {component.precision} engine "
+                    f"the onnxruntime backend ({', '.join(names)}) cannot run the {component.precision} engine "
                     f"{component.file!r}: no {component.precision} kernel for {missing[1]}; re-export with "
                     f"dit-export --precision {'fp16' if component.precision == 'bf16' else 'fp32'}"
                 ) from None
             raise ManifestError(f"ONNX Runtime cannot load {str(path)!r}: {first}") from None
         self.providers = self.session.get_providers()
+        self.ort, self.device = ort, "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
+        # a loop's steps queue on the device without waiting for each other; its read() synchronises
+        self.step_options = ort.RunOptions()
+        self.step_options.log_severity_level = 4
+        self.step_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
         names = {i.name for i in self.session.get_inputs()}
         declared = {s.name for s in component.inputs}
         if names != declared:
@@ -80,6 +106,9 @@ class OrtBackend:
         check_outputs(self.component, feeds, out, self._disagree)
         return out
 
+    def loop(self, static: dict[str, np.ndarray], state: dict[str, np.ndarray]) -> "OrtLoop":
+        return OrtLoop(self, static, state)
+
     def _disagree(self, what: str) -> ManifestError:
         return ManifestError(
             f"engine {self.component.file!r} failed on inputs its manifest describes ({what}); "
@@ -90,9 +119,88 @@ class OrtBackend:
         self.session = None
 
 
+class OrtLoop:
+    """A step loop through ONNX Runtime's I/O binding. The request's fixed inputs are bound once; the state lives
+    in OrtValues on the session's device, x/x_next alternating between two and x0_prev2/x0_prev/x0 rotating through
+    three, so that no input is also an output of the same run; per step only the scalars are bound (from the host:
+    ORT copies them with the run)."""
+
+    def __init__(self, backend: OrtBackend, static: dict[str, np.ndarray], state: dict[str, np.ndarray]):
+        ort, device = backend.ort, backend.device
+        self.backend, self.binding, self.step_count = backend, backend.session.io_binding(), 0
+
+        def value(a: np.ndarray, dtype=np.float32):
+            return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a, dtype=dtype), device, 0)
+
+        self.static = {
+            k: value(v, backend.dtypes.get(k)) for k, v in static.items()
+        }  # kept alive while bound
+        for name, v in self.static.items():
+            self.binding.bind_ortvalue_input(name, v)
+        # the first step's outputs (allocated by ORT, their shapes checked) complete the two rings
+        self.xs, self.x0s = [value(state["x"])], [value(state["x0_prev2"]), value(state["x0_prev"])]
+        self.shapes = {k: np.shape(v) for k, v in {**static, **state}.items()}
+        self.initial, self.scalars = {k: state[k].copy() for k in READ}, {}
+
+    def step(self, scalars: dict[str, np.ndarray]) -> None:
+        i, b, device = self.step_count, self.binding, self.backend.device
+        b.bind_ortvalue_input("x", self.xs[i % 2])
+        b.bind_ortvalue_input("x0_prev2", self.x0s[i % 3])
+        b.bind_ortvalue_input("x0_prev", self.x0s[(i + 1) % 3])
+        if i == 0:
+            b.bind_output("x_next", device)
+            b.bind_output("x0", device)
+        else:
+            b.bind_ortvalue_output("x_next", self.xs[(i + 1) % 2])
+            b.bind_ortvalue_output("x0", self.x0s[(i + 2) % 3])
+        self.scalars = {
+            k: np.asarray(v, dtype=np.float32) for k, v in scalars.items()
+        }  # alive until the next
+        for name, v in self.scalars.items():
+            b.bind_cpu_input(name, v)
+        try:
+            self.backend.session.run_with_iobinding(b, self.backend.step_options)
+        except Exception as e:  # ORT's own types, as in run()
+            raise self.backend._disagree(_first_line(e)) from None
+        if i == 0:
+            x_next, x0 = b.get_outputs()
+            shapes = {**self.shapes, **{k: np.shape(v) for k, v in self.scalars.items()}}
+            got = {"x_next": x_next.shape(), "x0": x0.shape()}
+            check_outputs(self.backend.component, _shaped(shapes), _shaped(got), self.backend._disagree)
+            self.xs.append(x_next)
+            self.x0s.append(x0)
+        self.step_count += 1
+
+    def read(self) -> dict[str, np.ndarray]:
+        if self.step_count == 0:
+            return {k: v.copy() for k, v in self.initial.items()}
+        x, x0 = self.binding.copy_outputs_to_cpu()  # bound outputs in order: x_next, x0; waits for the device
+        return {
+            "x": np.array(x, np.float32),
+            "x0_prev": np.array(x0, np.float32),
+        }  # copies: the buffers rotate
+
+    def close(self) -> None:
+        self.binding.clear_binding_inputs()
+        self.binding.clear_binding_outputs()
+        self.static, self.xs, self.x0s = {}, [], []
+
+    def __enter__(self) -> "OrtLoop":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _shaped(shapes: dict[str, tuple]) -> dict[str, np.ndarray]:
+    """Arrays of these shapes that take no memory, for check_outputs."""
+    return {k: np.broadcast_to(np.float32(0), tuple(v)) for k, v in shapes.items()}
+
+
 def _first_line(e: Exception) -> str:
-    """The first line of an ORT message, without terminal colour codes, cut to a readable length."""
-    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(e)).strip()
+    """The first line of an ORT message, without terminal colour codes or the prefix run_with_iobinding adds,
+    cut to a readable length."""
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(e)).strip().removeprefix("Error in execution: ")
     return (text.splitlines()[0] if text else type(e).__name__)[:300]
 
 
