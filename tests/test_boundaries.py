@@ -50,7 +50,7 @@ print("ok")
 
 
 OPTIONAL_TORCH = (
-    ROOT / "runtime/backends/aoti.py"
+    ROOT / "runtime/backends/torch_aoti.py"
 )  # the torch backend imports torch when it opens, nowhere else
 
 
@@ -91,7 +91,7 @@ RUNTIME_BUDGET = (
     20500  # the torch-free runtime: manifest contract, schedulers, tokenizer, backends, pipeline, CLI
 )
 # the optional GPU backends, each with its device loop (buffers, context pool, CUDA graphs), outside the core's
-GPU_BACKEND_BUDGET = {"trt.py": 3300, "aoti.py": 2300}
+GPU_BACKEND_BUDGET = {"trt.py": 3300, "torch_aoti.py": 2300}
 CLI_ENTRY_POINTS = {("export/cli.py", "main"), ("runtime/cli.py", "main")}
 LAYOUT = {
     tokenize.COMMENT,

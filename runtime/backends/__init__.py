@@ -90,7 +90,7 @@ def open_backend(name: str, path: Path, component: Component, threads: int | Non
 
         return TrtBackend(path, component, threads=threads)
     if name == "torch":
-        from .aoti import TorchBackend
+        from .torch_aoti import TorchBackend
 
         return TorchBackend(path, component, threads=threads)
     from .ort import OrtBackend
