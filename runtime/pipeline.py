@@ -166,22 +166,13 @@ class Pipeline:
         unpacked float32 latents (B, C, H, W), which `decode` turns into pixels. An exception from either stops
         the generation there (e.g. a client that has gone).
         """
-        m, sched = self.manifest, self.manifest.scheduler
-        size = self._output_size(width, height)
-        # numbers as Python int/float from here on (numpy scalars accepted, bools refused)
-        steps = _int("steps", sched.default_steps if steps is None else steps, 1, MAX_STEPS)
-        batch_size = _int("batch_size", batch_size, 1, MAX_BATCH)
-        guidance = _real(
-            "guidance", sched.default_guidance if guidance is None else guidance, 0, MAX_GUIDANCE
+        m = self.manifest
+        size, steps, batch_size, guidance, config, plan = self._numbers(
+            steps, guidance, batch_size, width, height, sampler, shift
         )
         if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
             raise InputError(f"output_type {_show(output_type)} is not allowed; use uint8, float or latent")
         preview = self._callbacks(on_step, on_preview, preview_steps, steps)
-        config = self.scheduler_config(sampler, shift)
-        try:
-            plan = make_plan(config, steps, sched.call)
-        except ConfigError as e:  # e.g. a schedule that divides by zero at this step count
-            raise InputError(str(e)) from None
         seed = _seed(seed, batch_size)
         shape = (m.latent.channels, m.latent.height, m.latent.width)
         _check_latents(latents, batch_size, shape)
@@ -220,6 +211,46 @@ class Pipeline:
         )
         params = [self._parameters(description, steps, guidance, s, size, config) for s in seeds]
         return Result(images, pixels, seeds, params, timings, tuple(warnings), final)
+
+    def check(
+        self,
+        *,
+        prompt: str | None = None,
+        negative_prompt: str | None = None,
+        class_label: int | str | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        seed: int | None = None,
+        batch_size: int = 1,
+        width: int | None = None,
+        height: int | None = None,
+        sampler: str | None = None,
+        shift: float | None = None,
+        max_sequence_length: int | None = None,
+    ) -> None:
+        """Raise the InputError that __call__ would raise for these arguments, without generating anything (a
+        prompt is checked, not encoded): a service answers a request it cannot run before queueing it."""
+        _, _, batch_size, *_ = self._numbers(steps, guidance, batch_size, width, height, sampler, shift)
+        _seed(seed, batch_size)
+        self._text_lengths(max_sequence_length)
+        self._condition(prompt, negative_prompt, class_label)
+
+    def _numbers(self, steps, guidance, batch_size, width, height, sampler, shift):
+        """A request's numbers checked -> (size, steps, batch_size, guidance, scheduler config, step plan); as
+        Python int/float from here on (numpy scalars accepted, bools refused)."""
+        sched = self.manifest.scheduler
+        size = self._output_size(width, height)
+        steps = _int("steps", sched.default_steps if steps is None else steps, 1, MAX_STEPS)
+        batch_size = _int("batch_size", batch_size, 1, MAX_BATCH)
+        guidance = _real(
+            "guidance", sched.default_guidance if guidance is None else guidance, 0, MAX_GUIDANCE
+        )
+        config = self.scheduler_config(sampler, shift)
+        try:
+            plan = make_plan(config, steps, sched.call)
+        except ConfigError as e:  # e.g. a schedule that divides by zero at this step count
+            raise InputError(str(e)) from None
+        return size, steps, batch_size, guidance, config, plan
 
     @property
     def samplers(self) -> list[str]:
@@ -260,27 +291,16 @@ class Pipeline:
 
         Inputs with a leading CFG branch axis get [negative; positive] when cfg, else [positive] alone."""
         m = self.manifest
+        checked = self._condition(prompt, negative_prompt, class_label)
         if m.conditioning == "class":
-            if prompt is not None or negative_prompt is not None:
-                raise InputError(
-                    f"model {m.model!r} is class-conditional: give a class label, not a prompt "
-                    f"({'prompt' if prompt is not None else 'negative_prompt'} was given)"
-                )
-            label_ = self._class_index(class_label)
+            label_ = checked
             pos = {"class_labels": np.full((batch,), label_, dtype=np.int64)}
             neg = {
                 "class_labels": np.full((batch,), m.null_class if m.null_class is not None else -1, np.int64)
             }
             description, warnings = f"class {label_} ({m.class_names[label_]})", []
         else:
-            if class_label is not None:
-                raise InputError(f"model {m.model!r} is text-conditioned: give a prompt, not a class label")
-            if prompt is None:
-                raise InputError(f"model {m.model!r} needs a prompt (a string)")
-            prompt = check_text("prompt", prompt)
-            negative_prompt = (
-                "" if negative_prompt is None else check_text("negative_prompt", negative_prompt)
-            )
+            prompt, negative_prompt = checked
             (pos, warnings), (neg, _) = (
                 self._encode_text(prompt, lengths),
                 self._encode_text(negative_prompt, lengths, negative=True),
@@ -295,6 +315,23 @@ class Pipeline:
             elif spec.name in pos:  # Flux: the prompt alone, guidance is embedded in the model
                 feeds[spec.name] = pos[spec.name]
         return feeds, description, warnings
+
+    def _condition(self, prompt, negative_prompt, class_label) -> int | tuple[str, str]:
+        """The conditioning arguments checked -> the class index, or (prompt, negative prompt)."""
+        m = self.manifest
+        if m.conditioning == "class":
+            if prompt is not None or negative_prompt is not None:
+                raise InputError(
+                    f"model {m.model!r} is class-conditional: give a class label, not a prompt "
+                    f"({'prompt' if prompt is not None else 'negative_prompt'} was given)"
+                )
+            return self._class_index(class_label)
+        if class_label is not None:
+            raise InputError(f"model {m.model!r} is text-conditioned: give a prompt, not a class label")
+        if prompt is None:
+            raise InputError(f"model {m.model!r} needs a prompt (a string)")
+        prompt = check_text("prompt", prompt)
+        return prompt, "" if negative_prompt is None else check_text("negative_prompt", negative_prompt)
 
     def _text_lengths(self, max_sequence_length: int | None) -> list[int]:
         """Tokens per text encoder for this request: the manifest's, or max_sequence_length where it may vary."""

@@ -88,11 +88,14 @@ FILE_BUDGET = {
 FORWARD_BUDGET = 500  # a forward reads top to bottom like the paper
 FUNCTION_BUDGET = 700
 RUNTIME_BUDGET = (
-    20500  # the torch-free runtime: manifest contract, schedulers, tokenizer, backends, pipeline, CLI
+    20700  # the torch-free runtime: manifest contract, schedulers, tokenizer, backends, pipeline, CLI
+)
+SERVE_BUDGET = (
+    10500  # dit-serve: the HTTP app, workers, CLI, Ray Serve deployment (the playground is not Python)
 )
 # the optional GPU backends, each with its device loop (buffers, context pool, CUDA graphs), outside the core's
 GPU_BACKEND_BUDGET = {"trt.py": 3300, "torch_aoti.py": 2300}
-CLI_ENTRY_POINTS = {("export/cli.py", "main"), ("runtime/cli.py", "main")}
+CLI_ENTRY_POINTS = {("export/cli.py", "main"), ("runtime/cli.py", "main"), ("serve/cli.py", "main")}
 LAYOUT = {
     tokenize.COMMENT,
     tokenize.NL,
@@ -130,9 +133,14 @@ def test_runtime_budget():
         assert n <= budget, f"runtime/backends/{name} has {n} code tokens, budget {budget}"
 
 
+def test_serve_budget():
+    n = sum(len(code_tokens(p.read_text())) for p in (ROOT / "serve").glob("*.py"))
+    assert n <= SERVE_BUDGET, f"serve/ has {n} code tokens, budget {SERVE_BUDGET}"
+
+
 def test_function_budgets():
     over = []
-    for folder in ("export", "runtime"):
+    for folder in ("export", "runtime", "serve"):
         for path in (ROOT / folder).rglob("*.py"):
             rel = path.relative_to(ROOT).as_posix()
             source = path.read_text()
@@ -152,7 +160,7 @@ def test_console_scripts_point_at_callables():
     import tomllib
 
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert set(scripts) == {"dit-export", "dit-run"}
+    assert set(scripts) == {"dit-export", "dit-run", "dit-serve"}
     for target in scripts.values():
         module, func = target.split(":")
         assert callable(getattr(import_module(module), func))

@@ -1,0 +1,193 @@
+"""dit-serve: OpenAI's image API (POST /v1/images/generations) over engine folders written by dit-export."""
+
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from ditrt.runtime.cli import OneLineCommand, OneLineUsageError, report
+
+
+@click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("engines", nargs=-1, required=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port to bind.")
+@click.option(
+    "--queue-size",
+    type=click.IntRange(0, 10_000),
+    default=16,
+    show_default=True,
+    help="Requests per model that may wait beyond the running ones; more get 429 with Retry-After.",
+)
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(0.1, 86_400),
+    default=300.0,
+    show_default=True,
+    help="Seconds a request may take, queue included (then 504).",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Engine calls at once per model (CPU: 1 uses every core; GPU: 2 overlaps host and device work).",
+)
+@click.option(
+    "--max-batch",
+    type=click.IntRange(1, 64),
+    default=4,
+    show_default=True,
+    help="Images per engine call; a request with a larger n takes turns with the others.",
+)
+@click.option(
+    "--api-key-file",
+    type=click.Path(dir_okay=False),
+    help="File of API keys, one per line (# comments): /v1/* then needs Authorization: Bearer <key>.",
+)
+@click.option(
+    "--max-body-bytes",
+    type=click.IntRange(1024, 1 << 30),
+    default=1 << 20,
+    show_default=True,
+    help="Request body limit.",
+)
+@click.option(
+    "--cors-origin",
+    "cors_origins",
+    multiple=True,
+    help="Allow browser pages of this origin (repeatable; default none).",
+)
+@click.option(
+    "--shutdown-timeout",
+    type=click.FloatRange(0, 3600),
+    default=30.0,
+    show_default=True,
+    help="On SIGTERM/Ctrl-C: seconds running requests may finish before they are cancelled.",
+)
+@click.option(
+    "--access-log", default="-", show_default=True, help="JSON-lines access log: a file, - (stderr) or off."
+)
+@click.option(
+    "--backend", default="onnxruntime", show_default=True, help="Engine backend, as dit-run's --backend."
+)
+@click.option("--threads", type=int, default=None, help="CPU threads per engine (default: all cores).")
+@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the engine files at load.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def main(
+    engines,
+    host,
+    port,
+    queue_size,
+    timeout_s,
+    concurrency,
+    max_batch,
+    api_key_file,
+    max_body_bytes,
+    cors_origins,
+    shutdown_timeout,
+    access_log,
+    backend,
+    threads,
+    no_verify,
+    debug,
+):
+    """Serve the engine folders ENGINES (each FOLDER or NAME=FOLDER; the name defaults to the manifest's model)
+    over HTTP: POST /v1/images/generations as OpenAI's image API, GET /v1/models, /health, /ready, /metrics,
+    and a playground page at /.
+    """
+    try:
+        import uvicorn
+
+        from .app import ServeOptions, build_app, load_models
+    except ImportError as e:
+        click.echo(
+            f"error: dit-serve needs the serve extra ({e.name} is missing): pip install 'ditrt[serve]'",
+            err=True,
+        )
+        sys.exit(2)
+    log = None
+    try:
+        keys = read_keys(api_key_file) if api_key_file else ()
+        log = open_log(access_log)
+        models = load_models(list(engines), backend=backend, threads=threads, verify=not no_verify)
+    except click.ClickException:
+        raise
+    except Exception as e:
+        report(e, debug)
+    options = ServeOptions(
+        queue_size=queue_size,
+        timeout_s=timeout_s,
+        api_keys=keys,
+        max_body_bytes=max_body_bytes,
+        cors_origins=tuple(cors_origins),
+        concurrency=concurrency,
+        max_batch=max_batch,
+        shutdown_timeout_s=shutdown_timeout,
+        access_log=log,
+    )
+    app = build_app(models, options)
+    service = app.state.service
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            service.draining = True  # /ready answers 503 from the first signal on
+            super().handle_exit(sig, frame)
+            if sig == signal.SIGTERM:  # a stop that was asked for and done: exit 0, not re-raised
+                self._captured_signals.remove(sig)
+
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,  # ours is the JSON-lines log
+        timeout_graceful_shutdown=shutdown_timeout,
+        lifespan="on",
+    )
+    server = Server(config)
+    names = ", ".join(models)
+    click.echo(f"dit-serve: {names} on http://{host}:{port} (playground at /)", err=True)
+    try:
+        server.run()
+    finally:
+        for pipe in models.values():
+            pipe.close()
+        if log not in (None, sys.stderr):
+            log.close()
+    if not server.started:  # e.g. the port is taken: uvicorn said why
+        sys.exit(2)
+
+
+def read_keys(path: str) -> tuple[str, ...]:
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise OneLineUsageError(
+            f"cannot read --api-key-file {path!r} ({getattr(e, 'strerror', None) or e})"
+        ) from None
+    keys = tuple(line.strip() for line in lines if line.strip() and not line.strip().startswith("#"))
+    if not keys:
+        raise OneLineUsageError(f"--api-key-file {path!r} holds no keys (one per line)")
+    if any(len(k) < 8 or any(c.isspace() for c in k) for k in keys):
+        raise OneLineUsageError(
+            f"--api-key-file {path!r}: every key needs 8 or more characters and no spaces"
+        )
+    return keys
+
+
+def open_log(access_log: str):
+    if access_log == "off":
+        return None
+    if access_log == "-":
+        return sys.stderr
+    try:
+        return open(access_log, "a", encoding="utf-8")  # open for the server's life
+    except OSError as e:
+        raise OneLineUsageError(f"cannot open --access-log {access_log!r} ({e.strerror or e})") from None
+
+
+if __name__ == "__main__":
+    main()
