@@ -24,7 +24,7 @@ import traceback
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Callable
 
 import anyio
 from prometheus_client import (
@@ -149,9 +149,7 @@ def load_models(
     models: dict[str, Pipeline] = {}
     try:
         for spec in specs:
-            name, sep, folder = str(spec).partition("=")
-            if not sep or not MODEL_NAME.fullmatch(name):
-                name, folder = None, str(spec)
+            name, folder = parse_spec(spec)
             pipe = Pipeline.load(folder, backend=backend, threads=threads, verify=verify)
             name = name or pipe.manifest.model
             if name in models:
@@ -170,9 +168,18 @@ def load_models(
     return models
 
 
-def build_app(models: dict[str, Pipeline], options: ServeOptions = ServeOptions()) -> Starlette:
-    """The ASGI app over loaded pipelines (it does not close them). Its lifespan starts the workers and, at
-    shutdown, lets admitted requests finish within options.shutdown_timeout_s before cancelling them."""
+def parse_spec(spec: str) -> tuple[str | None, str]:
+    """ "NAME=FOLDER" -> (NAME, FOLDER); "FOLDER" (or one whose part before = is no model name) -> (None, FOLDER)."""
+    name, sep, folder = str(spec).partition("=")
+    return (name, folder) if sep and MODEL_NAME.fullmatch(name) else (None, str(spec))
+
+
+def build_app(
+    models: dict[str, Pipeline] | Callable[[], dict[str, Pipeline]], options: ServeOptions = ServeOptions()
+) -> Starlette:
+    """The ASGI app over loaded pipelines, or a function that loads them when the app starts (see Service); it
+    does not close them. Its lifespan starts the workers and, at shutdown, lets admitted requests finish within
+    options.shutdown_timeout_s before cancelling them."""
     service = Service(models, options)
     middleware = [Middleware(AccessLog, service=service)]
     if options.cors_origins:
@@ -271,27 +278,53 @@ class Generation:
 
 
 class Service:
-    def __init__(self, models: dict[str, Pipeline], options: ServeOptions):
-        self.models, self.options, self.metrics = models, options, Metrics()
-        self.workers = {
-            name: ModelWorker(
-                name, pipe, self.metrics, options.concurrency, options.queue_size, options.max_batch
-            )
-            for name, pipe in models.items()
-        }
+    """The app's state: models and their workers, metrics, the requests running. `models` may be a function that
+    loads them: the server then answers from the start (/health 200, /ready 503 "loading") while they load in a
+    thread; a load error is kept in load_error and `stop` (set by the server) is called."""
+
+    def __init__(
+        self, models: dict[str, Pipeline] | Callable[[], dict[str, Pipeline]], options: ServeOptions
+    ):
+        self.options, self.metrics = options, Metrics()
+        self.loader, self.models = (models, {}) if callable(models) else (None, models)
+        self.workers: dict[str, ModelWorker] = {}
         self.keys = [k.encode() for k in options.api_keys]
         self.running: dict[str, tuple[Job, ModelWorker, str | None]] = {}  # request id -> its job
         self.started = self.draining = False
+        self.load_error: BaseException | None = None
+        self.stop: Callable[[], None] | None = None  # the server's: called when loading fails
+        self.on_ready: Callable[[], None] | None = None  # the server's: called once the models serve
+
+    def attach(self, models: dict[str, Pipeline]) -> None:
+        """Start serving the loaded models: a worker each."""
+        self.models = models
+        for name, pipe in models.items():
+            o = self.options
+            self.workers[name] = ModelWorker(
+                name, pipe, self.metrics, o.concurrency, o.queue_size, o.max_batch
+            )
+            self.workers[name].start()
+        self.started = True
+        if self.on_ready is not None:
+            self.on_ready()
+
+    async def load(self) -> None:
+        try:
+            self.attach(await anyio.to_thread.run_sync(self.loader))
+        except Exception as e:
+            self.load_error = e
+            if self.stop is not None:
+                self.stop()
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app):
-        for worker in self.workers.values():
-            worker.start()
-        self.started = True
+        loading = asyncio.ensure_future(self.load()) if self.loader else self.attach(self.models)
         try:
             yield
         finally:
             self.draining = True
+            if loading is not None:
+                loading.cancel()
             for worker in self.workers.values():  # in threads: a running unit stops at its next step
                 await anyio.to_thread.run_sync(worker.close, self.options.shutdown_timeout_s)
 
@@ -303,8 +336,10 @@ class Service:
     async def ready(self, request: Request) -> Response:
         if self.draining:
             return ApiError(503, "the server is shutting down", code="shutting_down").response()
-        if not self.started or not all(w.alive() for w in self.workers.values()):
-            return ApiError(503, "the server is not ready", code="not_ready").response()
+        if not self.started:
+            return ApiError(503, "the models are loading", code="loading").response()
+        if not all(w.alive() for w in self.workers.values()):
+            return ApiError(503, "a model's worker has stopped", code="not_ready").response()
         return JSONResponse({"status": "ready", "models": list(self.models)})
 
     async def metrics_page(self, request: Request) -> Response:
@@ -318,6 +353,8 @@ class Service:
     async def list_models(self, request: Request) -> Response:
         try:
             self.authorize(request)
+            if not self.started:
+                raise ApiError(503, "the server is loading its models", code="loading")
         except ApiError as e:
             return e.response()
         return JSONResponse({"object": "list", "data": [self.describe(n, p) for n, p in self.models.items()]})
@@ -360,7 +397,8 @@ class Service:
         try:
             owner = self.authorize(request)
             if self.draining or not self.started:
-                raise ApiError(503, "the server is shutting down", code="shutting_down")
+                why = "is shutting down" if self.draining else "is loading its models"
+                raise ApiError(503, f"the server {why}", code="shutting_down" if self.draining else "loading")
             rid = request.headers.get("x-request-id") or uuid.uuid4().hex
             if not REQUEST_ID.fullmatch(rid):
                 raise ApiError(400, "X-Request-Id must be 1..64 of A-Z a-z 0-9 . _ -", "x-request-id")

@@ -101,7 +101,9 @@ def main(
     try:
         import uvicorn
 
-        from .app import ServeOptions, build_app, load_models
+        from ditrt.runtime import load_manifest
+
+        from .app import ServeOptions, build_app, load_models, parse_spec
     except ImportError as e:
         click.echo(
             f"error: dit-serve needs the serve extra ({e.name} is missing): pip install 'ditrt[serve]'",
@@ -112,7 +114,10 @@ def main(
     try:
         keys = read_keys(api_key_file) if api_key_file else ()
         log = open_log(access_log)
-        models = load_models(list(engines), backend=backend, threads=threads, verify=not no_verify)
+        if threads is not None and threads < 1:
+            raise OneLineUsageError(f"--threads {threads} is not allowed; use 1 or more")
+        for spec in engines:  # a missing or foreign folder is refused before the server starts
+            load_manifest(parse_spec(spec)[1], verify=False)
     except click.ClickException:
         raise
     except Exception as e:
@@ -128,7 +133,8 @@ def main(
         shutdown_timeout_s=shutdown_timeout,
         access_log=log,
     )
-    app = build_app(models, options)
+    # the server answers at once (/health; /ready says "loading") while the folders load in a thread
+    app = build_app(lambda: load_models(list(engines), backend, threads, verify=not no_verify), options)
     service = app.state.service
 
     class Server(uvicorn.Server):
@@ -148,15 +154,18 @@ def main(
         lifespan="on",
     )
     server = Server(config)
-    names = ", ".join(models)
-    click.echo(f"dit-serve: {names} on http://{host}:{port} (playground at /)", err=True)
+    service.stop = lambda: setattr(server, "should_exit", True)
+    service.on_ready = lambda: click.echo(f"dit-serve: ready: {', '.join(service.models)}", err=True)
+    click.echo(f"dit-serve: loading on http://{host}:{port} (playground at /, readiness at /ready)", err=True)
     try:
         server.run()
     finally:
-        for pipe in models.values():
+        for pipe in service.models.values():
             pipe.close()
         if log not in (None, sys.stderr):
             log.close()
+    if service.load_error is not None:
+        report(service.load_error, debug)
     if not server.started:  # e.g. the port is taken: uvicorn said why
         sys.exit(2)
 

@@ -410,3 +410,31 @@ def test_cli_errors_are_one_line(tmp_path, digits_engine):
     ]
     code, lines = run(digits_engine, "--port", "70000")
     assert code == 2 and len(lines) == 1
+
+
+def test_ready_says_loading_until_the_models_load(models):
+    def slow_load():
+        time.sleep(0.5)
+        return models
+
+    with TestClient(build_app(slow_load, ServeOptions(access_log=None))) as c:
+        assert c.get("/health").status_code == 200
+        assert_error(c.get("/ready"), 503, code="loading")
+        assert_error(c.post(GEN, json={"model": "digits", "prompt": "1"}), 503, code="loading")
+        wait_for(lambda: c.get("/ready").status_code == 200, 10)
+        assert (
+            c.post(GEN, json={"model": "digits", "prompt": "1", "num_inference_steps": 2}).status_code == 200
+        )
+
+
+def test_a_folder_that_fails_to_load_ends_the_server_with_one_line(engine_copy):
+    onnx = next(engine_copy.rglob("*.onnx"))
+    onnx.write_bytes(onnx.read_bytes() + b"damaged")  # the check at load fails, in the background
+    r = subprocess.run(
+        [sys.executable, "-m", "ditrt.serve.cli", str(engine_copy), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and last.startswith("error: ") and "model.onnx" in last, r.stderr
