@@ -45,6 +45,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from ditrt.runtime import DitError, InputError, Pipeline
+from ditrt.runtime.pipeline import MAX_STEPS
 
 from .worker import Cancelled, Closed, Job, ModelWorker, QueueFull
 
@@ -334,13 +335,20 @@ class Service:
         return JSONResponse({"status": "ok"})
 
     async def ready(self, request: Request) -> Response:
-        if self.draining:
-            return ApiError(503, "the server is shutting down", code="shutting_down").response()
-        if not self.started:
-            return ApiError(503, "the models are loading", code="loading").response()
-        if not all(w.alive() for w in self.workers.values()):
-            return ApiError(503, "a model's worker has stopped", code="not_ready").response()
+        problem = self.problem()
+        if problem is not None:
+            return problem.response()
         return JSONResponse({"status": "ready", "models": list(self.models)})
+
+    def problem(self) -> "ApiError | None":
+        """Why the service is not ready (loading, shutting down, a worker gone), or None."""
+        if self.draining:
+            return ApiError(503, "the server is shutting down", code="shutting_down")
+        if not self.started:
+            return ApiError(503, "the models are loading", code="loading")
+        if not all(w.alive() for w in self.workers.values()):
+            return ApiError(503, "a model's worker has stopped", code="not_ready")
+        return None
 
     async def metrics_page(self, request: Request) -> Response:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -376,6 +384,7 @@ class Service:
                 "default_sampler": m.scheduler.config["_class_name"],
                 "default_steps": m.scheduler.default_steps,
                 "default_guidance": m.scheduler.default_guidance,
+                "max_steps": MAX_STEPS,
                 "max_images": MAX_IMAGES,
             },
         }
