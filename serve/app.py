@@ -215,7 +215,9 @@ async def http_error(request: Request, e: HTTPException) -> Response:
     code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
     what = f"{request.method} {request.url.path}"
     message = {404: f"no such route: {what}", 405: f"method not allowed: {what}"}.get(e.status_code, e.detail)
-    return ApiError(e.status_code, message, code=code).response()
+    response = ApiError(e.status_code, message[:300], code=code).response()
+    response.headers.update(e.headers or {})  # a 405's Allow
+    return response
 
 
 async def internal_error(request: Request, e: Exception) -> Response:
@@ -788,7 +790,7 @@ async def read_body(request: Request, limit: int) -> bytes:
             code="unsupported_media_type",
         )
     length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
+    if length is not None and re.fullmatch(r"[0-9]{1,18}", length) and int(length) > limit:
         raise ApiError(
             413, f"request body of {length} bytes is over the limit of {limit}", code="request_too_large"
         )

@@ -192,6 +192,7 @@ def test_malformed_bodies_routes_and_limits(models, api):
     assert_error(api.post(GEN, content=b"prompt=7", headers={"content-type": "text/plain"}), 415)
     assert_error(api.get("/v1/nothing"), 404, code="not_found")
     assert_error(api.get(GEN), 405, code="method_not_allowed")
+    assert api.get(GEN).headers["allow"] == "POST"
     assert_error(post(b'{"prompt": "7"}', **{"x-request-id": "bad id!"}), 400, "x-request-id")
     with client(models, max_body_bytes=2048) as small:
         body = json.dumps({"model": "text-digits", "prompt": "x" * 4000}).encode()
