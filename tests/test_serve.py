@@ -23,7 +23,6 @@ from starlette.testclient import TestClient  # noqa: E402
 
 from ditrt.serve import ServeOptions, build_app, load_models  # noqa: E402
 
-pytestmark = pytest.mark.xdist_group("serve")
 GEN = "/v1/images/generations"
 
 
@@ -332,7 +331,7 @@ def steps_run(base: str, **labels) -> float:
     return metric(httpx.get(base + "/metrics").text, "ditrt_steps_total", model="digits")
 
 
-@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("stream", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_a_client_that_goes_stops_its_generation(digits_engine, stream):
     with dit_serve(digits_engine) as (base, _):
         body = {"prompt": "5", "num_inference_steps": 1000, "stream": stream}
@@ -381,6 +380,7 @@ def test_sigterm_finishes_running_work_then_exits_0(digits_engine):
         assert proc.wait(30) == 0
 
 
+@pytest.mark.slow
 def test_sigterm_cancels_work_past_the_deadline(digits_engine):
     with dit_serve(digits_engine, "--shutdown-timeout", "0.5") as (base, proc):
         thread, out = in_thread(
@@ -428,6 +428,7 @@ def test_ready_says_loading_until_the_models_load(models):
         )
 
 
+@pytest.mark.slow
 def test_a_folder_that_fails_to_load_ends_the_server_with_one_line(engine_copy):
     onnx = next(engine_copy.rglob("*.onnx"))
     onnx.write_bytes(onnx.read_bytes() + b"damaged")  # the check at load fails, in the background

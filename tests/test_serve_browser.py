@@ -282,6 +282,7 @@ def test_text_model_streams_previews_then_final_images_into_the_history(driver, 
     wait(driver).until(lambda d: [f.get_attribute("src") for f in finals(d)] == [second])
 
 
+@pytest.mark.slow
 def test_class_model_generates_the_chosen_class(driver, server, models):
     info = models["digits"]
     open_page(driver, server)
@@ -350,6 +351,7 @@ def test_the_page_fetches_nothing_but_its_own_server(driver, server):
     assert errors == []
 
 
+@pytest.mark.slow
 def test_cancel_stops_the_generation_on_the_server(driver, server, models):
     info = models["text-digits"]
     open_page(driver, server)
@@ -376,6 +378,7 @@ def test_cancel_stops_the_generation_on_the_server(driver, server, models):
     generate(driver, timeout=10)  # the worker is free again
 
 
+@pytest.mark.slow
 def test_an_api_key_is_sent_and_kept_for_the_session_only(driver, digits_engine, tmp_path):
     key = "playground-key-1234"
     (tmp_path / "keys").write_text(key + "\n")

@@ -203,6 +203,7 @@ def test_proxy_errors_in_openai_shape():
 # --- a two-replica cluster ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_same_answers_as_the_plain_app(cluster, reference):
     body = {"prompt": "7", "seed": 3, "num_inference_steps": 8, "n": 2}
     want = reference.post("/v1/images/generations", json=body).json()
@@ -222,6 +223,7 @@ def test_same_answers_as_the_plain_app(cluster, reference):
     assert len(cluster.get("/v1/models").headers.get_list("x-request-id")) == 1  # the proxy's
 
 
+@pytest.mark.slow
 def test_requests_spread_over_both_replicas(cluster):
     seen = set()
     for _ in range(3):  # Serve picks the less busy of two replicas: concurrent requests reach both
@@ -233,6 +235,7 @@ def test_requests_spread_over_both_replicas(cluster):
     assert seen == set(replica_actors())
 
 
+@pytest.mark.slow
 def test_streaming_through_the_proxy(cluster, reference):
     body = {"prompt": "3", "seed": 5, "num_inference_steps": 400, "stream": True, "partial_images": 2}
     events, stamps = [], []
@@ -258,6 +261,7 @@ def test_streaming_through_the_proxy(cluster, reference):
     assert stamps[-1] - stamps[0] > 0.05, stamps
 
 
+@pytest.mark.slow
 def test_a_killed_replica_is_replaced(cluster):
     """Kill a replica while requests run: every request still gets an answer (200, or an OpenAI-shaped 5xx for
     the ones the dead replica held), Serve starts a new replica, and it serves."""
