@@ -278,6 +278,7 @@ class Generation:
     guidance: float
     sampler: str
     size: str
+    user: str | None  # OpenAI's end-user id: logged, for abuse monitoring
 
 
 class Service:
@@ -414,7 +415,7 @@ class Service:
             if not REQUEST_ID.fullmatch(rid):
                 raise ApiError(400, "X-Request-Id must be 1..64 of A-Z a-z 0-9 . _ -", "x-request-id")
             gen = self.parse(await read_body(request, self.options.max_body_bytes), log)
-            log.update(images=gen.n, stream=gen.stream)
+            log.update(images=gen.n, stream=gen.stream, user=gen.user)
             if rid in self.running:
                 raise ApiError(409, f"request id {rid!r} is in use by a running request", "x-request-id")
             log["request_id"] = rid
@@ -667,6 +668,7 @@ class Service:
             float(sched.default_guidance if args["guidance"] is None else args["guidance"]),
             pipe.scheduler_config(args["sampler"], args["shift"])["_class_name"],
             f"{w}x{h}",
+            None if get("user") is None else get("user")[:256],
         )
 
     def model_of(self, model: str | None) -> str:

@@ -227,7 +227,7 @@ def metric(text: str, name: str, **labels) -> float:
 def test_metrics_and_access_log(models):
     log = io.StringIO()
     with client(models, access_log=log) as c:
-        c.post(GEN, json={"model": "digits", "prompt": "2", "n": 2, "num_inference_steps": 3})
+        c.post(GEN, json={"model": "digits", "prompt": "2", "n": 2, "num_inference_steps": 3, "user": "u-1"})
         c.post(GEN, json={"model": "digits", "prompt": "2", "num_inference_steps": 0})
         text = c.get("/metrics").text
     assert metric(text, "ditrt_requests_total", model="digits", status="200") == 1
@@ -243,6 +243,7 @@ def test_metrics_and_access_log(models):
         [p["status"] for p in posts] == [200, 422]
         and posts[0]["model"] == "digits"
         and posts[0]["images"] == 2
+        and posts[0]["user"] == "u-1"
     )
 
 
