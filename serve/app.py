@@ -40,7 +40,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -104,6 +104,8 @@ API_FIELD = {
     "negative_prompt": "negative_prompt",
     "prompt": "prompt",
 }
+# other Pipeline messages -> the field they are about (the message names the value itself)
+PARAM_OF = {"width ": "size", "height ": "size", "unknown sampler": "sampler"}
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -189,7 +191,7 @@ def build_app(
                 CORSMiddleware,
                 allow_origins=list(options.cors_origins),
                 allow_methods=["GET", "POST", "DELETE"],
-                allow_headers=["authorization", "content-type", "x-request-id"],
+                allow_headers=["*"],  # the OpenAI SDKs send their own x-stainless-* headers
                 expose_headers=["x-request-id", "retry-after"],
             )
         )
@@ -314,11 +316,23 @@ class Service:
 
     async def load(self) -> None:
         try:
-            self.attach(await anyio.to_thread.run_sync(self.loader))
+            models = await anyio.to_thread.run_sync(self.loader, abandon_on_cancel=True)
+            if self.draining:  # stopped while loading: nothing will serve them
+                for pipe in models.values():
+                    pipe.close()
+                return
+            self.attach(models)
         except Exception as e:
             self.load_error = e
             if self.stop is not None:
                 self.stop()
+
+    def cancel_all(self, reason: str = "shutdown") -> None:
+        """Admit nothing more and stop every admitted request at its next step (thread-safe: the server calls it
+        from a timer when the shutdown deadline passes, so each request still gets its 503)."""
+        self.draining = True
+        for worker in list(self.workers.values()):
+            worker.cancel_all(reason)
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app):
@@ -508,6 +522,7 @@ class Service:
             raise
         finally:
             gone.cancel()
+            done.cancel()
         return images
 
     async def stream(self, job, worker, gen: Generation, rid: str, events: asyncio.Queue, request: Request):
@@ -797,10 +812,15 @@ async def read_body(request: Request, limit: int) -> bytes:
             413, f"request body of {length} bytes is over the limit of {limit}", code="request_too_large"
         )
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ApiError(413, f"request body is over the limit of {limit} bytes", code="request_too_large")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise ApiError(
+                    413, f"request body is over the limit of {limit} bytes", code="request_too_large"
+                )
+    except ClientDisconnect:  # gone while sending: nobody reads the answer, the log says 499
+        raise ApiError(499, "the client went before its request was sent", code="cancelled") from None
     return bytes(body)
 
 
@@ -841,7 +861,8 @@ def unprocessable(message: str) -> ApiError:
     for word, field in API_FIELD.items():
         if message.startswith(word + " "):
             return ApiError(422, field + message[len(word) :], field, "unsupported_value")
-    return ApiError(422, message, None, "unsupported_value")
+    field = next((f for w, f in PARAM_OF.items() if message.startswith(w)), None)
+    return ApiError(422, message, field, "unsupported_value")
 
 
 def error_of(e: Exception, timeout_s: float) -> ApiError:

@@ -2,6 +2,7 @@
 
 import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -139,7 +140,11 @@ def main(
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
-            service.draining = True  # /ready answers 503 from the first signal on
+            if not service.draining:  # the first signal: running requests have shutdown_timeout to finish,
+                service.draining = True  # then are cancelled, each answered 503 within a step (uvicorn waits
+                deadline = threading.Timer(shutdown_timeout, service.cancel_all)  # a little longer for that)
+                deadline.daemon = True
+                deadline.start()
             super().handle_exit(sig, frame)
             if sig == signal.SIGTERM:  # a stop that was asked for and done: exit 0, not re-raised
                 self._captured_signals.remove(sig)
@@ -150,7 +155,7 @@ def main(
         port=port,
         log_level="warning",
         access_log=False,  # ours is the JSON-lines log
-        timeout_graceful_shutdown=shutdown_timeout,
+        timeout_graceful_shutdown=shutdown_timeout + 5,
         lifespan="on",
     )
     server = Server(config)
@@ -159,6 +164,10 @@ def main(
     click.echo(f"dit-serve: loading on http://{host}:{port} (playground at /, readiness at /ready)", err=True)
     try:
         server.run()
+    except SystemExit as e:  # uvicorn's own exit when it cannot start (e.g. the port is taken: it said why)
+        if e.code not in (None, 0):
+            sys.exit(2)
+        raise
     finally:
         for pipe in service.models.values():
             pipe.close()

@@ -4,8 +4,9 @@ Admission: at most `concurrency + queue_size` requests per model are admitted (r
 refused at once with an estimate of when to retry (QueueFull), before any work is done for it.
 Fairness: a request of n images is split into units of at most `max_batch` images, each one Pipeline call with
 the seeds a single batch would use (image i: seed + i), so the split never changes an image. Worker threads take
-units from the admitted requests in turn (round-robin), so a request behind a large one waits for at most one unit
-of it per worker, not for all of it.
+units from the admitted requests in turn (round-robin; a request runs one unit at a time and rejoins the turns
+when it ends), so a request arriving behind a large one waits for at most the unit of it that runs, not for all
+of it. With several workers, different requests run at once; one request's images share a unit (max_batch).
 Cancellation: `cancel` is seen by a running unit at its next step (on_step raises Cancelled); units not yet
 started never run. A request past its deadline is cancelled the same way.
 """
@@ -64,7 +65,7 @@ class Job:
     timings_ms: dict[str, float] = field(default_factory=dict)
     # scheduling state, under the worker's lock
     next: int = 0  # first image not yet given to a unit
-    running: int = 0  # units running now
+    running: bool = False  # a unit of it runs now (one at a time: see the module docstring)
     done: int = 0  # images finished
     finished: bool = False
     admitted: float = field(default_factory=time.perf_counter)
@@ -101,7 +102,7 @@ class ModelWorker:
 
     def _count(self, running: bool) -> int:
         with self.lock:
-            return sum(1 for j in self.active if (j.running > 0) == running)
+            return sum(1 for j in self.active if j.running == running)
 
     def submit(self, job: Job) -> None:
         """Admit the request or refuse it at once: QueueFull (with seconds to wait), Closed."""
@@ -116,13 +117,23 @@ class ModelWorker:
             self.lock.notify()
 
     def cancel(self, job: Job, reason: str) -> None:
-        """Stop the request: at once if none of its units runs, else at the running units' next step."""
+        """Stop the request: at once if no unit of it runs, else at the running unit's next step."""
         with self.lock:
             if job.finished:
                 return
             job.reason = job.reason or reason
-            if job.running == 0:
+            if not job.running:
                 self._finish(job, Cancelled(job.reason))
+
+    def cancel_all(self, reason: str) -> None:
+        """Admit nothing more and stop every admitted request (shutdown past its deadline)."""
+        with self.lock:
+            self.closing = True
+            for job in list(self.active):
+                job.reason = job.reason or reason
+                if not job.running:
+                    self._finish(job, Cancelled(job.reason))
+            self.lock.notify_all()
 
     def close(self, deadline_s: float) -> None:
         """Admit nothing more; let the admitted requests finish within deadline_s, then cancel them."""
@@ -132,11 +143,7 @@ class ModelWorker:
         end = time.monotonic() + deadline_s
         for t in self.threads:
             t.join(max(0.0, end - time.monotonic()))
-        with self.lock:
-            for job in list(self.active):
-                job.reason = job.reason or "shutdown"
-                if job.running == 0:
-                    self._finish(job, Cancelled(job.reason))
+        self.cancel_all("shutdown")
         for t in self.threads:  # a running unit stops at its next step
             t.join()
 
@@ -150,9 +157,7 @@ class ModelWorker:
                 job = self.turns.popleft()
                 start, k = job.next, min(self.max_batch, job.n - job.next)
                 job.next += k
-                job.running += 1
-                if job.next < job.n:
-                    self.turns.append(job)  # its next unit after the other requests' turns
+                job.running = True
                 if job.started is None:
                     job.started = time.perf_counter()
                     self.metrics.stage.labels(self.name, "queue").observe(job.started - job.admitted)
@@ -167,26 +172,27 @@ class ModelWorker:
             except Exception as e:
                 error = e
             with self.lock:
-                job.running -= 1
+                job.running = False
                 if error is None:
                     job.done += k
                     self.unit_s = 0.8 * self.unit_s + 0.2 * (time.perf_counter() - t0)
-                if error is not None or job.done == job.n:
-                    self._finish(job, error)
+                if error is None and job.done == job.n:
+                    self._finish(job, None)  # done, even if a cancel came after its last step
+                elif error is not None or job.reason is not None:
+                    self._finish(job, error or Cancelled(job.reason))
+                else:  # its next unit after the turns of the requests that came meanwhile
+                    self.turns.append(job)
+                    self.lock.notify()
 
     def _finish(self, job: Job, error: Exception | None) -> None:
-        """Under the lock: the request leaves the turns; once no unit of it runs, its last event goes out."""
+        """Under the lock, with no unit of the request running: it leaves, its last event goes out."""
         if job in self.turns:
             self.turns.remove(job)
-        if error is not None and job.reason is None:
-            job.reason = "error"  # the other units of the request stop too
-        if job.running > 0 or job.finished:
-            return
         job.finished = True
         self.active.discard(job)
         self.lock.notify_all()  # an idle thread waiting for the last request to finish, at shutdown
-        if isinstance(error, Cancelled) or (error is None and job.reason is not None):
-            self.metrics.cancelled.labels(self.name, job.reason).inc()
+        if isinstance(error, Cancelled):
+            self.metrics.cancelled.labels(self.name, error.reason).inc()
         job.sink(("done", None) if error is None else ("error", error))
 
     def _unit(self, job: Job, start: int, k: int) -> None:

@@ -171,6 +171,8 @@ def test_openai_sdk_streams_partial_images_then_completed(api):
         ({"model": "digits", "prompt": "7", "num_inference_steps": 0}, 422, "num_inference_steps"),
         ({"model": "digits", "prompt": "7", "guidance_scale": 1e9}, 422, "guidance_scale"),
         ({"model": "digits", "prompt": "7", "sampler": "ddim"}, 422, "sampler"),
+        ({"model": "digits", "prompt": "7", "sampler": "bogus"}, 422, "sampler"),
+        ({"model": "digits", "prompt": "7", "size": "0x0"}, 422, "size"),
         ({"model": "text-digits", "prompt": "7", "class_label": 3}, 422, None),
     ],
 )
@@ -393,7 +395,7 @@ def test_sigterm_cancels_work_past_the_deadline(digits_engine):
         assert proc.wait(30) == 0
         assert time.monotonic() - start < 10
         thread.join(30)
-        assert "r" not in out or out["r"].status_code >= 500  # cancelled (503), or the connection closed
+        assert_error(out["r"], 503, code="shutting_down")  # cancelled at the deadline, answered
 
 
 def test_cli_errors_are_one_line(tmp_path, digits_engine):
@@ -412,6 +414,11 @@ def test_cli_errors_are_one_line(tmp_path, digits_engine):
     ]
     code, lines = run(digits_engine, "--port", "70000")
     assert code == 2 and len(lines) == 1
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        code, lines = run(digits_engine, "--port", taken.getsockname()[1])
+    assert code == 2 and any("address already in use" in line for line in lines), lines
 
 
 def test_ready_says_loading_until_the_models_load(models):
@@ -441,3 +448,14 @@ def test_a_folder_that_fails_to_load_ends_the_server_with_one_line(engine_copy):
     )
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode == 2 and last.startswith("error: ") and "model.onnx" in last, r.stderr
+
+
+def test_two_workers_run_two_requests_at_once(models):
+    body = {"model": "digits", "prompt": "1", "n": 3, "num_inference_steps": 300}
+    with client(models, concurrency=2, max_batch=1) as c:
+        threads = [in_thread(c.post, GEN, json={**body, "seed": s}) for s in (1, 2)]
+        wait_for(lambda: metric(c.get("/metrics").text, "ditrt_in_flight", model="digits") == 2)
+        for thread, out in threads:
+            thread.join(60)
+            assert out["r"].status_code == 200 and len(out["r"].json()["data"]) == 3
+        assert metric(c.get("/metrics").text, "ditrt_in_flight", model="digits") == 0
