@@ -83,6 +83,7 @@ FIELDS = {
     "shift": (int, float),
     "max_sequence_length": int,
 }
+KIND = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
 # OpenAI options with one meaning here: the values accepted (anything else is refused, not ignored)
 ONE_WAY = {
     "response_format": ("b64_json",),
@@ -200,6 +201,7 @@ def build_app(
             Route("/v1/images/generations", service.generations, methods=["POST"]),
             Route("/v1/images/generations/{request_id}", service.delete, methods=["DELETE"]),
             Route("/v1/models", service.list_models, methods=["GET"]),
+            Route("/v1/models/{model}", service.get_model, methods=["GET"]),
             Route("/health", service.health, methods=["GET"]),
             Route("/ready", service.ready, methods=["GET"]),
             Route("/metrics", service.metrics_page, methods=["GET"]),
@@ -383,6 +385,14 @@ class Service:
         except ApiError as e:
             return e.response()
         return JSONResponse({"object": "list", "data": [self.describe(n, p) for n, p in self.models.items()]})
+
+    async def get_model(self, request: Request) -> Response:
+        try:
+            self.authorize(request)
+            name = self.model_of(request.path_params["model"])
+        except ApiError as e:
+            return e.response()
+        return JSONResponse(self.describe(name, self.models[name]))
 
     def describe(self, name: str, pipe: Pipeline) -> dict:
         m, (w, h) = pipe.manifest, pipe.image_size
@@ -593,7 +603,7 @@ class Service:
         if not self.keys:
             return None
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        given = key.strip().encode()
+        given = key.strip().encode("latin-1")  # the header's bytes (Starlette decodes them as latin-1)
         ok = False
         for k in self.keys:
             ok |= hmac.compare_digest(given, k)
@@ -613,10 +623,8 @@ class Service:
             if value is not None and (
                 not isinstance(value, kinds) or (value is True or value is False) != (kinds is bool)
             ):
-                kind = " or ".join(k.__name__ for k in (kinds if isinstance(kinds, tuple) else (kinds,)))
-                raise ApiError(
-                    400, f"{name} {show(value)} is not allowed; give a {kind}", name, "invalid_type"
-                )
+                kind = " or ".join(KIND[k] for k in (kinds if isinstance(kinds, tuple) else (kinds,)))
+                raise ApiError(400, f"{name} {show(value)} is not allowed; give {kind}", name, "invalid_type")
         get = fields.get
         for name, allowed in ONE_WAY.items():
             if get(name) is not None and get(name) not in allowed:
@@ -651,8 +659,9 @@ class Service:
                 raise ApiError(
                     400, "output_compression applies to jpeg and webp, not png", "output_compression"
                 )
-        if get("prompt") is not None and len(get("prompt")) > MAX_PROMPT:
-            raise ApiError(400, f"prompt is {len(get('prompt'))} characters; at most {MAX_PROMPT}", "prompt")
+        for name in ("prompt", "negative_prompt"):
+            if get(name) is not None and len(get(name)) > MAX_PROMPT:
+                raise ApiError(400, f"{name} is {len(get(name))} characters; at most {MAX_PROMPT}", name)
         args = dict(
             steps=get("num_inference_steps"),
             guidance=get("guidance_scale"),
@@ -710,6 +719,8 @@ class Service:
             if prompt is None:
                 raise ApiError(400, "prompt is required", "prompt", "missing_prompt")
             return {"prompt": prompt, "negative_prompt": negative_prompt, "class_label": class_label}
+        if isinstance(class_label, str) and re.fullmatch(r"-?[0-9]{1,9}", class_label.strip()):
+            class_label = int(class_label)  # "7" is class 7, as dit-run reads --class-label
         if class_label is None:
             if prompt is None or not prompt.strip():
                 raise ApiError(
@@ -717,7 +728,11 @@ class Service:
                 )
             class_label = prompt.strip()
             class_label = int(class_label) if re.fullmatch(r"-?[0-9]{1,9}", class_label) else class_label
-        elif prompt and prompt.strip() not in (str(class_label), ""):
+        elif (
+            prompt
+            and prompt.strip() not in (str(class_label), "")
+            and not (re.fullmatch(r"-?[0-9]{1,9}", prompt.strip()) and int(prompt) == class_label)
+        ):
             raise ApiError(
                 400,
                 f"model {pipe.manifest.model!r} is class-conditional and class_label is given: leave the prompt "

@@ -181,7 +181,7 @@ def main(
 
 def read_keys(path: str) -> tuple[str, ...]:
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()  # a BOM is not part of a key
     except (OSError, UnicodeDecodeError) as e:
         raise OneLineUsageError(
             f"cannot read --api-key-file {path!r} ({getattr(e, 'strerror', None) or e})"

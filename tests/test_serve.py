@@ -63,6 +63,8 @@ def test_models_health_ready(api):
     assert api.get("/health").json() == {"status": "ok"}
     assert api.get("/ready").json()["status"] == "ready"
     data = {m["id"]: m for m in api.get("/v1/models").json()["data"]}
+    assert api.get("/v1/models/digits").json() == data["digits"]
+    assert_error(api.get("/v1/models/flux"), 404, "model", "model_not_found")
     assert set(data) == {"digits", "text-digits"}
     assert data["digits"]["ditrt"]["conditioning"] == "class" and data["digits"]["ditrt"]["classes"][7] == "7"
     assert (
@@ -98,7 +100,12 @@ def test_images_equal_the_pipelines_with_dit_runs_png_metadata(api, models):
 
 def test_class_model_takes_the_prompt_or_class_label(api, models):
     ref = models["digits"](class_label=7, seed=3).images[0]
-    for body in ({"prompt": "7"}, {"prompt": "", "class_label": 7}, {"prompt": "7", "class_label": "7"}):
+    for body in (
+        {"prompt": "7"},
+        {"prompt": "", "class_label": 7},
+        {"prompt": "7", "class_label": "7"},
+        {"prompt": "07", "class_label": " 7"},
+    ):
         r = api.post(GEN, json={"model": "digits", "seed": 3, **body})
         assert r.status_code == 200, (body, r.text)
         assert np.array_equal(np.asarray(image_of(r.json()["data"][0]["b64_json"])), ref)
@@ -201,12 +208,15 @@ def test_malformed_bodies_routes_and_limits(models, api):
 
 
 def test_api_keys(models, tmp_path):
-    with client(models, api_keys=("k-123456789",)) as c:
+    with client(models, api_keys=("k-123456789", "clé-secrète-1")) as c:
         body = {"model": "digits", "prompt": "1", "num_inference_steps": 2}
         assert_error(c.post(GEN, json=body), 401, code="invalid_api_key")
         assert_error(c.post(GEN, json=body, headers={"authorization": "Bearer k-12345678"}), 401)
         assert_error(c.get("/v1/models", headers={"authorization": "Basic k-123456789"}), 401)
         assert c.post(GEN, json=body, headers={"authorization": "Bearer k-123456789"}).status_code == 200
+        assert c.post(GEN, json=body, headers={"authorization": "bearer  k-123456789 "}).status_code == 200
+        utf8 = {"authorization": "Bearer clé-secrète-1".encode()}  # as curl sends a non-ASCII key
+        assert c.post(GEN, json=body, headers=utf8).status_code == 200
         assert c.get("/health").status_code == 200 and c.get("/metrics").status_code == 200
 
 

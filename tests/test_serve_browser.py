@@ -304,6 +304,28 @@ def test_class_model_generates_the_chosen_class(driver, server, models):
     assert direct_image(server, {**ask, "class_label": 3}).tobytes() != image.tobytes()
 
 
+def test_a_seed_past_2_53_is_sent_and_shown_exactly(driver, server):
+    """JavaScript numbers hold integers exactly only up to 2^53: the page sends and shows the digits typed."""
+    seed = 2**53 + 1
+    open_page(driver, server)
+    fill(driver, "model", "digits")
+    Select(el(driver, "class-label")).select_by_visible_text("4")
+    fill(driver, "seed", seed)
+    fill(driver, "steps", 3)
+    generate(driver)
+    [final] = finals(driver)
+    assert f"seed: {seed}" in el(driver, "params").text
+    ask = {"model": "digits", "prompt": "", "class_label": 4, "num_inference_steps": 3}
+    assert (
+        direct_image(server, {**ask, "seed": seed}).tobytes()
+        == decode_src(final.get_attribute("src")).tobytes()
+    )
+    assert (
+        direct_image(server, {**ask, "seed": seed - 1}).tobytes()
+        != decode_src(final.get_attribute("src")).tobytes()
+    )
+
+
 def test_a_refused_request_shows_the_servers_error(driver, server):
     open_page(driver, server)
     fill(driver, "model", "text-digits")
