@@ -83,6 +83,16 @@ FIELDS = {
     "shift": (int, float),
     "max_sequence_length": int,
 }
+# names other image APIs use -> ours (named in the error, never accepted silently)
+ALIAS = {
+    "steps": "num_inference_steps",
+    "guidance": "guidance_scale",
+    "cfg_scale": "guidance_scale",
+    "width": "size",
+    "height": "size",
+    "batch_size": "n",
+    "class": "class_label",
+}
 KIND = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
 # OpenAI options with one meaning here: the values accepted (anything else is refused, not ignored)
 ONE_WAY = {
@@ -619,7 +629,8 @@ class Service:
         for name, value in fields.items():
             kinds = FIELDS.get(name)
             if kinds is None:
-                raise ApiError(400, f"unknown parameter {name[:64]!r}", name[:64], "unknown_parameter")
+                hint = f"; this API calls it {ALIAS[name]}" if name in ALIAS else ""
+                raise ApiError(400, f"unknown parameter {name[:64]!r}{hint}", name[:64], "unknown_parameter")
             if value is not None and (
                 not isinstance(value, kinds) or (value is True or value is False) != (kinds is bool)
             ):

@@ -186,6 +186,8 @@ def test_openai_sdk_streams_partial_images_then_completed(api):
 def test_bad_requests_answer_in_openais_error_shape(api, body, status, param):
     error = assert_error(api.post(GEN, json=body), status, param)
     assert error["type"] == "invalid_request_error"
+    if param == "steps":
+        assert error["message"] == "unknown parameter 'steps'; this API calls it num_inference_steps"
 
 
 def test_malformed_bodies_routes_and_limits(models, api):
