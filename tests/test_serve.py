@@ -462,6 +462,7 @@ def test_a_folder_that_fails_to_load_ends_the_server_with_one_line(engine_copy):
     assert r.returncode == 2 and last.startswith("error: ") and "model.onnx" in last, r.stderr
 
 
+@pytest.mark.slow
 def test_two_workers_run_two_requests_at_once(models):
     body = {"model": "digits", "prompt": "1", "n": 3, "num_inference_steps": 300}
     with client(models, concurrency=2, max_batch=1) as c:

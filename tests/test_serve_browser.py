@@ -304,6 +304,7 @@ def test_class_model_generates_the_chosen_class(driver, server, models):
     assert direct_image(server, {**ask, "class_label": 3}).tobytes() != image.tobytes()
 
 
+@pytest.mark.slow
 def test_a_seed_past_2_53_is_sent_and_shown_exactly(driver, server):
     """JavaScript numbers hold integers exactly only up to 2^53: the page sends and shows the digits typed."""
     seed = 2**53 + 1
